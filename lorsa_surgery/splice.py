@@ -1,0 +1,280 @@
+"""Splicing Lorsa modules into a Hugging Face model in place of attention layers, and taking them out.
+
+`splice(model, {layer: lorsa}, mode)` swaps each chosen attention module for a `LorsaAttention` that holds
+the original (as PEFT's adapters hold their base layer), so `unsplice()` puts back the very same objects.
+
+replace mode: the layer's output is the Lorsa reconstruction.
+exact mode:   the layer's output is the original output + (intervened Lorsa output - clean Lorsa output);
+              with no hook active it is the original output, bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from lorsa_surgery.arch import Arch, arch_for
+from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.lorsa import Lorsa
+
+Mode = Literal["replace", "exact"]
+CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class HeadContext:
+    """What a head hook knows about the step it is called in."""
+
+    layer: int
+    """Index of the spliced layer."""
+    position_ids: torch.Tensor
+    """Absolute positions [B, T] of the tokens in this call (right under left padding and the KV cache)."""
+    past_length: int
+    """Tokens already in the cache before this call; 0 for a prefill or an uncached pass."""
+    attention_mask: torch.Tensor | None
+    """The mask the host passed, in its attention implementation's format."""
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.past_length == 0
+
+
+HeadHook = Callable[[torch.Tensor, HeadContext], "torch.Tensor | None"]
+"""fn(acts [B, T, n_heads], ctx) -> new acts, or None to leave them as they are."""
+
+
+class _HostSlot:
+    """Lorsa keys and values kept in the host layer's own cache slot (replace mode)."""
+
+    def __init__(self, cache, layer_idx: int):
+        self.cache, self.layer_idx = cache, layer_idx
+
+    def seq_length(self) -> int:
+        return self.cache.get_seq_length(self.layer_idx)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(k, v, self.layer_idx)
+
+
+class _LayerStore:
+    """A cache layer object used directly as a Lorsa KV store."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def seq_length(self) -> int:
+        return self.layer.get_seq_length()
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.update(k, v)
+
+
+_RESHAPING = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset", "offload", "prefetch")
+_EXACT_CLASSES: dict[type, type] = {}
+
+
+def _make_exact(slot) -> None:
+    """Turn a cache layer slot into an exact-mode slot: the original's keys/values, plus Lorsa's in `.lorsa`.
+
+    The slot keeps its class (transformers checks it with isinstance) through a generated subclass whose
+    cache-reshaping operations (beam reordering, cropping, batch expansion) reach both.
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    base = type(slot)
+    if base not in _EXACT_CLASSES:
+
+        def both(name):
+            def method(self, *args, **kwargs):
+                result = getattr(base, name)(self, *args, **kwargs)
+                if self.lorsa.is_initialized:
+                    getattr(self.lorsa, name)(*args, **kwargs)
+                return result
+
+            return method
+
+        _EXACT_CLASSES[base] = type(f"Exact{base.__name__}", (base,), {name: both(name) for name in _RESHAPING})
+    slot.__class__ = _EXACT_CLASSES[base]
+    sliding = isinstance(slot, DynamicSlidingWindowLayer)
+    slot.lorsa = DynamicSlidingWindowLayer(sliding_window=slot.sliding_window) if sliding else DynamicLayer()
+
+
+def _require_dynamic(cache, layer_idx: int) -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise LorsaSurgeryError(f"Unsupported KV cache {type(cache).__name__}: lorsa-surgery needs a transformers Cache.")
+    if layer_idx < len(layers):
+        slot = layers[layer_idx]
+        if not isinstance(slot, DynamicLayer):
+            raise LorsaSurgeryError(
+                f"Layer {layer_idx} has a {type(slot).__name__} cache slot, which cannot hold Lorsa keys; "
+                "use the default dynamic cache (cache_implementation='dynamic')."
+            )
+
+
+class LorsaAttention(nn.Module):
+    """A spliced attention layer: runs a Lorsa module in place of (replace) or beside (exact) the original."""
+
+    def __init__(
+        self, original: nn.Module, lorsa: Lorsa, source: Lorsa, layer: int, mode: Mode, post_norm: nn.Module | None
+    ):
+        super().__init__()
+        self.original = original
+        self.lorsa = lorsa
+        self.source = source
+        """The module as the user gave it (in its recorded input space); what gets saved."""
+        self.layer = layer
+        self.layer_idx = getattr(original, "layer_idx", layer)
+        self.mode = mode
+        self.post_norm = post_norm
+        self.hooks: list[HeadHook] = []
+        """Called in order on the head activations at every forward; empty means the fast path."""
+        self._signature = inspect.signature(original.forward)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:  # some blocks pass the cache or mask positionally; name them as the original would
+            bound = self._signature.bind_partial(hidden_states, *args, **kwargs)
+            kw = dict(bound.arguments)
+            kw.update(kw.pop("kwargs", {}))
+        else:
+            kw = kwargs
+        cache = next((kw[k] for k in CACHE_KEYWORDS if kw.get(k) is not None), None)
+        if cache is None and kw.get("use_cache"):
+            raise LorsaSurgeryError(f"Layer {self.layer} was asked to use a cache but received none under {CACHE_KEYWORDS}.")
+        if cache is not None:
+            _require_dynamic(cache, self.layer_idx)
+
+        if self.mode == "exact":
+            original_out = self.original(hidden_states, *args, **kwargs)[0]
+            if self.post_norm is not None:
+                original_out = self.post_norm(original_out)
+            store = None
+            if cache is not None:
+                slot = cache.layers[self.layer_idx]
+                if not hasattr(slot, "lorsa"):
+                    _make_exact(slot)
+                store = _LayerStore(slot.lorsa)
+        else:
+            store = _HostSlot(cache, self.layer_idx) if cache is not None else None
+
+        past = store.seq_length() if store is not None else 0
+        position_ids = kw.get("position_ids")
+        B, T, _ = hidden_states.shape
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=hidden_states.device).expand(B, T)
+        mask = kw.get("attention_mask")
+        z = self.lorsa.hidden_pre(hidden_states, position_ids, mask, store)
+
+        if not self.hooks:
+            if self.mode == "exact":
+                return original_out, None
+            out = self.lorsa.decode_sparse(*self.lorsa._topk(z)) if self.lorsa.cfg.act_fn == "topk" else self.lorsa.decode(self.lorsa.activate(z))
+            return out.to(hidden_states.dtype), None
+
+        clean = self.lorsa.activate(z)
+        ctx = HeadContext(self.layer, position_ids, past, mask)
+        acts = clean
+        for hook in self.hooks:
+            new = hook(acts, ctx)
+            acts = acts if new is None else new
+        if self.mode == "exact":
+            delta = (acts - clean).to(self.lorsa.W_O.dtype) @ self.lorsa.W_O
+            return (original_out + delta.to(original_out.dtype)), None
+        return self.lorsa.decode(acts).to(hidden_states.dtype), None
+
+
+class Splice:
+    """Lorsa modules spliced into a model. `unsplice()` (or leaving a `with` block) restores it exactly."""
+
+    def __init__(self, model: nn.Module, arch: Arch, mode: Mode):
+        self.model, self.arch, self.mode = model, arch, mode
+        self.sites: dict[int, LorsaAttention] = {}
+
+    def __getitem__(self, layer: int) -> LorsaAttention:
+        if layer not in self.sites:
+            raise LorsaSurgeryError(f"Layer {layer} carries no Lorsa module (spliced layers: {sorted(self.sites)}).")
+        return self.sites[layer]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.sites)
+
+    def modules(self) -> dict[int, Lorsa]:
+        """The spliced modules as given (in their recorded input space)."""
+        return {layer: site.source for layer, site in sorted(self.sites.items())}
+
+    def unsplice(self) -> nn.Module:
+        layers = self.arch.layer_list(self.model)
+        for layer, site in self.sites.items():
+            setattr(layers[layer], self.arch.attention, site.original)
+            if site.post_norm is not None:
+                setattr(layers[layer], self.arch.post_attention_norm, site.post_norm)
+        self.sites.clear()
+        if getattr(self.model, "_lorsa_splice", None) is self:
+            del self.model._lorsa_splice
+        return self.model
+
+    def __enter__(self) -> "Splice":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unsplice()
+
+    def __repr__(self) -> str:
+        return f"Splice(mode={self.mode}, layers={self.layers})"
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace") -> Splice:
+    """Put Lorsa modules in place of the attention of the given layers; returns the handle to undo it.
+
+    Modules trained in processed coordinates get the input norm's gain (and LayerNorm bias) folded in;
+    on Gemma their output is taken after the post-attention norm, which the splice then absorbs.
+    """
+    if mode not in ("replace", "exact"):
+        raise LorsaSurgeryError(f"mode must be replace or exact, got {mode!r}.")
+    arch = arch_for(model)
+    layers = arch.layer_list(model)
+    existing = getattr(model, "_lorsa_splice", None)
+    if existing is not None and existing.sites:
+        raise LorsaSurgeryError(f"This model already has Lorsa modules spliced at layers {existing.layers}; unsplice them first.")
+    hidden = model.config.get_text_config(decoder=True).hidden_size
+    handle = Splice(model, arch, mode)
+    for layer, lorsa in sorted(modules.items()):
+        if not isinstance(layer, int) or not 0 <= layer < len(layers):
+            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
+        if lorsa.cfg.d_model != hidden:
+            raise LorsaSurgeryError(f"The Lorsa module for layer {layer} has d_model={lorsa.cfg.d_model}, the model {hidden}.")
+        if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:
+            warnings.warn(f"A Lorsa module trained for layer {lorsa.cfg.host_layer} is spliced at layer {layer}.", stacklevel=2)
+        block = layers[layer]
+        original = getattr(block, arch.attention)
+        mapped, post_norm = lorsa, None
+        if lorsa.cfg.input_space == "processed":
+            mapped = lorsa.in_input_space("hf", *arch.norm_gain(getattr(block, arch.input_norm)))
+            if arch.post_attention_norm is not None:
+                post_norm = getattr(block, arch.post_attention_norm)
+        mapped = mapped.to(_execution_device(original))
+        site = LorsaAttention(original, mapped, lorsa, layer, mode, post_norm)
+        setattr(block, arch.attention, site)
+        if post_norm is not None:
+            setattr(block, arch.post_attention_norm, nn.Identity())
+        handle.sites[layer] = site
+    model._lorsa_splice = handle
+    return handle

@@ -1,0 +1,188 @@
+"""Splicing into every supported family, on small randomly initialised configs."""
+
+import pytest
+import torch
+import transformers as tf
+
+from lorsa_surgery import Lorsa, LorsaSurgeryError
+from lorsa_surgery.arch import arch_for
+from lorsa_surgery.splice import splice
+
+COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
+
+
+def tiny(family: str, attn: str = "eager"):
+    torch.manual_seed(0)
+    llama_like = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **COMMON)
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "llama3-rope": lambda: tf.LlamaConfig(**llama_like, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "qwen3": lambda: tf.Qwen3Config(**llama_like, head_dim=16),
+        "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                           attn_logit_softcapping=None, final_logit_softcapping=None),
+        "gemma3": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                               layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "phi3": lambda: tf.Phi3Config(**llama_like, pad_token_id=0),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=97, n_embd=64, n_layer=3, n_head=4, n_positions=128),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, rotary_pct=0.25, **COMMON),
+        "gptj": lambda: tf.GPTJConfig(vocab_size=97, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128),
+    }
+    config = configs[family]()
+    config._attn_implementation = attn
+    if attn == "sdpa" and not tf.AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa:
+        pytest.skip(f"transformers has no sdpa attention for {family}")
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    if family in ("gemma2", "gemma3"):  # random Gemma norms start at zero gain-offset; make them non-trivial
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    return model
+
+
+FAMILIES = ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "gptj"]
+LAYER = 1
+
+
+def sparse_module(model) -> Lorsa:
+    """A sparse Lorsa (top-K of a quarter of the heads) that behaves differently from the original."""
+    lorsa = Lorsa.from_attention(model, LAYER)
+    lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", lorsa.cfg.n_ov_heads // 4
+    return lorsa
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@torch.no_grad()
+def test_exact_mode_and_unsplice_are_bit_exact(family):
+    model = tiny(family)
+    ids = torch.randint(3, 97, (2, 10))
+    base = model(ids).logits
+    original_attention = getattr(arch_for(model).layer_list(model)[LAYER], arch_for(model).attention)
+    handle = splice(model, {LAYER: sparse_module(model)}, mode="exact")
+    assert torch.equal(model(ids).logits, base)
+    handle.unsplice()
+    assert getattr(arch_for(model).layer_list(model)[LAYER], arch_for(model).attention) is original_attention
+    assert torch.equal(model(ids).logits, base)
+
+
+@pytest.mark.parametrize("space", ["hf", "processed"])
+@torch.no_grad()
+def test_from_attention_reproduces_logits(family, space):
+    model = tiny(family)
+    ids = torch.randint(3, 97, (2, 10))
+    base = model(ids).logits
+    if space == "processed" and arch_for(model).post_attention_norm:
+        with pytest.raises(LorsaSurgeryError, match="post-attention norm"):
+            Lorsa.from_attention(model, LAYER, input_space=space)
+        return
+    with splice(model, {LAYER: Lorsa.from_attention(model, LAYER, input_space=space)}):
+        spliced = model(ids).logits
+    assert (spliced - base).abs().max().item() <= 1e-4
+    with splice(model, {LAYER: sparse_module(model)}):
+        assert (model(ids).logits - base).abs().max().item() > 1e-3  # the sparse module really is in the path
+
+
+@pytest.mark.parametrize("mode", ["replace", "exact"])
+@torch.no_grad()
+def test_greedy_generation_same_with_and_without_cache(family, mode):
+    model = tiny(family)
+    prompt = torch.randint(3, 97, (1, 7))
+    with splice(model, {LAYER: sparse_module(model)}, mode=mode):
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    if mode == "exact":
+        assert torch.equal(cached, model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.no_grad()
+def test_left_padded_rows_equal_single_runs(family, attn):
+    model = tiny(family, attn)
+    prompts = [torch.randint(3, 97, (1, n)) for n in (8, 5)]
+    T = 8
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - p.shape[1] :], mask[i, T - p.shape[1] :] = p[0], 1
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with splice(model, {LAYER: sparse_module(model)}):
+        batch = model(ids, attention_mask=mask, position_ids=position_ids).logits
+        for i, p in enumerate(prompts):
+            single = model(p).logits[0]
+            assert (batch[i, T - p.shape[1] :] - single).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_beam_search_runs_in_both_modes():
+    model = tiny("llama")
+    prompt = torch.randint(3, 97, (1, 6))
+    reference = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False)
+    with splice(model, {LAYER: sparse_module(model)}, mode="exact"):
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False), reference)
+    with splice(model, {LAYER: sparse_module(model)}):
+        cached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_static_cache_fails_clearly():
+    model = tiny("llama")
+    with splice(model, {LAYER: sparse_module(model)}):
+        with pytest.raises(LorsaSurgeryError, match="dynamic cache"):
+            model.generate(torch.randint(3, 97, (1, 5)), max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
+def test_errors():
+    model = tiny("llama")
+    lorsa = sparse_module(model)
+    with pytest.raises(LorsaSurgeryError, match="out of range"):
+        splice(model, {7: lorsa})
+    with pytest.raises(LorsaSurgeryError, match="mode must be"):
+        splice(model, {1: lorsa}, mode="swap")
+    with pytest.raises(LorsaSurgeryError, match="d_model=64, the model 32"):
+        small = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, **COMMON))
+        splice(small, {1: lorsa})
+    handle = splice(model, {1: lorsa})
+    with pytest.raises(LorsaSurgeryError, match="already has Lorsa"):
+        splice(model, {2: lorsa})
+    with pytest.raises(LorsaSurgeryError, match="carries no Lorsa"):
+        handle[2]
+    handle.unsplice()
+
+    class Strange(torch.nn.Module):
+        config = tf.PretrainedConfig()
+
+    with pytest.raises(LorsaSurgeryError, match="Strange .* not a supported architecture"):
+        splice(Strange(), {0: lorsa})
+
+
+@torch.no_grad()
+def test_processed_module_on_gemma_absorbs_post_attention_norm():
+    """Processed-space Gemma targets are after the post-attention norm: the splice takes that norm over."""
+    model = tiny("gemma2")
+    ids = torch.randint(3, 97, (2, 10))
+    base = model(ids).logits
+    lorsa = sparse_module(model)
+    lorsa.cfg.input_space = "processed"
+    block = model.model.layers[LAYER]
+    post_norm = block.post_attention_layernorm
+    with splice(model, {LAYER: lorsa}, mode="exact"):
+        assert isinstance(block.post_attention_layernorm, torch.nn.Identity)
+        assert torch.equal(model(ids).logits, base)
+    assert block.post_attention_layernorm is post_norm
+    captured = {}
+    with splice(model, {LAYER: lorsa}) as handle:
+        block.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+        x = torch.randn(1, 6, 64)
+        attn_out, _ = block.self_attn(x, attention_mask=None, position_ids=torch.arange(6)[None])
+        assert torch.allclose(attn_out, handle[LAYER].lorsa(x), atol=1e-6)  # no post norm on Lorsa's output
