@@ -22,9 +22,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from lorsa_surgery.cli import checkpoint
+    from lorsa_surgery.cli import checkpoint, hub, run
 
     main.add_command(checkpoint.inspect)
+    main.add_command(hub.push)
+    main.add_command(hub.pull)
+    main.add_command(run.replace)
+    main.add_command(run.generate)
 
 
 _register()

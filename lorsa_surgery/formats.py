@@ -21,6 +21,7 @@ from lorsa_surgery.lorsa import Lorsa, LorsaConfig
 NATIVE_FORMAT = "lorsa-surgery.lorsa"
 NATIVE_VERSION = 1
 NATIVE_CONFIG, NATIVE_WEIGHTS, NATIVE_CATALOG = "lorsa_config.json", "lorsa.safetensors", "head_catalog.json"
+NATIVE_TRAINING = "training.json"
 
 # Buffers the reference writes that we recompute (rotary tables, causal mask) and never need.
 _REFERENCE_IGNORED = {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
@@ -121,6 +122,8 @@ def save_native(lorsa: Lorsa, path: str | Path) -> Path:
     tensors = {k: v for k, v in lorsa.state_dict().items()}
     files.write_safetensors(folder / NATIVE_WEIGHTS, tensors, {"format": NATIVE_FORMAT, "format_version": str(NATIVE_VERSION)})
     files.write_json(folder / NATIVE_CATALOG, {"heads": {str(k): v for k, v in sorted(lorsa.catalog.items())}})
+    if lorsa.training_info:
+        files.write_json(folder / NATIVE_TRAINING, lorsa.training_info)
     # The config goes last: its presence marks a complete checkpoint.
     files.write_json(
         folder / NATIVE_CONFIG, {"format": NATIVE_FORMAT, "format_version": NATIVE_VERSION, "config": lorsa.cfg.to_dict()}
@@ -141,6 +144,8 @@ def _load_native(folder: Path) -> Lorsa:
     if (folder / NATIVE_CATALOG).exists():
         heads = files.read_json(folder / NATIVE_CATALOG).get("heads", {})
         lorsa.catalog = {int(k): dict(v) for k, v in heads.items()}
+    if (folder / NATIVE_TRAINING).exists():
+        lorsa.training_info = files.read_json(folder / NATIVE_TRAINING)
     return lorsa
 
 

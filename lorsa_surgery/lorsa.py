@@ -202,6 +202,9 @@ class Lorsa(nn.Module):
         """Head catalog: head index -> {"label": ..., "note": ...}; saved beside the weights."""
         self.origin: dict[str, Any] = {}
         """Where this module was loaded from (format, path, folded norms); empty for a new module."""
+        self.training_info: dict[str, Any] = {}
+        """How the module was trained and what it scored (tokens, K, explained variance, LM loss change...);
+        saved as training.json and shown in model cards."""
         self._qkv_weight_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self.reset_parameters()
 

