@@ -372,7 +372,10 @@ class Lorsa(nn.Module):
         mask over all keys (cached ones included) or a 4-D boolean / additive mask; cache makes this an
         incremental step that appends this chunk's keys and values and attends over all of them.
         """
-        z = self.hidden_pre(x, position_ids, attention_mask, cache)
+        return self.reconstruct(self.hidden_pre(x, position_ids, attention_mask, cache))
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """Output from pre-activations by the fastest route (gathering only the K selected heads for top-K)."""
         if self.cfg.act_fn == "topk":
             return self.decode_sparse(*self._topk(z))
         return self.decode(self.activate(z))

@@ -175,8 +175,7 @@ class LorsaAttention(nn.Module):
         if not self.hooks:
             if self.mode == "exact":
                 return original_out, None
-            out = self.lorsa.decode_sparse(*self.lorsa._topk(z)) if self.lorsa.cfg.act_fn == "topk" else self.lorsa.decode(self.lorsa.activate(z))
-            return out.to(hidden_states.dtype), None
+            return self.lorsa.reconstruct(z).to(hidden_states.dtype), None
 
         clean = self.lorsa.activate(z)
         ctx = HeadContext(self.layer, position_ids, past, mask)
