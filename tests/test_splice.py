@@ -186,3 +186,25 @@ def test_processed_module_on_gemma_absorbs_post_attention_norm():
         x = torch.randn(1, 6, 64)
         attn_out, _ = block.self_attn(x, attention_mask=None, position_ids=torch.arange(6)[None])
         assert torch.allclose(attn_out, handle[LAYER].lorsa(x), atol=1e-6)  # no post norm on Lorsa's output
+
+
+@pytest.mark.parametrize("mode", ["replace", "exact"])
+@torch.no_grad()
+def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
+    """Layers offloaded to disk by Accelerate keep their hooks; the Lorsa module runs on the execution device."""
+    from accelerate import dispatch_model
+
+    model = tiny("llama")
+    ids = torch.randint(3, 97, (1, 8))
+    lorsa = sparse_module(model)
+    with splice(model, {LAYER: lorsa}, mode=mode):
+        expected = model(ids).logits
+        expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
+    assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
+    with splice(model, {LAYER: lorsa}, mode=mode) as handle:
+        assert handle[LAYER].lorsa.W_O.device.type == "cpu"
+        assert torch.equal(model(ids).logits, expected)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected_tokens)
