@@ -4,7 +4,10 @@ recomputing the whole prefix at every step (the reference implementation's only 
 Prints ratios measured side by side in one run; runs are interleaved (round-robin, best of N) so that
 background load on the machine affects every variant alike. Usage:
 
-    python benchmarks/generation.py [--repeats 3] [--layer 3] [--threads 2]
+    python benchmarks/generation.py [--repeats 3] [--layer 3] [--threads 2] [--module-only]
+
+The second table isolates the Lorsa module: one cached decode step per new token against rerunning the
+module over the whole prefix for each new token.
 """
 
 import argparse
@@ -12,7 +15,7 @@ import time
 
 import torch
 
-from lorsa_surgery import Lorsa
+from lorsa_surgery import Lorsa, LorsaCache
 from lorsa_surgery.models import load_model
 from lorsa_surgery.splice import splice
 
@@ -39,16 +42,46 @@ def tokens_per_second(model, ids, new_tokens: int, modules, use_cache: bool = Tr
         return run()
 
 
+@torch.no_grad()
+def module_decode_rates(lorsa: Lorsa, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """Tokens/s of the Lorsa module alone: cached steps vs recomputing the prefix at every step."""
+    x = torch.randn(1, prompt_len + new_tokens, lorsa.cfg.d_model)
+    start = time.perf_counter()
+    cache = LorsaCache()
+    lorsa(x[:, :prompt_len], cache=cache)
+    for t in range(prompt_len, prompt_len + new_tokens):
+        lorsa(x[:, t : t + 1], cache=cache)
+    cached = new_tokens / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for t in range(prompt_len, prompt_len + new_tokens):
+        lorsa(x[:, : t + 1])
+    recompute = new_tokens / (time.perf_counter() - start)
+    return cached, recompute
+
+
+def module_table(lorsa: Lorsa, prompt_len: int, repeats: int) -> None:
+    print(f"\nLorsa module alone (1152 heads, K=64), prompt {prompt_len} tokens, best of {repeats}\n")
+    print(f"| {'new tokens':>10} | {'cached tokens/s':>15} | {'recompute tokens/s':>18} | {'ratio':>7} |")
+    print(f"|{'-' * 12}|{'-' * 17}|{'-' * 20}|{'-' * 9}|")
+    for n in (64, 256):
+        cached, recompute = (max(r) for r in zip(*(module_decode_rates(lorsa, prompt_len, n) for _ in range(repeats))))
+        print(f"| {n:>10} | {cached:>15.1f} | {recompute:>18.1f} | {cached / recompute:>6.1f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layer", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--module-only", action="store_true", help="Only the Lorsa-module table.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2")
     ids = tok(PROMPT, return_tensors="pt").input_ids
     L = args.layer
+    if args.module_only:
+        module_table(sparse(model, L), ids.shape[1], args.repeats)
+        return
     variants = {
         "original": (None, True, 64),
         "spliced from_attention (1152 heads, all fire)": ({L: Lorsa.from_attention(model, L)}, True, 64),
@@ -79,6 +112,7 @@ def main() -> None:
     for name, against, fixed in rows:
         ratio = fixed or (f"{best[name] / best[against]:.2f}x vs {'original' if against == 'original' else 'recompute'}" if against else "")
         print(f"| {name:<46} | {best[name]:>9.1f} | {ratio:>24} |")
+    module_table(sparse(model, L), ids.shape[1], args.repeats)
 
 
 if __name__ == "__main__":

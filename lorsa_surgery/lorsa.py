@@ -205,7 +205,7 @@ class Lorsa(nn.Module):
         self.training_info: dict[str, Any] = {}
         """How the module was trained and what it scored (tokens, K, explained variance, LM loss change...);
         saved as training.json and shown in model cards."""
-        self._qkv_weight_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._derived_cache: dict[str, tuple[tuple, Any]] = {}
         self.reset_parameters()
 
     @torch.no_grad()
@@ -218,18 +218,21 @@ class Lorsa(nn.Module):
 
     # ---- the forward pass, in pieces -------------------------------------------------------------
 
-    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q, K and V projections fused into one [2*n_qk*d_qk + n_ov, d_model] matrix and its bias.
-
-        Rebuilt only when a parameter changed (or gradients are needed), so decode steps reuse it.
-        """
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    def _derived(self, name: str, params: tuple[nn.Parameter, ...], build):
+        """A tensor derived from parameters, rebuilt only when one of them changed (or gradients are needed),
+        so decode steps reuse it instead of recomputing it per token."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return self._build_qkv_weight()
-        if self._qkv_weight_cache is None or self._qkv_weight_cache[0] != key:
-            self._qkv_weight_cache = (key, *self._build_qkv_weight())
-        return self._qkv_weight_cache[1], self._qkv_weight_cache[2]
+            return build()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self._derived_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._derived_cache[name] = (key, build())
+        return cached[1]
+
+    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, K and V projections fused into one [2*n_qk*d_qk + n_ov, d_model] matrix and its bias."""
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        return self._derived("qkv", params, self._build_qkv_weight)
 
     def _build_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.cfg.d_model
@@ -314,7 +317,7 @@ class Lorsa(nn.Module):
 
     def decoder_norm(self) -> torch.Tensor:
         """Norm of each head's output direction, [n_ov]."""
-        return self.W_O.norm(dim=1)
+        return self._derived("decoder_norm", (self.W_O,), lambda: self.W_O.norm(dim=1))
 
     def _topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices [.., K] of the selected heads and their activations."""
@@ -493,7 +496,7 @@ class Lorsa(nn.Module):
             W.mul_(scale[None, :, None].to(W.dtype))
         out.b_V.add_((out.W_V.float() @ shift).to(out.b_V.dtype))
         out.W_V.mul_(scale[None, :].to(out.W_V.dtype))
-        out._qkv_weight_cache = None
+        out._derived_cache = {}
         return out
 
     # ---- files ----------------------------------------------------------------------------
@@ -532,8 +535,8 @@ def build_mask(
     by the attention implementations of transformers. Rows that would attend nowhere (queries at padding)
     attend everywhere instead, so they stay finite and never turn later layers into NaN.
     """
-    if attention_mask is None and T == S and not force:
-        return None
+    if attention_mask is None and (T == S or T == 1) and not force:
+        return None  # plain causal, or one query that may see every key
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
     if attention_mask is None:
         mask = causal[None, None].expand(B, 1, T, S)
