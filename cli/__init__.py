@@ -22,13 +22,22 @@ def main() -> None:
 
 
 def _register() -> None:
-    from lorsa_surgery.cli import checkpoint, hub, run
+    from lorsa_surgery.cli import checkpoint, hub, interventions, run, train
 
     main.add_command(checkpoint.inspect)
     main.add_command(hub.push)
     main.add_command(hub.pull)
     main.add_command(run.replace)
     main.add_command(run.generate)
+    main.add_command(train.train)
+    main.add_command(interventions.ablate)
+    main.add_command(interventions.steer)
+    main.add_command(interventions.patch)
+
+    from lorsa_surgery.cli import heads, heads_analysis, tasks
+
+    main.add_command(tasks.tasks)
+    main.add_command(heads.heads)  # heads_analysis adds top, zpattern, dashboard and label to this group
 
 
 _register()

@@ -1,11 +1,13 @@
 """`lorsa-surgery replace` and `lorsa-surgery generate`: splice modules into a model, measure, save, run."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import click
 
 from lorsa_surgery import corpus, models
+from lorsa_surgery.cli.interventions import intervention_options, interventions_from_options, require_splice
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.metrics import splice_report
 from lorsa_surgery.patched import is_patched_folder, load_patched, module_for, save_patched
@@ -38,15 +40,19 @@ def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickl
 
 
 def _is_patched_repo(spec: str, revision: str | None) -> bool:
+    """Whether a Hub id names a patched model, i.e. has a root file on the Hub (or in the cache when offline)."""
     if models.resolve(spec)["kind"] != "hub":
         return False
-    from huggingface_hub import file_exists
+    from huggingface_hub import hf_hub_download
 
     from lorsa_surgery.patched import ROOT_FILE
 
     try:
-        return file_exists(spec, ROOT_FILE, revision=revision)
-    except Exception:  # an unreachable Hub means: treat it as a plain model and let loading report the error
+        # A download, not file_exists: it answers from the cache under HF_HUB_OFFLINE=1, and the file is small
+        # and needed anyway when it exists.
+        hf_hub_download(spec, ROOT_FILE, revision=revision)
+        return True
+    except Exception:  # missing, or an unreachable Hub: treat it as a plain model and let loading report the error
         return False
 
 
@@ -93,16 +99,21 @@ def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pi
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def generate(model, prompt, max_new_tokens, chat, no_cache, lorsa_specs, mode, revision, base, allow_pickle, sample, temperature, seed):
+@intervention_options
+def generate(model, prompt, max_new_tokens, chat, no_cache, lorsa_specs, mode, revision, base, allow_pickle, sample, temperature, seed,
+             ablations, steers, interventions_file):
     """Stream text from MODEL or a patched model (folder or Hub repo), optionally with Lorsa modules spliced in."""
     import torch
 
+    chosen = interventions_from_options(ablations, steers, interventions_file)
     torch.manual_seed(seed)
     host, tokenizer, handle = load_with_modules(model, lorsa_specs, mode, revision, base, allow_pickle)
+    require_splice(handle, chosen)
     if not chat:
         click.echo(prompt, nl=False)
-    models.generate_text(
-        host, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, use_cache=not no_cache,
-        do_sample=sample, temperature=temperature, stream=lambda piece: click.echo(piece, nl=False),
-    )
+    with chosen.applied(handle) if len(chosen) else contextlib.nullcontext():
+        models.generate_text(
+            host, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, use_cache=not no_cache,
+            do_sample=sample, temperature=temperature, stream=lambda piece: click.echo(piece, nl=False),
+        )
     click.echo()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -63,5 +64,9 @@ def render(root: dict[str, Any], modules: dict[int, Lorsa], interventions=None, 
         notable=notable,
         interventions=json.dumps(interventions.to_dict(), indent=2) if interventions is not None else None,
         repo_hint=repo_id or "NAMESPACE/REPO",
+        base_revision=base.get("revision"),
+        base_file=base.get("file"),
+        base_sha256=base.get("sha256"),
     )
-    return str(card)
+    # Optional sections leave blank lines behind; one blank line between blocks is enough.
+    return re.sub(r"\n{3,}", "\n\n", str(card))

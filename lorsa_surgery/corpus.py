@@ -1,4 +1,5 @@
-"""Text for evaluating and training: the built-in sample, plain-text and JSONL files."""
+"""Text for evaluating and training: the built-in sample, plain-text and JSONL files, a `datasets` dataset,
+and text sampled from a model itself."""
 
 from __future__ import annotations
 
@@ -51,4 +52,62 @@ def load_texts(paths: list[str | Path] | None = None, jsonl_field: str = "text")
                         raise LorsaSurgeryError(f"{path} line {n} is not JSON with a {jsonl_field!r} field.") from None
         else:
             docs.append(path.read_text(encoding="utf-8"))
+    return docs
+
+
+def load_dataset_texts(name: str, n_chars: int, split: str = "train", field: str = "text") -> list[str]:
+    """Documents from a `datasets` dataset ("name" or "name:config"; a Hub id or a local folder of data
+    files), streamed until about n_chars characters are read. Needs the optional datasets package."""
+    try:
+        import datasets
+    except ImportError:
+        raise LorsaSurgeryError("Reading a dataset needs the datasets package: pip install 'lorsa-surgery[datasets]'.") from None
+    path, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(path, config or None, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, its own errors)
+        raise LorsaSurgeryError(f"Could not load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    docs: list[str] = []
+    total = 0
+    for row in rows:
+        if field not in row:
+            raise LorsaSurgeryError(f"Dataset {name!r} has no {field!r} field (it has {', '.join(row)}).")
+        docs.append(row[field])
+        total += len(row[field])
+        if total >= n_chars:
+            break
+    return docs
+
+
+def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: int = 256, batch_size: int = 8,
+                      temperature: float = 1.0) -> list[str]:
+    """About n_tokens tokens of text sampled from the model itself, each document started from its BOS token.
+
+    Needs no download, so any model can be trained on offline; the text is what the model expects to read.
+    """
+    import torch
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to start sampling from.")
+    stop = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    device = next(model.parameters()).device
+    docs: list[str] = []
+    sampled = 0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while sampled < n_tokens:
+            prompt = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=temperature, top_k=0,
+                top_p=1.0, max_new_tokens=length, pad_token_id=pad,
+            )[:, 1:]
+            for row in out.tolist():
+                if stop is not None and stop in row:
+                    row = row[: row.index(stop)]
+                sampled += len(row) + 1
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if text.strip():
+                    docs.append(text)
     return docs

@@ -19,6 +19,7 @@ def _replace_from_temp(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; saved checkpoints are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -28,6 +29,11 @@ def _replace_from_temp(path: Path, write) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     return _replace_from_temp(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_figure(path: str | Path, fig) -> Path:
+    """A matplotlib Figure as PNG."""
+    return _replace_from_temp(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -272,9 +272,11 @@ class Lorsa(nn.Module):
         weight, bias = self._qkv_weight()
         qkv = F.linear(x.to(weight.dtype), weight, bias)
         nq = cfg.n_qk_heads * cfg.d_qk_head
-        q = qkv[..., :nq].view(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
-        k = qkv[..., nq : 2 * nq].view(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
-        v = qkv[..., 2 * nq :].view(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
+        # One split, not three slices: the backward pass then concatenates once instead of zero-filling thrice.
+        q, k, v = qkv.split([nq, nq, cfg.n_ov_heads], dim=-1)
+        q = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        k = k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        v = v.reshape(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
         if cfg.use_post_qk_ln:
             q, k = self._rms(q, self.q_norm), self._rms(k, self.k_norm)
         if cfg.positional_embedding_type == "rotary":
@@ -310,8 +312,15 @@ class Lorsa(nn.Module):
     ) -> torch.Tensor:
         """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention."""
         q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache)
-        z = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
+        # Fused attention kernels want values as wide as queries; a group wider than that goes in slices.
+        z = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
+                )
+                for part in v.split(q.shape[-1], dim=-1)
+            ],
+            dim=-1,
         )
         return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
 

@@ -16,7 +16,7 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - (pred - target).pow(2).sum() / total)
 
 
-def _batches(tokenizer, texts: list[str], max_length: int):
+def token_windows(tokenizer, texts: list[str], max_length: int):
     """Token windows of up to max_length from the texts, one [1, T] tensor each."""
     for text in texts:
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -31,7 +31,7 @@ def lm_loss(model: nn.Module, tokenizer, texts: list[str], max_length: int = 256
     """Mean next-token cross-entropy over the texts and the number of predicted tokens."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for ids in _batches(tokenizer, texts, max_length):
+    for ids in token_windows(tokenizer, texts, max_length):
         ids = ids.to(device)
         logits = model(ids).logits[0, :-1].float()
         total += nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()

@@ -6,6 +6,7 @@ Layout (DESIGN 7):
     layer_<L>/             one native Lorsa checkpoint per spliced layer (safetensors only)
     interventions.json     the attached intervention spec, if any
     README.md              model card (see lorsa_surgery.cards)
+    base/                  full-model export only (`export_full`): the base model's weights and tokenizer
 The root file is deliberately not called config.json or adapter_config.json, which the Hub and
 transformers take for other libraries.
 """
@@ -16,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,10 +26,14 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.splice import Mode, Splice, splice
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 ROOT_FILE = "lorsa_surgery.json"
 FORMAT = "lorsa-surgery.patched-model"
 FORMAT_VERSION = 1
 INTERVENTIONS_FILE = "interventions.json"
+BUNDLED_BASE = "base"
 
 
 DEFAULT_MODULES = Path(__file__).parent / "default_modules"
@@ -52,9 +57,35 @@ def is_patched_folder(path: str | Path) -> bool:
     return (Path(path) / ROOT_FILE).is_file()
 
 
-def save_patched(handle: Splice, out_dir: str | Path, *, base: dict[str, Any], metrics: dict | None = None) -> Path:
-    """Write the patched-model folder for a splice; replaces out_dir only once everything is written."""
-    out_dir = Path(out_dir)
+def save_patched(
+    handle: Splice, out_dir: str | Path, *, base: dict[str, Any], metrics: dict | None = None, repo_id: str | None = None
+) -> Path:
+    """Write the patched-model folder for a splice; replaces out_dir only once everything is written.
+
+    `base` is the base model's record (`models.base_record`); `repo_id`, when known, goes into the card's
+    usage examples.
+    """
+    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=None)
+
+
+def export_full(
+    handle: Splice,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    *,
+    base: dict[str, Any],
+    metrics: dict | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """`save_patched` plus the base model's own weights and tokenizer in `base/`, so the folder (or the repo
+    it is pushed to) is self-contained: `load_patched` then loads that copy instead of fetching the base."""
+    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=tokenizer)
+
+
+def _write(
+    handle: Splice, out_dir: Path, base: dict[str, Any], metrics: dict | None, repo_id: str | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -66,6 +97,9 @@ def save_patched(handle: Splice, out_dir: str | Path, *, base: dict[str, Any], m
         interventions = getattr(handle, "interventions", None)
         if interventions is not None:
             files.write_json(staging / INTERVENTIONS_FILE, interventions.to_dict())
+        if tokenizer is not None:
+            handle.model.save_pretrained(staging / BUNDLED_BASE, state_dict=_base_state_dict(handle))
+            tokenizer.save_pretrained(staging / BUNDLED_BASE)
         root = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -75,15 +109,36 @@ def save_patched(handle: Splice, out_dir: str | Path, *, base: dict[str, Any], m
             "layers": layers,
             "interventions": INTERVENTIONS_FILE if interventions is not None else None,
             "metrics": metrics,
+            "bundled_base": BUNDLED_BASE if tokenizer is not None else None,
         }
         files.write_json(staging / ROOT_FILE, root)
         from lorsa_surgery import cards
 
-        files.write_text(staging / "README.md", cards.render(root, handle.modules(), interventions))
+        files.write_text(staging / "README.md", cards.render(root, handle.modules(), interventions, repo_id))
         _swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _base_state_dict(handle: Splice) -> dict[str, torch.Tensor]:
+    """The host model's weights as if nothing were spliced, without touching the splice: each site's
+    original attention (and the post-attention norm it absorbed) under the names the host gives them."""
+    names = {id(module): name for name, module in handle.model.named_modules()}
+    renames: dict[str, str | None] = {}  # key prefix -> its prefix in the base model, or None to drop it
+    for site in handle.sites.values():
+        at = names[id(site)]
+        renames.update({f"{at}.original.": f"{at}.", f"{at}.lorsa.": None, f"{at}.source.": None})
+        if site.post_norm is not None:
+            renames[f"{at}.post_norm."] = f"{at.rpartition('.')[0]}.{handle.arch.post_attention_norm}."
+    state = {}
+    for key, value in handle.model.state_dict().items():
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        if prefix is None:
+            state[key] = value
+        elif renames[prefix] is not None:
+            state[renames[prefix] + key[len(prefix) :]] = value
+    return state
 
 
 def _swap_in(staging: Path, out_dir: Path) -> None:
@@ -135,8 +190,9 @@ def load_patched(
 ):
     """(model, tokenizer, splice handle) rebuilt from a patched-model folder or Hub repo (+ revision).
 
-    The base model is fetched by its recorded id and revision; `base` overrides it with a Hub id, a local
-    folder or a .gguf file (a local file is checked against the recorded sha256 when it is the default).
+    The base model is the copy bundled by `export_full` if there is one, else fetched by its recorded id and
+    revision; `base` overrides either with a Hub id, a local folder or a .gguf file (a local file is checked
+    against the recorded sha256 when it is the default).
     """
     folder = Path(path_or_repo)
     if not folder.exists():
@@ -144,6 +200,8 @@ def load_patched(
 
         folder = Path(pull(str(path_or_repo), revision=revision))
     root = read_root(folder)
+    if base is None and root.get("bundled_base"):
+        base = str(folder / root["bundled_base"])
     spec, base_revision = _base_spec(root, base)
     model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map)
     modules = {int(layer): Lorsa.from_pretrained(folder / entry["folder"]) for layer, entry in root["layers"].items()}

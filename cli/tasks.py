@@ -1,0 +1,118 @@
+"""`lorsa-surgery tasks make|train|eval|extrapolate`: the multi-hop testbed of DESIGN section 9."""
+
+import json
+from pathlib import Path
+
+import click
+
+from lorsa_surgery.tasks import multihop
+from lorsa_surgery.tasks import train as training
+
+TASK = click.Choice(list(multihop.TASKS))
+
+
+@click.group()
+def tasks() -> None:
+    """Number and letter multi-hop tasks: make data, train a GPT-J, evaluate it, test longer inputs."""
+
+
+@tasks.command()
+@click.argument("task", type=TASK)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-n", "--n", "n", default=1000, show_default=True, help="Examples.")
+@click.option("--seed", default="0", show_default=True, help="Seed (any string).")
+@click.option("--extra", default=0, show_default=True, help="Extra window tokens before the answer window.")
+def make(task: str, out: Path, n: int, seed: str, extra: int) -> None:
+    """Write N balanced, solver-checked examples of TASK to OUT as JSON lines."""
+    multihop.save_examples(multihop.generate(task, n, seed=seed, extra=extra), out)
+    click.echo(f"wrote {n} {task} examples ({training.TRAIN_LENGTH + extra} input tokens each) to {out}")
+
+
+@tasks.command()
+@click.argument("task", type=TASK)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", "preset_name", type=click.Choice(list(training.PRESETS)), default="paper", show_default=True,
+              help="paper: DESIGN section 9 settings; small: 6 layers, learns in minutes on a CPU.")
+@click.option("--steps", type=int, help="Override: optimiser steps.")
+@click.option("--lr", type=float, help="Override: peak learning rate.")
+@click.option("--n-layer", type=int, help="Override: layers.")
+@click.option("--n-head", type=int, help="Override: heads per layer.")
+@click.option("--n-embd", type=int, help="Override: model width.")
+@click.option("--batch-size", type=int, help="Override: prompts per step.")
+@click.option("--warmup-steps", type=int, help="Override: warm-up steps.")
+@click.option("--checkpoint-steps", help="Override: comma-separated steps to checkpoint at.")
+@click.option("--seed", type=int, help="Override: seed.")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming from OUT_DIR's last checkpoint.")
+def train(task, out_dir, preset_name, steps, lr, n_layer, n_head, n_embd, batch_size, warmup_steps,
+          checkpoint_steps, seed, threads, fresh) -> None:
+    """Train a GPT-J from scratch on TASK, writing checkpoints and history.json into OUT_DIR."""
+    overrides = {k: v for k, v in dict(steps=steps, lr=lr, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                       batch_size=batch_size, warmup_steps=warmup_steps, seed=seed).items() if v is not None}
+    if checkpoint_steps:
+        overrides["checkpoint_steps"] = tuple(int_list(checkpoint_steps, "--checkpoint-steps"))
+    config = training.preset(preset_name, task=task, **overrides)
+    _set_threads(threads)
+    history = training.train(config, out_dir, resume=not fresh)
+    last = history[-1]
+    per_hop = "  ".join(f"{h} hops {a:.3f}" for h, a in last["per_hop"].items())
+    click.echo(f"step {last['step']}: accuracy {last['accuracy']:.3f} ({per_hop}); checkpoints in {out_dir}")
+
+
+@tasks.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Examples file from `tasks make`.")
+@click.option("-n", "--n", "n", default=1024, show_default=True, help="Fresh examples when no --data.")
+@click.option("--seed", default="eval", show_default=True)
+@click.option("--extra", default=0, show_default=True, help="Extra window tokens (fresh examples only).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate(checkpoint: Path, data: Path | None, n: int, seed: str, extra: int, as_json: bool) -> None:
+    """Accuracy of a checkpoint, overall and per hop count."""
+    model, record = training.load_checkpoint(checkpoint)
+    examples = multihop.load_examples(data) if data else multihop.generate(record["task"], n, seed=seed, extra=extra)
+    result = training.evaluate(model, record["task"], examples)
+    if as_json:
+        click.echo(json.dumps({"task": record["task"], "step": record["step"], **result}, indent=2))
+        return
+    click.echo(f"{record['task']} model at step {record['step']}: accuracy {result['accuracy']:.3f} on {len(examples)} examples")
+    for hops, acc in result["per_hop"].items():
+        click.echo(f"  {hops} hops  {acc:.3f}")
+
+
+@tasks.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--extras", default="0,1,2,4,8,16,32,64,128", show_default=True, help="Comma-separated extra window tokens.")
+@click.option("-n", "--n", "n", default=512, show_default=True, help="Examples per length.")
+@click.option("--seed", default="length", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for length.json and length.png.")
+def extrapolate(checkpoints: tuple[Path, ...], extras: str, n: int, seed: str, out: Path | None) -> None:
+    """Accuracy of each checkpoint as extra window tokens lengthen the input."""
+    sweeps = {}
+    for path in checkpoints:
+        model, record = training.load_checkpoint(path)
+        name = f"{record['task']} ({path.name})"
+        sweeps[name] = training.length_sweep(model, record["task"], int_list(extras, "--extras"), n=n, seed=seed)
+        click.echo(name)
+        for length, result in sweeps[name].items():
+            click.echo(f"  {length:5d} tokens  accuracy {result['accuracy']:.3f}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "length.json").write_text(json.dumps(sweeps, indent=2))
+        training.plot_accuracy_vs_length(sweeps, out / "length.png")
+        click.echo(f"wrote {out / 'length.json'} and {out / 'length.png'}")
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """Comma-separated integers of a click option, or a usage error naming the option."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers.", param_hint=option) from None
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+

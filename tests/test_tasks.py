@@ -1,0 +1,191 @@
+"""Multi-hop task generators, tokenizers, solvers, and GPT-J training on them."""
+
+import collections
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lorsa_surgery import LorsaSurgeryError
+from lorsa_surgery.cli import main
+from lorsa_surgery.tasks import multihop as M
+from lorsa_surgery.tasks import train as TR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """On a small shared machine, intra-op threads contend and run many times slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _brute_force_letter(tokens):
+    """Follow the letter-task rule by scanning every earlier token, counting matches at each hop."""
+    here, hops = len(tokens) - 1, 0
+    while tokens[here][1] in M.PAIR_LETTERS:
+        found = [p for p, t in enumerate(tokens[:here]) if t[0] == tokens[here][1]]
+        assert len(found) == 1, "the match must be unique"
+        here, hops = found[0], hops + 1
+    return tokens[here], hops, here
+
+
+def _brute_force_number(tokens):
+    here, hops = len(tokens) - 1, 0
+    while tokens[here] in M.INTEGERS:
+        here, hops = here - int(tokens[here]), hops + 1
+    return tokens[here], hops, here
+
+
+@pytest.mark.parametrize("task", M.TASKS)
+def test_thousands_of_examples_are_balanced_and_solved(task):
+    n = 4000
+    examples = M.generate(task, n, seed=3)
+    solver = _brute_force_letter if task == "letter" else _brute_force_number
+    for e in examples:
+        assert len(e.tokens) == M.WINDOW + M.PRE_TARGET + 1
+        assert solver(e.tokens) == (e.answer, e.hops, e.answer_position)
+        assert M.solve(task, e.tokens) == (e.answer, e.hops, e.answer_position)
+        window = M.SYMBOLS if task == "number" else M.LETTER_DIGITS
+        rest = M.INTEGERS if task == "number" else M.LETTER_LETTERS
+        assert all(t in window for t in e.tokens[: M.WINDOW]) and all(t in rest for t in e.tokens[M.WINDOW :])
+    assert collections.Counter(e.hops for e in examples) == {h: n // 4 for h in range(1, 5)}
+    assert collections.Counter(e.answer_position for e in examples) == {p: n // 8 for p in range(8)}
+    answers = collections.Counter(e.answer for e in examples)
+    n_answers = len(M.SYMBOLS) if task == "number" else len(M.LETTER_DIGITS)
+    assert len(answers) == n_answers and max(answers.values()) - min(answers.values()) <= 1
+    assert len({tuple(e.tokens) for e in examples}) > 0.99 * n
+
+
+@pytest.mark.parametrize("task", M.TASKS)
+def test_extra_window_tokens_go_before_the_answer_window(task):
+    extra = 40
+    for e in M.generate(task, 1000, seed=1, extra=extra):
+        assert len(e.tokens) == M.WINDOW + M.PRE_TARGET + 1 + extra
+        assert extra <= e.answer_position < extra + M.WINDOW
+        assert M.solve(task, e.tokens) == (e.answer, e.hops, e.answer_position)
+
+
+def test_generation_is_seeded():
+    assert M.generate("letter", 50, seed=7) == M.generate("letter", 50, seed=7)
+    assert M.generate("letter", 50, seed=7) != M.generate("letter", 50, seed=8)
+    with pytest.raises(LorsaSurgeryError, match="Unknown task"):
+        M.generate("colour", 5)
+
+
+def test_solvers_reject_bad_prompts():
+    tokens = [e for e in M.generate("letter", 1, seed=0)[0].tokens]
+    wanted = tokens[-1][1]
+    tokens[0] = wanted + "1"
+    tokens[1] = wanted + "2"
+    with pytest.raises(LorsaSurgeryError, match="exactly one"):
+        M.solve_letter(tokens)
+    with pytest.raises(LorsaSurgeryError, match="before its start"):
+        M.solve_number(["a", "b", "9"])
+
+
+def test_tokenizer_round_trip_and_files(tmp_path):
+    for task in M.TASKS:
+        tok = M.TaskTokenizer(task)
+        examples = M.generate(task, 20, seed=2)
+        ids, answers = tok.encode_examples(examples)
+        assert ids.shape == (20, 17) and ids.max() < len(tok)
+        assert tok.decode(ids[0]) == examples[0].tokens and tok.decode(answers)[0] == examples[0].answer
+        assert len(set(tok.vocab)) == len(tok.vocab)
+        path = M.save_examples(examples, tmp_path / f"{task}.jsonl")
+        assert M.load_examples(path) == examples
+    with pytest.raises(LorsaSurgeryError, match="vocabulary"):
+        M.TaskTokenizer("number").encode(["a1"])
+    with pytest.raises(LorsaSurgeryError):
+        M.load_examples(tmp_path / "missing.jsonl")
+
+
+def test_config_validation_and_presets():
+    assert TR.PRESETS["paper"].n_layer == 12 and TR.PRESETS["paper"].lr == 1e-4
+    assert TR.preset("small", task="number").task == "number"
+    with pytest.raises(LorsaSurgeryError):
+        TR.TrainConfig(task="colour")
+    with pytest.raises(LorsaSurgeryError):
+        TR.TrainConfig(n_embd=30, n_head=4)
+    with pytest.raises(LorsaSurgeryError):
+        TR.preset("huge")
+
+
+TINY = TR.preset(
+    "small", task="letter", n_layer=1, steps=40, dropout=0.0, warmup_steps=5,
+    checkpoint_steps=(0, 20, 40), eval_every=20, eval_examples=64, batch_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 1-layer letter model trained for 40 steps: (run folder, history)."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    return run, TR.train(TINY, run, progress=False)
+
+
+def test_tiny_training_learns_checkpoints_and_resumes(tiny_run, tmp_path):
+    run, history = tiny_run
+    assert [h["step"] for h in history] == [0, 20, 40]
+    assert history[-1]["loss"] < 4.4, "below the 4.85 of uniform guessing over the vocabulary"
+    assert set(history[-1]["per_hop"]) == {1, 2, 3, 4}
+    steps = sorted(p.name for p in run.glob("step_*"))
+    assert steps == ["step_000000", "step_000020", "step_000040"]
+    model, record = TR.load_checkpoint(run / "step_000040")
+    assert record["task"] == "letter" and record["step"] == 40
+
+    # Interrupt after step 20: the resumed run must end with the same weights as the uninterrupted one.
+    (tmp_path / "cut").mkdir()
+    for name in ("step_000000", "step_000020"):
+        src = run / name
+        (tmp_path / "cut" / name).mkdir()
+        for f in src.iterdir():
+            (tmp_path / "cut" / name / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "cut" / "history.json").write_text((run / "history.json").read_text())
+    resumed = TR.train(TINY, tmp_path / "cut", progress=False)
+    assert [h["step"] for h in resumed] == [0, 20, 40]
+    again, _ = TR.load_checkpoint(tmp_path / "cut" / "step_000040")
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+    with pytest.raises(LorsaSurgeryError, match="other settings"):
+        TR.train(replace(TINY, lr=5e-3), run, progress=False)
+
+    sweep = TR.length_sweep(model, "letter", [0, 8], n=32, progress=False)
+    assert set(sweep) == {17, 25} and all(0 <= r["accuracy"] <= 1 for r in sweep.values())
+    records = TR.checkpoint_scores(run, n_prompts=2, progress=False)
+    assert [r["step"] for r in records] == [0, 20, 40] and len(records[0]["positional"]) == 1
+    for fn, args in (
+        (TR.plot_scores_over_training, (records,)),
+        (TR.plot_pure_heads, (records, history)),
+        (TR.plot_accuracy_vs_length, ({"letter": sweep},)),
+    ):
+        path = fn(*args, tmp_path / f"{fn.__name__}.png")
+        assert path.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "history.json").read_text())[-1]["step"] == 40
+
+
+def test_cli(tiny_run, tmp_path):
+    run, _ = tiny_run
+    cli = CliRunner()
+    data = tmp_path / "letter.jsonl"
+    result = cli.invoke(main, ["tasks", "make", "letter", str(data), "-n", "40", "--extra", "3"])
+    assert result.exit_code == 0 and len(M.load_examples(data)) == 40
+    result = cli.invoke(main, ["tasks", "eval", str(run / "step_000040"), "--data", str(data), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["step"] == 40
+    result = cli.invoke(main, ["tasks", "extrapolate", str(run / "step_000040"), "--extras", "0,4", "-n", "16",
+                               "--out", str(tmp_path / "len")])
+    assert result.exit_code == 0 and set(json.loads((tmp_path / "len" / "length.json").read_text())["letter (step_000040)"]) == {"17", "21"}
+    result = cli.invoke(main, ["heads", "classify", str(run / "step_000040"), "-n", "2", "--json",
+                               "--lorsa", "0=from-attention"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["lorsa"]["positional"][0] == pytest.approx(out["mhsa"]["positional"][0], abs=1e-5)
+    result = cli.invoke(main, ["heads", "classify", str(run / "step_000040"), "--prompts", "match"])
+    assert result.exit_code == 1 and "use --prompts task" in result.output
+    result = cli.invoke(main, ["tasks", "train", "letter", str(tmp_path / "t"), "--preset", "small", "--n-layer", "1",
+                               "--steps", "3", "--checkpoint-steps", "x"])
+    assert result.exit_code == 2 and "--checkpoint-steps" in result.output

@@ -1,0 +1,286 @@
+"""Training: activation capture, text sources, exact resume, the activation cache, the CLI, two processes
+against one, and a short real run on SmolLM2 layer 3 that must beat the best linear map."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+import torch
+import transformers as tf
+from click.testing import CliRunner
+
+from lorsa_surgery import Lorsa, LorsaSurgeryError
+from lorsa_surgery import training
+from lorsa_surgery.cli import main
+from lorsa_surgery.corpus import BUILTIN_TEXT, load_dataset_texts, sample_from_model
+from lorsa_surgery.training import LinearBaseline, TrainConfig, capture, linear_baseline_ev, lm_loss_change, token_sequences, train
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, especially on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> Path:
+    """A tiny random Llama and a small byte-level BPE tokenizer, saved as a model folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("host")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([BUILTIN_TEXT], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>", "<pad>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": BUILTIN_TEXT[i:] + BUILTIN_TEXT[:i]}) + "\n" for i in range(0, 1200, 60)))
+    return path
+
+
+def tiny_config(host: Path, text: Path, out: Path, **changes) -> TrainConfig:
+    settings = dict(model=str(host), layer=1, out=str(out), n_heads=32, k=4, tokens=4 * 32 * 12, batch_size=4, context=32,
+                    texts=(str(text),), eval_tokens=128, lm_loss_tokens=64, lr=3e-3, log_every=2, checkpoint_every=4)
+    return TrainConfig(**{**settings, **changes})
+
+
+def state(lorsa: Lorsa) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in lorsa.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=atol), (name, (a[name] - b[name]).abs().max().item())
+
+
+# ---- pieces --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_capture_gives_what_attention_sees_and_stops_there(host):
+    model = tf.AutoModelForCausalLM.from_pretrained(host).eval()
+    later = []
+    model.model.layers[2].register_forward_hook(lambda *args: later.append(True))
+    ids = torch.randint(4, 300, (2, 12))
+    x, y = capture(model, 1, ids)
+    assert x.shape == y.shape == (2, 12, 64) and not later
+    # The exact copy of the host layer maps the captured input to the captured output: HF coordinates.
+    assert torch.allclose(Lorsa.from_attention(model, 1)(x), y, atol=1e-5)
+    with pytest.raises(LorsaSurgeryError, match="out of range"):
+        capture(model, 3, ids)
+
+
+def test_token_sequences_pack_and_pad(host):
+    tokenizer = tf.AutoTokenizer.from_pretrained(host)
+    docs = ["the lighthouse keeper", "a list of prime numbers begins 2, 3, 5"]
+    ids, mask = token_sequences(docs, tokenizer, context=8)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert (ids[:, 0] == bos).all()
+    stream = ids[:, 1:][mask[:, 1:].bool()].tolist()
+    encoded = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    assert stream == encoded[0] + [eos] + encoded[1] + [eos]
+    assert mask[:-1].all() and not mask[-1].all() and (ids[-1][~mask[-1].bool()] == pad).all()
+    unpacked, _ = token_sequences(docs, tokenizer, context=64, pack=False)
+    assert len(unpacked) == 2 and unpacked[1, 1 : 1 + len(encoded[1])].tolist() == encoded[1]
+
+
+def test_linear_baseline_is_exact_on_affine_targets_and_below_one_otherwise():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 16)
+    w, b = torch.randn(16, 8), torch.randn(8)
+    fit = LinearBaseline(16, 8)
+    for part in x.split(500):  # streamed fitting equals one fit
+        fit.update(part, part @ w + b)
+    assert torch.allclose(fit.predict(x[:5]).float(), x[:5] @ w + b, atol=1e-4)
+    assert linear_baseline_ev(x[:1500], x[:1500] @ w + b, x[1500:], x[1500:] @ w + b) > 0.999999
+    assert linear_baseline_ev(x[:1500], x[:1500].pow(2)[:, :8], x[1500:], x[1500:].pow(2)[:, :8]) < 0.05
+
+
+def test_lm_loss_change_is_zero_for_the_exact_copy(host):
+    model = tf.AutoModelForCausalLM.from_pretrained(host).eval()
+    ids = torch.randint(4, 300, (2, 16))
+    original, spliced = lm_loss_change(model, Lorsa.from_attention(model, 1), 1, ids)
+    assert original == pytest.approx(spliced, abs=1e-5) and original > 0
+
+
+def test_sample_from_model_is_seeded_and_leaves_global_rng_alone(host, one_thread):
+    model = tf.AutoModelForCausalLM.from_pretrained(host).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(host)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    docs = sample_from_model(model, tokenizer, 60, seed=5, length=16, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert docs and docs == sample_from_model(model, tokenizer, 60, seed=5, length=16, batch_size=2)
+    assert docs != sample_from_model(model, tokenizer, 60, seed=6, length=16, batch_size=2)
+
+
+def test_dataset_source(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    try:
+        import datasets  # noqa: F401  (the optional extra)
+    except ImportError:
+        with pytest.raises(LorsaSurgeryError, match="datasets package"):
+            load_dataset_texts(str(folder), 100)
+        return
+    assert load_dataset_texts(str(folder), 100) == [f"document {i}" for i in range(5)]
+    assert load_dataset_texts(str(folder), 15) == ["document 0", "document 1"]
+
+
+def test_config_errors(host, text, tmp_path):
+    with pytest.raises(LorsaSurgeryError, match="either n_heads or expansion"):
+        tiny_config(host, text, tmp_path, expansion=2.0)
+    with pytest.raises(LorsaSurgeryError, match="No training text"):
+        tiny_config(host, text, tmp_path, texts=())
+    with pytest.raises(LorsaSurgeryError, match="warmup and cooldown"):
+        tiny_config(host, text, tmp_path, warmup=0.6, cooldown=0.6)
+    with pytest.raises(LorsaSurgeryError, match="multiple of the QK heads"):
+        train(tiny_config(host, text, tmp_path / "a", n_heads=30))
+    with pytest.raises(LorsaSurgeryError, match="init 'attention'"):
+        train(tiny_config(host, text, tmp_path / "b", init="attention"))
+
+
+# ---- runs ----------------------------------------------------------------------------------------------
+
+
+class Kill(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(host, text, tmp_path, one_thread):
+    whole = train(tiny_config(host, text, tmp_path / "whole", k_anneal=0.5, eval_every=6))
+
+    def die_at_6(step, record):
+        if step == 6:  # the last checkpoint was at step 4: steps 5 and 6 are replayed
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6), on_step=die_at_6)
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text()) == {"step": 4}
+    resumed = train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6, resume=True))
+    assert_same_weights(state(whole), state(resumed))
+    steps = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == len(set(steps)) and ("eval", 12) in steps
+    for key in ("explained_variance", "linear_baseline_ev", "lm_loss_spliced", "dead_heads_fraction"):
+        assert whole.training_info[key] == resumed.training_info[key]
+    with pytest.raises(LorsaSurgeryError, match="different settings: lr"):
+        train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6, resume=True, lr=1e-3))
+
+
+def test_activation_cache_is_reused(host, tmp_path, one_thread, monkeypatch):
+    text = tmp_path / "short.jsonl"  # about 40 sequences, all of them seen by the first run
+    text.write_text("".join(json.dumps({"text": BUILTIN_TEXT[i:i + 600]}) + "\n" for i in range(0, 2400, 600)))
+    cache = tmp_path / "cache"
+    first = train(tiny_config(host, text, tmp_path / "one", cache_dir=str(cache), tokens=4 * 32 * 16))
+    shards = sorted(cache.glob("*/shard-*.safetensors"))
+    assert shards
+
+    def no_host(*args, **kwargs):
+        raise AssertionError("the host model ran although every activation was cached")
+
+    monkeypatch.setattr(training, "capture", no_host)
+    again = train(tiny_config(host, text, tmp_path / "two", cache_dir=str(cache), tokens=4 * 32 * 16))
+    assert_same_weights(state(first), state(again))
+    # Another seed and batch size read the same shards: new order, new held-out split, same cache.
+    train(tiny_config(host, text, tmp_path / "three", cache_dir=str(cache), seed=1, batch_size=2))
+    assert sorted(cache.glob("*/shard-*.safetensors")) == shards
+
+
+def test_cli_train(host, text, tmp_path, one_thread):
+    out = tmp_path / "run"
+    args = ["train", str(host), "--layer", "1", "--heads", "32", "--qk-heads", "2", "--k", "4", "--tokens", "1024",
+            "--text", str(text), "--out", str(out), "--batch-size", "4", "--context", "32", "--eval-tokens", "128",
+            "--lm-loss-tokens", "64", "--lr", "3e-3", "--checkpoint-every", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "held-out explained variance" in result.output
+    lorsa = Lorsa.from_pretrained(out)
+    assert (lorsa.cfg.n_ov_heads, lorsa.cfg.n_qk_heads, lorsa.cfg.top_k) == (32, 2, 4)
+    assert (lorsa.cfg.host_layer, lorsa.cfg.input_space, lorsa.cfg.host_model) == (1, "hf", host.name)
+    info = lorsa.training_info
+    assert info["tokens"] == 1024 and info["steps"] == 8 and info["explained_variance"] <= 1
+    assert {"linear_baseline_ev", "lm_loss_original", "lm_loss_spliced", "dead_heads_fraction", "tokens_per_s"} <= info.keys()
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 8), ("eval", 8)]
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "already holds a training run" in again.output
+    both = CliRunner().invoke(main, args[:-2] + ["--expansion", "2"])
+    assert both.exit_code != 0 and "either n_heads or expansion" in both.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(host, text, tmp_path, one_thread):
+    options = ["--layer", "1", "--heads", "32", "--k", "4", "--tokens", "1024", "--text", str(text), "--batch-size", "4",
+               "--context", "32", "--eval-tokens", "128", "--lm-loss-tokens", "64", "--lr", "3e-3", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = tmp_path / "cli.py"  # the console script, wherever the package is installed
+    cli.write_text("from lorsa_surgery.cli import main\nmain()\n")
+    # --multi_gpu is accelerate's multi-process launcher (torchrun); without a GPU each process runs DDP over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+              str(cli), "train", str(host), "--out", str(tmp_path / "two"), *options]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = Lorsa.from_pretrained(tmp_path / "two")
+    assert two.training_info["processes"] == 2
+    one = train(tiny_config(host, text, tmp_path / "one", tokens=1024, checkpoint_every=100))
+    # Same global batch, split over two processes: equal up to float summation order.
+    assert_same_weights(state(one), state(two), atol=1e-4)
+    assert two.training_info["explained_variance"] == pytest.approx(one.training_info["explained_variance"], abs=1e-3)
+
+
+# ---- the real model ------------------------------------------------------------------------------------
+
+
+def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
+    """A CI-sized run on real SmolLM2-135M layer 3: held-out explained variance well above the best linear map.
+
+    Measured on a 2-core machine: 0.61 against 0.41 (32k tokens, from the exact copy of the layer made sparse).
+    """
+    model, tokenizer = smollm2
+    docs = tmp_path / "python-docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(pydoc_data.topics.topics.items())))
+    config = TrainConfig(
+        model="smollm2", layer=3, out=str(tmp_path / "run"), init="attention", k=32, tokens=32 * 1024, batch_size=8,
+        context=128, texts=(str(docs),), eval_tokens=2048, lm_loss_tokens=512, lr=1e-3, checkpoint_every=0,
+    )
+    info = train(config, model=model, tokenizer=tokenizer).training_info
+    print(f"\nSmolLM2 layer 3, {info['tokens']} tokens: held-out explained variance {info['explained_variance']:.4f}, "
+          f"best linear map {info['linear_baseline_ev']:.4f}; LM loss {info['lm_loss_original']:.4f} -> "
+          f"{info['lm_loss_spliced']:.4f}; dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s")
+    assert (info["n_heads"], info["n_qk_heads"]) == (1152, 9)
+    assert info["explained_variance"] > info["linear_baseline_ev"] + 0.1
+    assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.5
