@@ -508,9 +508,6 @@ def probe_input_ids(tokenizer, prompts: Sequence[ProbePrompt]) -> list[torch.Ten
 # ---- plots --------------------------------------------------------------------------------------------
 
 
-def save_figure(fig, path) -> Path:
-    """Write a matplotlib Figure as PNG, atomically."""
-    return files._replace_from_temp(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def plot_scores(scores: HeadScores, path, title: str = "", gamma: float = 0.1):
@@ -524,7 +521,7 @@ def plot_scores(scores: HeadScores, path, title: str = "", gamma: float = 0.1):
     ax.axhspan(1 - gamma, 1.02, xmax=(gamma + 0.02) / 1.04, color="tab:orange", alpha=0.15)
     ax.set(xlabel="positional score", ylabel="symbolic score", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path)
+    return files.write_figure(path, fig)
 
 
 def plot_frequency_use(geometry: HeadGeometry, path, labels: list[list[str]] | None = None, title: str = ""):
@@ -541,7 +538,7 @@ def plot_frequency_use(geometry: HeadGeometry, path, labels: list[list[str]] | N
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set(xlabel="rotary plane (fast -> slow)", title=title or f"RoPE frequency use ({geometry.pairing} pairs)")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    return save_figure(fig, path)
+    return files.write_figure(path, fig)
 
 
 def plot_discrepancy(curves: dict[str, tuple[list, list]], bounds: dict[str, tuple[list, list]], path, title: str = ""):
@@ -555,4 +552,4 @@ def plot_discrepancy(curves: dict[str, tuple[list, list]], bounds: dict[str, tup
     ax.set(xlabel="input tokens", ylabel="discrepancy", xscale="log", yscale="log", title=title)
     if curves or bounds:
         ax.legend(fontsize=7)
-    return save_figure(fig, path)
+    return files.write_figure(path, fig)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GPTJConfig, GPTJForCausalLM
 
-from lorsa_surgery import positional
+from lorsa_surgery import files, positional
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.files import write_json
 from lorsa_surgery.tasks.multihop import MAX_HOPS, PRE_TARGET, TASKS, WINDOW, Example, TaskTokenizer, generate
@@ -299,7 +299,7 @@ def plot_scores_over_training(records: list[dict], path: str | Path, title: str 
     axes[1].set(title="symbolic score", xlabel="step")
     axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(title)
-    return positional.save_figure(fig, path)
+    return files.write_figure(path, fig)
 
 
 def plot_pure_heads(records: list[dict], history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -316,7 +316,7 @@ def plot_pure_heads(records: list[dict], history: list[dict], path: str | Path, 
     acc.set(ylabel="accuracy", ylim=(0, 1.02))
     ax.legend(loc="center left", fontsize=8)
     ax.set_title(title)
-    return positional.save_figure(fig, path)
+    return files.write_figure(path, fig)
 
 
 def plot_accuracy_vs_length(
@@ -333,4 +333,4 @@ def plot_accuracy_vs_length(
         ax.axvline(train_length, color="gray", ls=":", label="training length")
     ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1.02), xscale="log", title=title)
     ax.legend(fontsize=8)
-    return positional.save_figure(fig, path)
+    return files.write_figure(path, fig)
