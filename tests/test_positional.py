@@ -19,13 +19,7 @@ from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery import positional as P
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a small shared machine, intra-op threads contend and run many times slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T = 12
 PEAK = 4

@@ -14,13 +14,7 @@ from lorsa_surgery.tasks import multihop as M
 from lorsa_surgery.tasks import train as TR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a small shared machine, intra-op threads contend and run many times slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _brute_force_letter(tokens):
