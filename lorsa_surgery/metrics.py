@@ -53,15 +53,13 @@ def splice_report(
     with splice(model, modules, mode="exact") as handle:
         removers = []
         for layer, site in handle.sites.items():
-            def capture_input(module, args, kwargs, layer=layer):
-                x = args[0] if args else kwargs["hidden_states"]
-                recon[layer].append(module.lorsa(x, kwargs.get("position_ids"), kwargs.get("attention_mask"))[0])
+            # A head hook sees the activations the splice computes anyway; returning None leaves the output exact.
+            site.hooks.append(lambda acts, ctx, layer=layer, lorsa=site.lorsa: recon[layer].append(lorsa.decode(acts)[0]))
 
             def capture_output(module, args, output, layer=layer, post_norm=site.post_norm):
                 out = output[0] if isinstance(output, tuple) else output
                 target[layer].append((post_norm(out) if post_norm is not None else out)[0])
 
-            removers.append(site.register_forward_pre_hook(capture_input, with_kwargs=True))
             removers.append(site.original.register_forward_hook(capture_output))
         original_loss, n_tokens = lm_loss(model, tokenizer, texts, max_length)
         for r in removers:
