@@ -17,7 +17,7 @@ import torch
 from lorsa_surgery import Lorsa
 from lorsa_surgery.interventions import InterventionSet, Steer
 from lorsa_surgery.models import load_model
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk. He checked the oil, trimmed the wick,"
 

@@ -11,7 +11,7 @@ from lorsa_surgery.cli.interventions import intervention_options, interventions_
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.metrics import splice_report
 from lorsa_surgery.patched import is_patched_folder, load_patched, module_for, save_patched
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'. Repeatable."
 

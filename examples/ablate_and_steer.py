@@ -24,7 +24,7 @@ from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Recorder
 from lorsa_surgery.metrics import token_windows
 from lorsa_surgery.models import load_model
 from lorsa_surgery.patching import cache_run, forward
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 LAYERS = (17, 18)
 N_HEADS, HEAD_DIM = 9, 64  # SmolLM2-135M attention

@@ -17,7 +17,7 @@ from lorsa_surgery import corpus, models
 from lorsa_surgery.hub import push_folder
 from lorsa_surgery.metrics import splice_report
 from lorsa_surgery.patched import module_for, save_patched
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 LAYER = 3
 

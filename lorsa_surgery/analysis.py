@@ -23,7 +23,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions import Recorder, splice_of
 from lorsa_surgery.patching import SweepResult, forward
-from lorsa_surgery.splice import HeadContext, Splice
+from lorsa_surgery.splicing import HeadContext, Splice
 
 
 def _one_head(head: HeadSpec, handle: Splice) -> HeadRef:

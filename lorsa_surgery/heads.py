@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.splice import Splice
+from lorsa_surgery.splicing import Splice
 
 _INDEX = re.compile(r"L(\d+)\.H(\d+)(?:-(\d+))?")
 _LABEL = re.compile(r"L(\d+):(\S.*)")

@@ -29,7 +29,7 @@ from torch import nn
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, HeadSpec, by_layer, parse_heads, resolve_heads
-from lorsa_surgery.splice import HeadContext, Splice
+from lorsa_surgery.splicing import HeadContext, Splice
 
 FORMAT = "lorsa-surgery.interventions"
 FORMAT_VERSION = 1
@@ -403,7 +403,7 @@ def splice_of(target: Splice | nn.Module) -> Splice:
     """The splice handle of a model (or the handle itself)."""
     handle = target if isinstance(target, Splice) else getattr(target, "_lorsa_splice", None)
     if handle is None or not handle.sites:
-        raise LorsaSurgeryError("This model has no Lorsa modules spliced; splice them first (lorsa_surgery.splice.splice).")
+        raise LorsaSurgeryError("This model has no Lorsa modules spliced; splice them first (lorsa_surgery.splice).")
     return handle
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lorsa_surgery.lorsa import Lorsa
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

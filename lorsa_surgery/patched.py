@@ -24,7 +24,7 @@ import torch
 from lorsa_surgery import files, models
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
-from lorsa_surgery.splice import Mode, Splice, splice
+from lorsa_surgery.splicing import Mode, Splice, splice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

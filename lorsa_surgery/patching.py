@@ -22,7 +22,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions import HeadCache, InterventionSet, Recorder, full_context, splice_of
 from lorsa_surgery.metrics import token_windows
-from lorsa_surgery.splice import HeadContext, Splice
+from lorsa_surgery.splicing import HeadContext, Splice
 
 # ---- running ------------------------------------------------------------------------------------------------
 

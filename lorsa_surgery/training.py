@@ -34,7 +34,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.formats import fold_dataset_norms
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.metrics import explained_variance
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -16,7 +16,7 @@ from lorsa_surgery.analysis import (
 )
 from lorsa_surgery.interventions import Ablate, InterventionSet, Recorder
 from lorsa_surgery.patching import Loss, sweep
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 from test_interventions import char_tokenizer, cli, spliced, tiny_folders
 from test_splice import tiny
 

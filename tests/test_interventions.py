@@ -13,7 +13,7 @@ from lorsa_surgery.interventions import (
     Ablate, InterventionSet, Patch, Recorder, Steer, parse_positions, parse_steer, position_mask,
 )
 from lorsa_surgery.patching import cache_run
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 from test_splice import tiny, sparse_module
 
 LAYER = 1

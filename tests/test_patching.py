@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Recorder
 from lorsa_surgery.patching import Effect, LogitDiff, Loss, Probability, cache_run, effect, forward, sweep
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 from test_interventions import char_tokenizer, spliced
 
 

@@ -28,7 +28,7 @@ from lorsa_surgery.hub import pull, push_folder
 from lorsa_surgery.interventions import Ablate, InterventionSet
 from lorsa_surgery.models import generate_text
 from lorsa_surgery.patched import export_full, load_patched, read_root, save_patched
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 from test_hub import _files
 from test_splice import LAYER, sparse_module, tiny
 

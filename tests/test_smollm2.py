@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from lorsa_surgery import Lorsa
 from lorsa_surgery.cli import main
 from lorsa_surgery.patched import load_patched
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 LAYER = 3
 

@@ -6,7 +6,7 @@ import transformers as tf
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.arch import arch_for
-from lorsa_surgery.splice import splice
+from lorsa_surgery.splicing import splice
 
 COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
 

@@ -23,7 +23,19 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
 
 Mode = Literal["replace", "exact"]
-CACHE_KEYWORDS = ("past_key_values", "past_key_value", "layer_past")
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+"""Names under which transformers releases have passed the KV cache to attention modules (5.24 renamed
+`past_key_values` to `cache`; GPT-NeoX keeps `layer_past`)."""
+
+
+def cache_keyword(attention: nn.Module) -> str | None:
+    """The keyword under which this attention module takes its KV cache, read from its forward's signature.
+
+    Read from the signature rather than inferred from the transformers version: releases rename it, and a
+    module that takes the cache under a name we do not look for would run with none.
+    """
+    parameters = inspect.signature(attention.forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), None)
 
 
 @dataclass
@@ -137,6 +149,8 @@ class LorsaAttention(nn.Module):
         self.hooks: list[HeadHook] = []
         """Called in order on the head activations at every forward; empty means the fast path."""
         self._signature = inspect.signature(original.forward)
+        self.cache_keyword = cache_keyword(original)
+        """Where the host passes the KV cache (None: the signature names none, so every known alias is looked at)."""
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if args:  # some blocks pass the cache or mask positionally; name them as the original would
@@ -145,9 +159,12 @@ class LorsaAttention(nn.Module):
             kw.update(kw.pop("kwargs", {}))
         else:
             kw = kwargs
-        cache = next((kw[k] for k in CACHE_KEYWORDS if kw.get(k) is not None), None)
+        cache = kw.get(self.cache_keyword) if self.cache_keyword else None
+        if cache is None:  # a caller that still uses a deprecated alias, which the original's shim would accept
+            cache = next((kw[k] for k in CACHE_KEYWORDS if kw.get(k) is not None), None)
         if cache is None and kw.get("use_cache"):
-            raise LorsaSurgeryError(f"Layer {self.layer} was asked to use a cache but received none under {CACHE_KEYWORDS}.")
+            where = self.cache_keyword or " / ".join(CACHE_KEYWORDS)
+            raise LorsaSurgeryError(f"Layer {self.layer} was asked to use a cache but received none under {where!r}.")
         if cache is not None:
             _require_dynamic(cache, self.layer_idx)
 
