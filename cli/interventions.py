@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import corpus, models
+from lorsa_surgery import corpus
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import parse_heads
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
-from lorsa_surgery.patched import is_patched_folder, read_root, save_patched
+from lorsa_surgery.patched import save_patched
 
 HEADS_HELP = "Heads: L3.H5, a range L3.H0-127, or a catalog label L3:induction; comma-separated."
 POSITIONS_HELP = "all, prompt, generated, a list (0,4,-1; negatives count back from the prompt's end) or a slice (2:10)."
@@ -116,14 +116,12 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet) -> 
                 f"{r['loss_after'] - r['loss_before']:>+8.4f} {r['kl']:>8.4f}  {r['next_before']!r} -> {r['next_after']!r}"
             )
     if options["save_dir"] is not None:
-        previous = getattr(handle, "interventions", None)
+        previous = handle.interventions
         if previous is not None:
             previous.detach()
             chosen = previous + chosen
         chosen.attach(handle)
-        model = options["model"]
-        base = read_root(model)["base_model"] if is_patched_folder(model) else models.base_record(model, options["revision"])
-        save_patched(handle, options["save_dir"], base=base)
+        save_patched(handle, options["save_dir"])  # the base the splice records: the true one for patched models too
         if not options["as_json"]:
             click.echo(f"Patched model with the intervention written to {options['save_dir']}")
 

@@ -28,11 +28,15 @@ def parse_layer_specs(values: tuple[str, ...]) -> dict[int, str]:
 
 def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickle):
     """(model, tokenizer, handle or None) for a plain model with --lorsa options, or a patched model."""
-    if is_patched_folder(model_spec) or (not Path(model_spec).exists() and _is_patched_repo(model_spec, revision)):
-        model, tokenizer, handle = load_patched(model_spec, revision=revision, base=base, mode=mode)
-        return model, tokenizer, handle
-    model, tokenizer = models.load_model(model_spec, revision=revision)
     specs = parse_layer_specs(lorsa_specs)
+    if is_patched_folder(model_spec) or (not Path(model_spec).exists() and _is_patched_repo(model_spec, revision)):
+        if specs:
+            raise LorsaSurgeryError(
+                f"{model_spec} is a patched model that brings its own Lorsa modules; --lorsa applies to a plain model "
+                "(pass the base model instead, or leave --lorsa out)."
+            )
+        return load_patched(model_spec, revision=revision, base=base, mode=mode)
+    model, tokenizer = models.load_model(model_spec, revision=revision)
     if not specs:
         return model, tokenizer, None
     modules = {layer: module_for(model, layer, spec, allow_pickle=allow_pickle) for layer, spec in specs.items()}
@@ -44,7 +48,9 @@ def _is_patched_repo(spec: str, revision: str | None) -> bool:
     if models.resolve(spec)["kind"] != "hub":
         return False
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    from lorsa_surgery.hub import HUB_FAILURES, hub_error
     from lorsa_surgery.patched import ROOT_FILE
 
     try:
@@ -52,8 +58,12 @@ def _is_patched_repo(spec: str, revision: str | None) -> bool:
         # and needed anyway when it exists.
         hf_hub_download(spec, ROOT_FILE, revision=revision)
         return True
-    except Exception:  # missing, or an unreachable Hub: treat it as a plain model and let loading report the error
+    except EntryNotFoundError:  # a plain model repo
         return False
+    except LocalEntryNotFoundError:  # offline and not cached: loading it as a plain model reports what is missing
+        return False
+    except HUB_FAILURES as err:  # an unknown repo, a refused token, an unreachable Hub: say so, once
+        raise hub_error(f"Could not read Hub repo '{spec}'", err) from err
 
 
 @click.command()
@@ -73,7 +83,7 @@ def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pi
     report = splice_report(host, tokenizer, modules, corpus.load_texts(list(texts)), max_length)
     report["text_source"] = ", ".join(Path(t).name for t in texts) or "the built-in sample text"
     handle = splice(host, modules, mode=mode)
-    save_patched(handle, out, base=models.base_record(model, revision), metrics=report)
+    save_patched(handle, out, metrics=report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -1,4 +1,4 @@
-"""`lorsa-surgery tasks make|train|eval|extrapolate`: the multi-hop testbed of DESIGN section 9."""
+"""`lorsa-surgery tasks make|train|eval|extrapolate`: the multi-hop testbed (docs/multihop.md)."""
 
 import json
 from pathlib import Path
@@ -32,7 +32,7 @@ def make(task: str, out: Path, n: int, seed: str, extra: int) -> None:
 @click.argument("task", type=TASK)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", "preset_name", type=click.Choice(list(training.PRESETS)), default="paper", show_default=True,
-              help="paper: DESIGN section 9 settings; small: 6 layers, learns in minutes on a CPU.")
+              help="paper: the paper's 12-layer recipe; small: 6 layers, learns in minutes on a CPU.")
 @click.option("--steps", type=int, help="Override: optimiser steps.")
 @click.option("--lr", type=float, help="Override: peak learning rate.")
 @click.option("--n-layer", type=int, help="Override: layers.")

@@ -14,7 +14,9 @@ from lorsa_surgery.training import TrainConfig, train as run_training
 @click.option("--qk-heads", "n_qk_heads", type=int, default=None, help="Query-key heads (default: the host's head count).")
 @click.option("--k", "k", type=int, default=64, show_default=True, help="Heads that fire per token.")
 @click.option("--tokens", type=int, required=True, help="Training tokens.")
-@click.option("--text", "texts", multiple=True, help="Training text: .txt or .jsonl file (repeatable).")
+@click.option("--text", "texts", multiple=True,
+              help="Training text: .txt or .jsonl file (repeatable). None (and no --dataset or --sample-tokens): the "
+                   "built-in offline corpus, the Python documentation.")
 @click.option("--dataset", default=None, help="A datasets dataset, name or name:config (needs the datasets extra).")
 @click.option("--sample-tokens", type=int, default=0, help="Also sample this many tokens of text from the model itself.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step, over all processes.")

@@ -1,4 +1,4 @@
-"""Positional vs symbolic heads, end to end on a CPU (DESIGN section 9; docs/multihop.md shows the results).
+"""Positional vs symbolic heads, end to end on a CPU (docs/multihop.md shows the method and the results).
 
 1. Train a GPT-J on the letter task and one on the number task (the "small" preset by default: 6 layers).
 2. Score every head at every checkpoint; classify the final heads; measure their RoPE frequency use.

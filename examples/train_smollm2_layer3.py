@@ -4,8 +4,8 @@ The module has 1152 rank-1 OV heads over 9 QK heads of width 64, K = 32. 1152 = 
 size of `Lorsa.from_attention`'s exact copy of the layer, which is where training starts (init "attention"):
 from an exact but dense decomposition, top-K forces it to become sparse and training repairs the damage.
 
-The text is what every Python installation carries (the language reference behind `help()` and the
-docstrings of well-documented standard modules), so the run needs no download. Activations are cached in
+The text is the built-in offline corpus, what every Python installation carries (the language reference
+behind `help()` and the docstrings of well-documented standard modules), so the run needs no download. Activations are cached in
 the run folder, so every epoch after the first skips the host model.
 
 Writes runs/smollm2-L3/ (metrics.jsonl, training.png, checkpoints; rerunning resumes) and the float16 module
@@ -18,48 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
-import inspect
 import json
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
 
-from lorsa_surgery import files
 from lorsa_surgery.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "runs" / "smollm2-L3"
 DEFAULT_MODULE = ROOT / "lorsa_surgery" / "default_modules" / "smollm2-L3"
-MODULES = [
-    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmath", "codecs", "collections",
-    "colorsys", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "dis", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools",
-    "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client", "imaplib",
-    "importlib", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "locale", "logging", "mailbox", "math",
-    "mmap", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pkgutil", "platform",
-    "pprint", "queue", "random", "re", "reprlib", "sched", "secrets", "select", "selectors", "shelve", "shutil",
-    "signal", "smtplib", "socket", "sqlite3", "ssl", "stat", "statistics", "string", "struct", "subprocess",
-    "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "tomllib", "trace",
-    "traceback", "types", "typing", "unicodedata", "unittest", "urllib.request", "uuid", "warnings", "wave",
-    "weakref", "xml.etree.ElementTree", "zipfile", "zoneinfo",
-]
-
-
-def python_documentation() -> list[str]:
-    """The language reference topics and, per module, its docstrings of any length worth reading."""
-    docs = [text for _, text in sorted(pydoc_data.topics.topics.items())]
-    for name in MODULES:
-        module = importlib.import_module(name)
-        parts = [inspect.getdoc(module) or ""]
-        for _, obj in sorted(vars(module).items()):
-            if getattr(obj, "__module__", None) != module.__name__ or not (inspect.isclass(obj) or inspect.isfunction(obj)):
-                continue
-            members = [obj] + ([m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)] if inspect.isclass(obj) else [])
-            parts += [doc for m in members if len(doc := inspect.getdoc(m) or "") > 200]
-        docs.append("\n\n".join(p for p in parts if p))
-    return docs
 
 
 def main() -> None:
@@ -69,12 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    corpus = RUN / "python-docs.jsonl"
-    if not corpus.exists():
-        files.write_text(corpus, "".join(json.dumps({"text": d}) + "\n" for d in python_documentation()))
     config = TrainConfig(
         model="smollm2", layer=3, out=str(RUN), init="attention", k=32, tokens=args.tokens, batch_size=8, context=256,
-        texts=(str(corpus),), eval_tokens=16384, lm_loss_tokens=4096, eval_every=50, lr=1e-3, checkpoint_every=25,
+        eval_tokens=16384, lm_loss_tokens=4096, eval_every=50, lr=1e-3, checkpoint_every=25,
         cache_dir=str(RUN / "activations"), resume=True,
     )
     lorsa = train(config)

@@ -6,8 +6,9 @@ read the attention weights, rotary style and norm gain. `register_arch` adds a f
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -50,7 +51,8 @@ class Arch:
     read_weights: Callable[[nn.Module, Any], AttentionWeights]
     """Reads the attention module's weights given it and the model config."""
     rotary: Callable[[Any, int], dict[str, Any]]
-    """LorsaConfig fields for the positional scheme and attention scale of a layer, given the config."""
+    """LorsaConfig fields for the positional scheme and the attention scores (scale, soft cap) of a layer, given
+    the config."""
     post_attention_norm: str | None = None
     """Norm applied to the attention output before the residual add (Gemma 2/3), or None."""
     gain_plus_one: bool = False
@@ -59,16 +61,28 @@ class Arch:
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         obj = model
         for part in self.layers.split("."):
-            obj = getattr(obj, part)
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise LorsaSurgeryError(
+                    f"{type(model).__name__} has no {self.layers} where {self.name} models keep their layers (a multimodal "
+                    "model?); load the text model alone, or describe the layout with lorsa_surgery.register_arch(Arch(...))."
+                )
         return obj
 
     def norm_gain(self, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(gain, bias) of the input norm: h = gain * normalised + bias."""
-        weight = norm.weight.detach().float()
-        if self.gain_plus_one:
-            weight = 1.0 + weight
-        bias = getattr(norm, "bias", None)
-        return weight, None if bias is None else bias.detach().float()
+        with onloaded(norm):
+            weight = norm.weight.detach().float().clone()
+            bias = getattr(norm, "bias", None)
+            bias = None if bias is None else bias.detach().float().clone()
+        return (1.0 + weight if self.gain_plus_one else weight), bias
+
+    def attention_weights(self, attention: nn.Module, config) -> AttentionWeights:
+        """The attention module's weights, per head, in float32 (read through Accelerate's offload when offloaded)."""
+        with onloaded(attention):
+            w = self.read_weights(attention, config)
+            # Own copies: an offloaded module's weights go back to the meta device when the block ends.
+            return AttentionWeights(**{k: v.clone() if torch.is_tensor(v) else v for k, v in vars(w).items()})
 
     def site_names(self, layer: int) -> dict[str, str]:
         """TransformerLens-style hook names and the HF module path of a layer's attention."""
@@ -77,6 +91,19 @@ class Arch:
             "hook_point_out": f"blocks.{layer}.hook_attn_out",
             "hf_module": f"{self.layers}.{layer}.{self.attention}",
         }
+
+
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[None]:
+    """Within it, the weights of a module that Accelerate offloaded (to CPU or disk, leaving meta tensors in the
+    module) are loaded onto its execution device; outside, nothing changes for modules that are not offloaded."""
+    from accelerate.utils import align_module_device
+
+    with ExitStack() as stack:
+        for sub in module.modules():
+            if getattr(sub, "_hf_hook", None) is not None:
+                stack.enter_context(align_module_device(sub))
+        yield
 
 
 ARCHS: list[Arch] = []
@@ -217,10 +244,16 @@ def _rope_fields(config, layer: int, head_dim: int, adjacent: bool, default_part
 
 
 def rotary_halves(config, layer: int) -> dict[str, Any]:
+    """Llama-style rotary (halves), with what some members of the family add: Gemma's query_pre_attn_scalar and
+    attention-logit soft cap, and SmolLM3's layers without rotary (no_rope_layers[layer] == 0)."""
     _, _, hd = _head_counts(config)
     c = _text_config(config)
     scalar = getattr(c, "query_pre_attn_scalar", None)  # Gemma scales by this instead of head_dim
-    return {**_rope_fields(config, layer, hd, adjacent=False), "attn_scale": float(scalar or hd) ** 0.5}
+    scores = {"attn_scale": float(scalar or hd) ** 0.5, "attn_logit_softcap": getattr(c, "attn_logit_softcapping", None)}
+    uses_rope = getattr(c, "no_rope_layers", None)
+    if uses_rope is not None and not uses_rope[layer]:
+        return {"positional_embedding_type": "none", **scores}
+    return {**_rope_fields(config, layer, hd, adjacent=False), **scores}
 
 
 def rotary_gptj(config, layer: int) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""Text for evaluating and training: the built-in sample, plain-text and JSONL files, a `datasets` dataset,
-and text sampled from a model itself."""
+"""Text for evaluating and training: the built-in sample, the built-in offline corpus (the Python documentation),
+plain-text and JSONL files, a `datasets` dataset, and text sampled from a model itself."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from pathlib import Path
 
@@ -110,4 +112,47 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 if text.strip():
                     docs.append(text)
+    return docs
+
+
+_DOCUMENTED_MODULES = [
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmath", "codecs", "collections",
+    "colorsys", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "dis", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools",
+    "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html.parser", "http.client", "imaplib",
+    "importlib", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "locale", "logging", "mailbox", "math",
+    "mmap", "multiprocessing", "numbers", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pkgutil", "platform",
+    "pprint", "queue", "random", "re", "reprlib", "sched", "secrets", "select", "selectors", "shelve", "shutil",
+    "signal", "smtplib", "socket", "sqlite3", "ssl", "stat", "statistics", "string", "struct", "subprocess",
+    "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "tomllib", "trace",
+    "traceback", "types", "typing", "unicodedata", "unittest", "urllib.request", "uuid", "warnings", "wave",
+    "weakref", "xml.etree.ElementTree", "zipfile", "zoneinfo",
+]
+
+
+BUILTIN_CORPUS = "the Python documentation (language reference and standard-library docstrings)"
+"""What `python_documentation` is, for messages and training records."""
+
+
+def python_documentation() -> list[str]:
+    """The built-in offline corpus: the language reference topics behind `help()` and, per well-documented
+    standard module, its docstrings of any length worth reading. Every Python installation carries it (about
+    1 M characters, 250 k SmolLM2 tokens on Python 3.11; the text follows the Python version)."""
+    try:
+        import pydoc_data.topics
+    except ImportError:
+        raise LorsaSurgeryError("This Python has no pydoc_data (the documentation behind help()); give training text.") from None
+    docs = [text for _, text in sorted(pydoc_data.topics.topics.items())]
+    for name in _DOCUMENTED_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a module this Python lacks (tomllib before 3.11, ssl without OpenSSL)
+            continue
+        parts = [inspect.getdoc(module) or ""]
+        for _, obj in sorted(vars(module).items()):
+            if getattr(obj, "__module__", None) != module.__name__ or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            members = [obj] + ([m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m)] if inspect.isclass(obj) else [])
+            parts += [doc for m in members if len(doc := inspect.getdoc(m) or "") > 200]
+        docs.append("\n\n".join(p for p in parts if p))
     return docs

@@ -25,7 +25,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 
 # What a failed Hub call raises: HTTP errors and local cache misses (OSError), invalid repo ids and
 # malformed answers (ValueError), an upload cut short (RuntimeError), a dropped connection (httpx2).
-_HUB_FAILURES = (OSError, ValueError, RuntimeError, httpx2.HTTPError)
+HUB_FAILURES = (OSError, ValueError, RuntimeError, httpx2.HTTPError)
 
 
 def push_folder(
@@ -49,10 +49,13 @@ def push_folder(
     if not folder.is_dir():
         raise LorsaSurgeryError(f"Cannot push '{folder}': it is not a folder.")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    # Skip what git and `snapshot_download(local_dir=...)` keep beside the files (.git, .cache/huggingface).
+    from lorsa_surgery.patched import LOCAL_HINT
+
+    # Skip what git and `snapshot_download(local_dir=...)` keep beside the files (.git, .cache/huggingface), and
+    # the hint of where a patched model's local base lives on this machine.
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=files[name])
-        for name in filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS)
+        for name in filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, LOCAL_HINT])
     ]
     if not operations:
         raise LorsaSurgeryError(f"Cannot push '{folder}': it holds no files.")
@@ -68,8 +71,8 @@ def push_folder(
             revision=revision,
             create_pr=create_pr,
         )
-    except _HUB_FAILURES as err:
-        raise _hub_error(f"Could not push '{folder}' to Hub repo '{repo_id}'", err) from err
+    except HUB_FAILURES as err:
+        raise hub_error(f"Could not push '{folder}' to Hub repo '{repo_id}'", err) from err
 
 
 def pull(
@@ -97,15 +100,15 @@ def pull(
     where = f"Hub repo '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
     try:
         root = snapshot_download(repo_id, revision=revision, local_dir=out_dir, allow_patterns=patterns)
-    except _HUB_FAILURES as err:
-        raise _hub_error(f"Could not download {where}", err) from err
+    except HUB_FAILURES as err:
+        raise hub_error(f"Could not download {where}", err) from err
     folder = Path(root, subfolder)
     if not folder.is_dir():
         raise LorsaSurgeryError(f"{where} has no folder '{subfolder}'.")
     return folder
 
 
-def _hub_error(what: str, err: Exception) -> LorsaSurgeryError:
+def hub_error(what: str, err: Exception) -> LorsaSurgeryError:
     """`what` plus the reason behind `err`, on one line."""
     if isinstance(err, OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE=1 forbids network access"

@@ -513,7 +513,7 @@ class InterventionSet:
     def attach(self, target: Splice | nn.Module) -> "InterventionSet":
         """Keep these interventions active on a splice until `detach()`; saved with it as `handle.interventions`."""
         handle = splice_of(target)
-        if getattr(handle, "interventions", None) is not None:
+        if handle.interventions is not None:
             raise LorsaSurgeryError("This splice already has interventions attached; detach them first, or attach their sum.")
         if self._detach is not None:
             raise LorsaSurgeryError("This intervention set is already attached to a splice; detach it first.")
@@ -523,7 +523,7 @@ class InterventionSet:
         def detach() -> None:
             remove()
             handle = handle_ref()
-            if handle is not None and getattr(handle, "interventions", None) is self:
+            if handle is not None and handle.interventions is self:
                 handle.interventions = None
 
         self._detach = detach

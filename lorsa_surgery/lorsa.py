@@ -43,6 +43,8 @@ class LorsaConfig:
     """Whether the output has a learned bias b_D."""
     attn_scale: float | None = None
     """Divisor of the query-key scores; None means sqrt(d_qk_head)."""
+    attn_logit_softcap: float | None = None
+    """Soft cap of the scaled query-key scores, cap * tanh(score / cap), as Gemma 2 applies; None means none."""
     positional_embedding_type: Literal["rotary", "none"] = "rotary"
     """Rotary embedding on queries and keys, or none (models with learned absolute positions)."""
     rotary_dim: int | None = None
@@ -108,6 +110,8 @@ class LorsaConfig:
             )
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_qk_head)
+        if self.attn_logit_softcap is not None and not self.attn_logit_softcap > 0:
+            raise LorsaSurgeryError(f"attn_logit_softcap must be positive or None, got {self.attn_logit_softcap!r}.")
         if self.input_space not in ("hf", "processed"):
             raise LorsaSurgeryError(f"input_space must be hf or processed, got {self.input_space!r}.")
 
@@ -223,7 +227,9 @@ class Lorsa(nn.Module):
         so decode steps reuse it instead of recomputing it per token."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        # Tensors built under inference mode cannot enter a later autograd graph (e.g. a frozen module in a
+        # model being fine-tuned), so the mode is part of the key.
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cached = self._derived_cache.get(name)
         if cached is None or cached[0] != key:
             cached = self._derived_cache[name] = (key, build())
@@ -312,6 +318,9 @@ class Lorsa(nn.Module):
     ) -> torch.Tensor:
         """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention."""
         q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache)
+        if self.cfg.attn_logit_softcap is not None:  # no fused kernel caps scores: materialise the pattern
+            z = self._pattern(q, k, mask).to(v.dtype) @ v
+            return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
         # Fused attention kernels want values as wide as queries; a group wider than that goes in slices.
         z = torch.cat(
             [
@@ -403,6 +412,8 @@ class Lorsa(nn.Module):
 
     def _pattern(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         scores = (q @ k.transpose(-1, -2)) / self.cfg.attn_scale
+        if self.cfg.attn_logit_softcap is not None:
+            scores = torch.tanh(scores / self.cfg.attn_logit_softcap) * self.cfg.attn_logit_softcap
         if mask is None:
             mask = build_mask(None, q.shape[0], q.shape[2], k.shape[2], q.device, force=True)
         return scores.masked_fill(~mask, float("-inf")).softmax(-1)
@@ -440,19 +451,23 @@ class Lorsa(nn.Module):
         TransformerLens processed checkpoints.
         """
         from lorsa_surgery.arch import arch_for, _head_counts
+        from lorsa_surgery.models import host_record
 
         arch = arch_for(model)
         layers = arch.layer_list(model)
         if not 0 <= layer < len(layers):
             raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
-        w = arch.read_weights(getattr(layers[layer], arch.attention), model.config)
+        attention = getattr(layers[layer], arch.attention)
+        attention = getattr(attention, "original", attention)  # a spliced layer still holds the host's attention
+        w = arch.attention_weights(attention, model.config)
         H, Hkv, hd = _head_counts(model.config)
         kv_of = torch.arange(H) // (H // Hkv)
         d = w.q.shape[1]
+        host = host_record(model)
         cfg = LorsaConfig(
             d_model=d, n_qk_heads=H, d_qk_head=hd, n_ov_heads=2 * H * hd, act_fn="relu", top_k=2 * H * hd,
             use_decoder_bias=w.o_bias is not None, use_post_qk_ln=w.q_norm is not None, qk_ln_eps=w.qk_norm_eps,
-            host_model=getattr(model.config, "_name_or_path", None) or None, host_layer=layer,
+            host_model=host["id"], host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
             **arch.rotary(model.config, layer), **{k: v for k, v in arch.site_names(layer).items() if k != "hf_module"},
         )
         lorsa = cls(cfg)

@@ -52,18 +52,21 @@ def splice_report(
     target: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
     with splice(model, modules, mode="exact") as handle:
         removers = []
-        for layer, site in handle.sites.items():
-            # A head hook sees the activations the splice computes anyway; returning None leaves the output exact.
-            site.hooks.append(lambda acts, ctx, layer=layer, lorsa=site.lorsa: recon[layer].append(lorsa.decode(acts)[0]))
+        try:
+            for layer, site in handle.sites.items():
+                # A head hook sees the activations the splice computes anyway; returning None leaves the output exact.
+                site.hooks.append(lambda acts, ctx, layer=layer, lorsa=site.lorsa: recon[layer].append(lorsa.decode(acts)[0]))
 
-            def capture_output(module, args, output, layer=layer, post_norm=site.post_norm):
-                out = output[0] if isinstance(output, tuple) else output
-                target[layer].append((post_norm(out) if post_norm is not None else out)[0])
+                def capture_output(module, args, output, layer=layer, post_norm=site.post_norm):
+                    out = output[0] if isinstance(output, tuple) else output
+                    target[layer].append((post_norm(out) if post_norm is not None else out)[0])
 
-            removers.append(site.original.register_forward_hook(capture_output))
-        original_loss, n_tokens = lm_loss(model, tokenizer, texts, max_length)
-        for r in removers:
-            r.remove()
+                # On the original attention, which stays in the model after the splice: removed on every path.
+                removers.append(site.original.register_forward_hook(capture_output))
+            original_loss, n_tokens = lm_loss(model, tokenizer, texts, max_length)
+        finally:
+            for r in removers:
+                r.remove()
     with splice(model, modules, mode="replace"):
         spliced_loss, _ = lm_loss(model, tokenizer, texts, max_length)
     return {

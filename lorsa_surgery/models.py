@@ -54,15 +54,62 @@ def resolve(spec: str) -> dict[str, Any]:
     return {"kind": "hub", "id": spec}
 
 
+LOCAL_PATH = "local_path"
+"""Key of a base record that holds where a local base lives on this machine; it is never published (patched
+models keep it in a local hint file that `push` skips)."""
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 over a model folder's config.json and the names and sizes of its files: cheap at any model size,
+    and different when the folder holds another model."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(folder).as_posix()}:{f.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
 def base_record(spec: str, revision: str | None = None) -> dict[str, Any]:
-    """How a patched model names its base: Hub id and revision, or a local file's name and sha256."""
+    """How a patched model names its base: a Hub id and revision, or a local file's name and sha256 (a local
+    folder's name and fingerprint), never a path; plus, for local bases, where they are under LOCAL_PATH."""
     where = resolve(spec)
     if where["kind"] == "hub":
         return {"id": where["id"], "revision": revision}
     if where["kind"] == "gguf":
         record = {"id": where.get("alias") or where["file"], "file": where["file"], "sha256": sha256_of(where["path"])}
-        return {**record, **_SMOLLM2_UPSTREAM} if where.get("alias") == DEFAULT_MODEL else record
-    return {"id": Path(where["path"]).name, "path": where["path"]}
+        if where.get("alias") == DEFAULT_MODEL:
+            return {**record, **_SMOLLM2_UPSTREAM}
+        return {**record, LOCAL_PATH: str(Path(where["path"]).resolve())}
+    folder = Path(where["path"]).resolve()
+    return {"id": folder.name, "fingerprint": folder_fingerprint(folder), LOCAL_PATH: str(folder)}
+
+
+def public_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without where the base lives on this machine."""
+    return {k: v for k, v in record.items() if k != LOCAL_PATH}
+
+
+def matches(record: dict[str, Any], path: str | Path) -> bool:
+    """Whether the local file or folder at `path` is the base a record names (same sha256 or fingerprint)."""
+    path = Path(path)
+    if "sha256" in record:
+        return path.is_file() and sha256_of(path) == record["sha256"]
+    return "fingerprint" in record and path.is_dir() and folder_fingerprint(path) == record["fingerprint"]
+
+
+def host_record(model) -> dict[str, Any]:
+    """The base record of a loaded model: the one `load_model` attached, else its config's name, reduced to the
+    last component when it is a local path (a path would leak into shared checkpoints)."""
+    record = getattr(model, "_lorsa_base", None)
+    if record is not None:
+        return record
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name is not None and Path(name).expanduser().exists():
+        name = Path(name).expanduser().resolve().name
+    return {"id": name, "revision": None}
 
 
 def load_model(
@@ -96,6 +143,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
+    model._lorsa_base = base_record(spec, revision)  # what splices of it record as their base
     return model, tokenizer
 
 

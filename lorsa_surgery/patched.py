@@ -1,12 +1,14 @@
 """Patched-model folders: the base model's name plus the spliced Lorsa modules, adapter-style.
 
-Layout (DESIGN 7):
+Layout (README, "Patched models and the Hub"):
     lorsa_surgery.json     root config: format version, base model (id + revision, or file + sha256),
                            splice mode, and per layer its folder, format and site names
     layer_<L>/             one native Lorsa checkpoint per spliced layer (safetensors only)
     interventions.json     the attached intervention spec, if any
     README.md              model card (see lorsa_surgery.cards)
     base/                  full-model export only (`export_full`): the base model's weights and tokenizer
+    .lorsa_surgery.local.json  where a local base file or folder lives on the machine that made the folder
+                           (a hint for loading it there without `base=`; `push` never uploads it)
 The root file is deliberately not called config.json or adapter_config.json, which the Hub and
 transformers take for other libraries.
 """
@@ -34,6 +36,7 @@ FORMAT = "lorsa-surgery.patched-model"
 FORMAT_VERSION = 1
 INTERVENTIONS_FILE = "interventions.json"
 BUNDLED_BASE = "base"
+LOCAL_HINT = ".lorsa_surgery.local.json"
 
 
 DEFAULT_MODULES = Path(__file__).parent / "default_modules"
@@ -58,12 +61,13 @@ def is_patched_folder(path: str | Path) -> bool:
 
 
 def save_patched(
-    handle: Splice, out_dir: str | Path, *, base: dict[str, Any], metrics: dict | None = None, repo_id: str | None = None
+    handle: Splice, out_dir: str | Path, *, base: dict[str, Any] | None = None, metrics: dict | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """Write the patched-model folder for a splice; replaces out_dir only once everything is written.
 
-    `base` is the base model's record (`models.base_record`); `repo_id`, when known, goes into the card's
-    usage examples.
+    `base` is the base model's record (`models.base_record`), by default the one the splice knows (models loaded
+    with `load_model` or `load_patched`); `repo_id`, when known, goes into the card's usage examples.
     """
     return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=None)
 
@@ -73,7 +77,7 @@ def export_full(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     *,
-    base: dict[str, Any],
+    base: dict[str, Any] | None = None,
     metrics: dict | None = None,
     repo_id: str | None = None,
 ) -> Path:
@@ -86,6 +90,9 @@ def _write(
     handle: Splice, out_dir: Path, base: dict[str, Any], metrics: dict | None, repo_id: str | None,
     tokenizer: PreTrainedTokenizerBase | None,
 ) -> Path:
+    base = base if base is not None else handle.base
+    if base is None:
+        raise LorsaSurgeryError("The base model of this splice is unknown; pass base=lorsa_surgery.models.base_record(...).")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -94,7 +101,7 @@ def _write(
             folder = f"layer_{layer}"
             lorsa.save_pretrained(staging / folder)
             layers[str(layer)] = {"folder": folder, "format": "native", **handle.arch.site_names(layer)}
-        interventions = getattr(handle, "interventions", None)
+        interventions = handle.interventions
         if interventions is not None:
             files.write_json(staging / INTERVENTIONS_FILE, interventions.to_dict())
         if tokenizer is not None:
@@ -103,7 +110,7 @@ def _write(
         root = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "base_model": base,
+            "base_model": models.public_record(base),
             "architecture": handle.arch.name,
             "mode": handle.mode,
             "layers": layers,
@@ -112,6 +119,8 @@ def _write(
             "bundled_base": BUNDLED_BASE if tokenizer is not None else None,
         }
         files.write_json(staging / ROOT_FILE, root)
+        if base.get(models.LOCAL_PATH):
+            files.write_json(staging / LOCAL_HINT, {"base_path": base[models.LOCAL_PATH]})
         from lorsa_surgery import cards
 
         files.write_text(staging / "README.md", cards.render(root, handle.modules(), interventions, repo_id))
@@ -161,22 +170,30 @@ def read_root(folder: str | Path) -> dict[str, Any]:
     return root
 
 
-def _base_spec(root: dict[str, Any], base: str | None) -> tuple[str, str | None]:
+def _base_spec(root: dict[str, Any], folder: Path, base: str | None) -> tuple[str, str | None]:
+    """The model spec and revision to load the base from: `base` if given, the Hub id, the installed default, or
+    the local file or folder the hint names when it still holds the recorded base."""
     if base is not None:
         return base, None
     record = root["base_model"]
-    if "sha256" in record:
-        if record["id"] == models.DEFAULT_MODEL:
-            path = models.resolve(models.DEFAULT_MODEL)["path"]
-            if models.sha256_of(path) != record["sha256"]:
-                raise LorsaSurgeryError("The installed default model differs from the one this patched model was made on.")
-            return models.DEFAULT_MODEL, None
-        raise LorsaSurgeryError(
-            f"The base model was the local file {record['file']} (sha256 {record['sha256'][:12]}...); pass base=PATH (CLI: --base)."
-        )
-    if "path" in record:
-        raise LorsaSurgeryError(f"The base model was the local folder {record['path']}; pass base=PATH (CLI: --base).")
-    return record["id"], record.get("revision")
+    if record["id"] == models.DEFAULT_MODEL and "sha256" in record:
+        path = models.resolve(models.DEFAULT_MODEL)["path"]
+        if models.sha256_of(path) != record["sha256"]:
+            raise LorsaSurgeryError("The installed default model differs from the one this patched model was made on.")
+        return models.DEFAULT_MODEL, None
+    if "sha256" not in record and "fingerprint" not in record:
+        return record["id"], record.get("revision")
+    hint = folder / LOCAL_HINT
+    if hint.is_file():
+        path = files.read_json(hint).get("base_path")
+        if path and models.matches(record, path):
+            return path, None
+    kind = "file" if "sha256" in record else "folder"
+    digest = record.get("sha256") or record["fingerprint"]
+    raise LorsaSurgeryError(
+        f"The base model was the local {kind} {record.get('file') or record['id']} ({digest[:12]}...), not found here; "
+        "pass base=PATH (CLI: --base)."
+    )
 
 
 def load_patched(
@@ -202,10 +219,13 @@ def load_patched(
     root = read_root(folder)
     if base is None and root.get("bundled_base"):
         base = str(folder / root["bundled_base"])
-    spec, base_revision = _base_spec(root, base)
+    spec, base_revision = _base_spec(root, folder, base)
     model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map)
     modules = {int(layer): Lorsa.from_pretrained(folder / entry["folder"]) for layer, entry in root["layers"].items()}
     handle = splice(model, modules, mode=mode or root["mode"])
+    # The base stays the one recorded (the Hub id behind a bundled copy, say), so saving this again loads back.
+    local = model._lorsa_base.get(models.LOCAL_PATH)
+    handle.base = {**root["base_model"], **({models.LOCAL_PATH: local} if local else {})}
     if root.get("interventions"):
         from lorsa_surgery.interventions import InterventionSet
 

@@ -1,4 +1,4 @@
-"""Positional versus symbolic heads (DESIGN section 9): the swap score, classification, attention entropy,
+"""Positional versus symbolic heads (docs/multihop.md): the swap score, classification, attention entropy,
 RoPE frequency use, discrepancy and its bounds, and a 1-hop natural-language probe for real LLMs.
 
 The score of a head at the query (the last position n): swap the inputs of key positions i < j < n at
@@ -26,13 +26,22 @@ from tqdm.auto import tqdm
 from lorsa_surgery import files
 from lorsa_surgery.arch import arch_for
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.lorsa import LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.lorsa import Lorsa, LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.splicing import host_view
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention module of every decoder layer of a supported Hugging Face causal LM."""
     arch = arch_for(model)
     return [getattr(layer, arch.attention) for layer in arch.layer_list(model)]
+
+
+def _in_host_space(model: nn.Module, modules: dict[int, Lorsa]) -> dict[int, Lorsa]:
+    """The modules as they would run spliced in: processed-space checkpoints read the attention input the
+    way `splice` maps them, so they are scored on the inputs they were trained for."""
+    arch = arch_for(model)
+    layers = arch.layer_list(model)
+    return {layer: host_view(arch, layers[layer], module)[0] for layer, module in modules.items()}
 
 
 def _layer_list(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -250,7 +259,7 @@ def head_scores(
     model: nn.Module,
     input_ids: torch.Tensor | Sequence[torch.Tensor],
     layers: Sequence[int] | None = None,
-    lorsa: dict[int, nn.Module] | None = None,
+    lorsa: dict[int, Lorsa] | None = None,
     block: int = 1,
     skip: int = 0,
     tau: float = 1e-4,
@@ -267,6 +276,7 @@ def head_scores(
     """
     prompts = _as_prompts(input_ids)
     layers = sorted(lorsa) if lorsa else _layer_list(model, layers)
+    lorsa = _in_host_space(model, lorsa) if lorsa else None
     totals = None
     with eager_eval(model), torch.no_grad():
         for ids in tqdm(prompts, desc="head scores", disable=not progress):
@@ -322,7 +332,7 @@ class _QK:
 
 def _mhsa_qk(model: nn.Module, layer: int, inp: AttentionInput) -> _QK:
     arch = arch_for(model)
-    w = arch.read_weights(inp.module, model.config)
+    w = arch.attention_weights(inp.module, model.config)
     x = inp.x[0].float()
 
     def project(weight, bias, gain, eps):
@@ -373,7 +383,7 @@ def head_geometry(
     model: nn.Module,
     input_ids: torch.Tensor | Sequence[torch.Tensor],
     layers: Sequence[int] | None = None,
-    lorsa: dict[int, nn.Module] | None = None,
+    lorsa: dict[int, Lorsa] | None = None,
     pairing: str | None = None,
     progress: bool = True,
 ) -> HeadGeometry:
@@ -384,6 +394,7 @@ def head_geometry(
     """
     prompts = _as_prompts(input_ids)
     layers = sorted(lorsa) if lorsa else _layer_list(model, layers)
+    lorsa = _in_host_space(model, lorsa) if lorsa else None
     use_sum, gap_sum, inv_freq, used_pairing = 0.0, 0.0, None, pairing
     with eager_eval(model), torch.no_grad():
         for ids in tqdm(prompts, desc="head geometry", disable=not progress):

@@ -212,6 +212,10 @@ class Splice:
     def __init__(self, model: nn.Module, arch: Arch, mode: Mode):
         self.model, self.arch, self.mode = model, arch, mode
         self.sites: dict[int, LorsaAttention] = {}
+        self.interventions = None
+        """The InterventionSet attached with `attach` (saved with the patched model), or None."""
+        self.base: dict | None = None
+        """The base model's record (`lorsa_surgery.models.base_record`) when known; `save_patched` writes it."""
 
     def __getitem__(self, layer: int) -> LorsaAttention:
         if layer not in self.sites:
@@ -227,8 +231,12 @@ class Splice:
         return {layer: site.source for layer, site in sorted(self.sites.items())}
 
     def unsplice(self) -> nn.Module:
+        """Put back the original attention modules, detaching attached interventions; returns the model."""
+        if self.interventions is not None:
+            self.interventions.detach()
         layers = self.arch.layer_list(self.model)
         for layer, site in self.sites.items():
+            site.hooks.clear()
             setattr(layers[layer], self.arch.attention, site.original)
             if site.post_norm is not None:
                 setattr(layers[layer], self.arch.post_attention_norm, site.post_norm)
@@ -257,40 +265,66 @@ def _execution_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def host_view(arch: Arch, block: nn.Module, lorsa: Lorsa) -> tuple[Lorsa, nn.Module | None]:
+    """The module as it runs inside a host decoder layer, and the post-attention norm it takes over (or None).
+
+    A module trained in processed coordinates gets the input norm's gain (and LayerNorm bias) folded in; on
+    Gemma its output is taken after the post-attention norm, which the splice then absorbs.
+    """
+    if lorsa.cfg.input_space != "processed":
+        return lorsa, None
+    mapped = lorsa.in_input_space("hf", *arch.norm_gain(getattr(block, arch.input_norm)))
+    post_norm = getattr(block, arch.post_attention_norm) if arch.post_attention_norm is not None else None
+    return mapped, post_norm
+
+
 def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace") -> Splice:
     """Put Lorsa modules in place of the attention of the given layers; returns the handle to undo it.
 
-    Modules trained in processed coordinates get the input norm's gain (and LayerNorm bias) folded in;
-    on Gemma their output is taken after the post-attention norm, which the splice then absorbs.
+    All or nothing: every entry is checked (and mapped into the host's coordinates, see `host_view`) before
+    the model is touched, so a bad entry raises and leaves the model as it was.
     """
     if mode not in ("replace", "exact"):
         raise LorsaSurgeryError(f"mode must be replace or exact, got {mode!r}.")
+    if not modules:
+        raise LorsaSurgeryError("No Lorsa modules to splice: give {layer: module}.")
     arch = arch_for(model)
     layers = arch.layer_list(model)
     existing = getattr(model, "_lorsa_splice", None)
     if existing is not None and existing.sites:
         raise LorsaSurgeryError(f"This model already has Lorsa modules spliced at layers {existing.layers}; unsplice them first.")
     hidden = model.config.get_text_config(decoder=True).hidden_size
-    handle = Splice(model, arch, mode)
-    for layer, lorsa in sorted(modules.items()):
-        if not isinstance(layer, int) or not 0 <= layer < len(layers):
-            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
+    planned: list[tuple[nn.Module, LorsaAttention]] = []
+    for layer, lorsa in modules.items():
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
+            raise LorsaSurgeryError(f"Layer {layer!r} is out of range: the model has {len(layers)} layers.")
+        if not isinstance(lorsa, Lorsa):
+            raise LorsaSurgeryError(f"The module for layer {layer} is a {type(lorsa).__name__}, not a Lorsa module.")
         if lorsa.cfg.d_model != hidden:
             raise LorsaSurgeryError(f"The Lorsa module for layer {layer} has d_model={lorsa.cfg.d_model}, the model {hidden}.")
-        if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:
-            warnings.warn(f"A Lorsa module trained for layer {lorsa.cfg.host_layer} is spliced at layer {layer}.", stacklevel=2)
         block = layers[layer]
         original = getattr(block, arch.attention)
-        mapped, post_norm = lorsa, None
-        if lorsa.cfg.input_space == "processed":
-            mapped = lorsa.in_input_space("hf", *arch.norm_gain(getattr(block, arch.input_norm)))
-            if arch.post_attention_norm is not None:
-                post_norm = getattr(block, arch.post_attention_norm)
+        if isinstance(original, LorsaAttention):
+            raise LorsaSurgeryError(f"Layer {layer} already carries a Lorsa module; unsplice it first.")
+        if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:
+            warnings.warn(f"A Lorsa module trained for layer {lorsa.cfg.host_layer} is spliced at layer {layer}.", stacklevel=2)
+        mapped, post_norm = host_view(arch, block, lorsa)
         mapped = mapped.to(_execution_device(original))
-        site = LorsaAttention(original, mapped, lorsa, layer, mode, post_norm)
+        planned.append((block, LorsaAttention(original, mapped, lorsa, layer, mode, post_norm)))
+    handle = Splice(model, arch, mode)
+    handle.base = getattr(model, "_lorsa_base", None)  # set by lorsa_surgery.models.load_model
+    for block, site in sorted(planned, key=lambda p: p[1].layer):
         setattr(block, arch.attention, site)
-        if post_norm is not None:
+        if site.post_norm is not None:
             setattr(block, arch.post_attention_norm, nn.Identity())
-        handle.sites[layer] = site
+        handle.sites[site.layer] = site
     model._lorsa_splice = handle
     return handle
+
+
+def unsplice(model: nn.Module) -> nn.Module:
+    """Take the spliced Lorsa modules out of `model` (as `handle.unsplice()` does) and return it as it was."""
+    handle = getattr(model, "_lorsa_splice", None)
+    if handle is None:
+        raise LorsaSurgeryError("This model has no Lorsa modules spliced.")
+    return handle.unsplice()

@@ -1,7 +1,7 @@
 """Training Lorsa modules for any layer of any supported model, from one CPU to many GPUs.
 
 One config, one trainer. The host model runs only up to the chosen layer; hooks capture what its attention
-module receives and returns (HF coordinates, DESIGN 5.4) and the module learns to reproduce the output,
+module receives and returns (HF coordinates; README, "Input space") and the module learns to reproduce the output,
 top-K sparse, with Adam. `accelerate launch` runs the same code data-parallel (DDP).
 
 A run folder holds the finished module (native format, loadable with `Lorsa.from_pretrained`), its
@@ -77,7 +77,8 @@ class TrainConfig:
     pack: bool = True
     """Pack documents end to end (separated by EOS); False starts every document in a new, padded sequence."""
     texts: tuple[str, ...] = ()
-    """Training text: .txt files (one document each) and .jsonl files (one document per line)."""
+    """Training text: .txt files (one document each) and .jsonl files (one document per line). With no texts,
+    dataset or sample_tokens, the built-in offline corpus (`lorsa_surgery.corpus.python_documentation`)."""
     text_field: str = "text"
     """Field holding the text in .jsonl lines and dataset rows."""
     dataset: str | None = None
@@ -151,10 +152,6 @@ class TrainConfig:
             raise LorsaSurgeryError(f"init must be qk, attention or random, got {self.init!r}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LorsaSurgeryError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
-        if not (self.texts or self.dataset or self.sample_tokens):
-            raise LorsaSurgeryError(
-                "No training text: give text files, a dataset, or sample_tokens to sample text from the model."
-            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -211,6 +208,9 @@ def _documents(config: TrainConfig, model, tokenizer, out: Path, accelerator) ->
                 sampled = corpus.sample_from_model(model, tokenizer, config.sample_tokens, seed=config.seed)
                 files.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in sampled))
         docs += corpus.load_texts([path])
+    if not docs:
+        accelerator.print(f"No training text given: training on the built-in offline corpus, {corpus.BUILTIN_CORPUS}.")
+        docs = corpus.python_documentation()
     return docs
 
 
@@ -431,7 +431,8 @@ class _Objective(nn.Module):
         idx, vals = self.lorsa._topk(z)
         out = self.lorsa.decode_sparse(idx, vals)
         sse = (out.float() - y.float()).pow(2).sum(-1)
-        return (sse * loss_mask).sum(), idx[loss_mask]
+        # A head selected with activation zero (fewer than K heads positive at that token) has not fired.
+        return (sse * loss_mask).sum(), idx[(vals > 0) & loss_mask[..., None]]
 
 
 def _schedule(config: TrainConfig, steps: int) -> Callable[[int], float]:
@@ -569,7 +570,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from lorsa_surgery.models import base_record, load_model
+    from lorsa_surgery.models import base_record, load_model, public_record
 
     # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -583,8 +584,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
         model.to(acc.device)
     elif tokenizer is None:
         raise LorsaSurgeryError("Pass the tokenizer together with the model.")
-    host = base_record(config.model, config.revision)
-    host.pop("path", None)  # a local folder's absolute path would leak into shared checkpoints
+    host = public_record(base_record(config.model, config.revision))  # never a local path: checkpoints are shared
     model.requires_grad_(False)
     run = _RunFolder(out, acc.is_main_process)
 

@@ -93,3 +93,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`-m "not slow"` must leave out every real-model test: one that uses the real model unmarked is an error."""
+    unmarked = [item.nodeid for item in items
+                if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("Real-model tests must be marked slow: " + ", ".join(unmarked))

@@ -1,9 +1,9 @@
 """A small Hugging Face Hub for tests, in standard-library Python.
 
 The real `huggingface_hub` client and `transformers` talk to it on 127.0.0.1; the facts it respects
-are in docs/hub-protocol.md. Model repos only. Everything lives in memory with every commit kept, so
-an old commit stays downloadable after later pushes. Every request is logged (`requests`), and two
-fault switches make the server refuse the next commit or cut LFS uploads partway.
+are the routes `_Handler` answers below. Model repos only. Everything lives in memory with every commit kept, so
+an old commit stays downloadable after later pushes. Every request is logged (`requests`), and three
+fault switches make the server refuse the next commit, cut LFS uploads partway, or refuse the token.
 
 In-process: `hub = HubServer().start()`, then `hub.url`, ..., `hub.stop()`.
 As a separate process: `python tests/hub_server.py [PORT]` prints its URL on the first line and
@@ -121,11 +121,17 @@ class HubServer:
             self.requests: list[Request] = []
             self._refused_commit_status: int | None = None
             self._uploads_to_cut: int | None = 0
+            self._refuse_tokens = False
 
     def refuse_next_commit(self, status: int = 500) -> None:
         """Answer the next commit with `status` instead of applying it."""
         with self.lock:
             self._refused_commit_status = status
+
+    def refuse_tokens(self) -> None:
+        """Answer every request 401 (a revoked or wrong token) until `reset()`."""
+        with self.lock:
+            self._refuse_tokens = True
 
     def die_mid_upload(self, times: int | None = None) -> None:
         """Drop the connection halfway through the next `times` LFS uploads (every one until `reset()` when None).
@@ -359,6 +365,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             with hub.lock:
+                if hub._refuse_tokens:
+                    raise _Answer(401, "Invalid credentials in Authorization header")
                 answer = self._route(hub, url.path, url.query, body, headers.get("authorization", "").startswith("Bearer "))
             status, extra = 200, {}
         except _Answer as e:

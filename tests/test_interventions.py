@@ -193,6 +193,42 @@ def test_beam_search_with_interventions_matches_uncached():
 # ---- scope, fast path, composition ------------------------------------------------------------------------------
 
 
+def hooks_on(model: torch.nn.Module) -> int:
+    """Every hook torch keeps on any module of the model, plus the instance-level generate() wrapper."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return sum(len(getattr(m, kind)) for m in model.modules() for kind in kinds) + ("generate" in model.__dict__)
+
+
+@torch.no_grad()
+def test_unsplice_takes_attached_interventions_and_their_hooks_out():
+    model = tiny("llama")
+    ids = torch.randint(3, 97, (1, 8))
+    original, before = model(ids).logits, hooks_on(model)
+    handle = splice(model, {LAYER: sparse_module(model)})
+    InterventionSet([Steer("L1.H3", clamp=2.0, positions="generated")]).attach(handle)
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    site = handle[LAYER]
+    assert site.hooks and hooks_on(model) == before + 1  # the prompt tracker wraps generate()
+    handle.unsplice()
+    assert hooks_on(model) == before == 0 and site.hooks == [] and handle.interventions is None
+    assert not {"generate", "_lorsa_prompts", "_lorsa_splice"} & set(model.__dict__)
+    assert torch.equal(model(ids).logits, original)
+
+
+def test_a_failed_report_leaves_no_hook_behind(monkeypatch):
+    from lorsa_surgery import metrics
+
+    model = tiny("llama")
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt  # a user stopping the measurement half-way
+
+    monkeypatch.setattr(metrics, "lm_loss", broken)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.splice_report(model, None, {LAYER: sparse_module(model)}, ["text"])
+    assert hooks_on(model) == 0 and type(model.model.layers[LAYER].self_attn).__name__ == "LlamaAttention"
+
+
 @torch.no_grad()
 def test_no_hooks_without_interventions_and_clean_exit():
     model, handle = spliced("exact")

@@ -394,3 +394,32 @@ def test_cli_inspect(tmp_path):
     assert info["rotary"]["pairs"].startswith("adjacent")
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "Missing file or folder" in result.output
+
+
+def test_tensors_cached_in_inference_mode_never_reach_autograd(fixture_a):
+    """A frozen module inside a model being fine-tuned: decode steps in inference mode, then a training step."""
+    x = torch.randn(1, 6, 64)
+    with torch.inference_mode():
+        fixture_a(x)  # builds and caches the fused projection and decoder norms
+    fixture_a.requires_grad_(False)
+    inp = x.clone().requires_grad_(True)
+    fixture_a(inp).sum().backward()  # raised "Inference tensors cannot be saved for backward" when reused
+    assert inp.grad is not None and inp.grad.abs().sum() > 0
+
+
+def test_attention_logit_soft_cap(fixture_a):
+    """cap * tanh(score / cap) before the softmax, in the fused path and in the materialised pattern alike."""
+    x = torch.randn(1, 7, 64)
+    with torch.no_grad():
+        plain = fixture_a.attention_pattern(x)
+        fixture_a.cfg.attn_logit_softcap = 0.5
+        capped = fixture_a.attention_pattern(x)
+        q, k, _, _ = fixture_a._attend_inputs(x, None, None, None)
+        scores = (q @ k.transpose(-1, -2)) / fixture_a.cfg.attn_scale
+        expected = (0.5 * torch.tanh(scores / 0.5)).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        assert rel(capped, expected) <= 1e-6 and rel(capped, plain) > 1e-3
+        z = fixture_a.hidden_pre(x)
+        v = fixture_a.project(x, torch.arange(7)[None])[2]
+        assert rel(z, (capped @ v).transpose(1, 2).reshape(1, 7, -1)) <= 1e-5
+    with pytest.raises(LorsaSurgeryError, match="attn_logit_softcap must be positive"):
+        LorsaConfig(d_model=8, n_qk_heads=1, d_qk_head=4, n_ov_heads=2, top_k=1, attn_logit_softcap=0.0)

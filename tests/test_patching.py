@@ -86,6 +86,7 @@ def test_effect_of_a_set_on_texts():
     assert math.isclose(ablated[0].loss_before, F.cross_entropy(logits[0, :-1], ids[0, 1:]).item(), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_induction_heads_of_smollm2_known_answer(smollm2):
     """SmolLM2's induction heads L17.H3-5 and L18.H6 (attention from a repeated token to the token after its first
     occurrence is 0.73-0.90 for them), spliced as exact Lorsa copies: ablating their rank-1 heads breaks copying

@@ -216,6 +216,7 @@ def test_probe_prompts_hold_their_answers():
         P.probe_prompts("count", 2)
 
 
+@pytest.mark.slow
 def test_smollm2_heads_and_probe(smollm2):
     model, tok = smollm2
     prompts = P.probe_prompts("match", 6, n=4, seed=0)
@@ -230,3 +231,21 @@ def test_smollm2_heads_and_probe(smollm2):
     geometry = P.head_geometry(model, ids[:2], layers=[3], progress=False)
     assert geometry.pairing == "halves" and geometry.frequency_use.shape == (1, 9, 32)
     assert P.probe_accuracy(model, tok, prompts, progress=False) >= 0.5
+
+
+def test_a_processed_space_module_is_scored_on_the_inputs_it_was_trained_for():
+    """A checkpoint in processed coordinates reads the bare normalised residual: scored as `splice` maps it, its
+    QK heads score like the MHSA heads it copies; fed the HF input unmapped, they would not."""
+    model = _tiny("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.2, 3.0)
+    ids = torch.randint(0, 40, (2, T))
+    processed = Lorsa.from_attention(model, 1, input_space="processed")
+    mhsa = P.head_scores(model, ids, layers=[1], progress=False)
+    qk = P.head_scores(model, ids, lorsa={1: processed}, progress=False)
+    torch.testing.assert_close(qk.positional, mhsa.positional, atol=1e-5, rtol=0)
+    torch.testing.assert_close(qk.symbolic, mhsa.symbolic, atol=1e-5, rtol=0)
+    g_mhsa = P.head_geometry(model, ids, layers=[1], progress=False)
+    g_lorsa = P.head_geometry(model, ids, lorsa={1: processed}, progress=False)
+    torch.testing.assert_close(g_lorsa.discrepancy, g_mhsa.discrepancy, atol=1e-4, rtol=1e-4)

@@ -22,12 +22,12 @@ from huggingface_hub import HfApi, ModelCard
 from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from lorsa_surgery import LorsaSurgeryError
+from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.cli import main
 from lorsa_surgery.hub import pull, push_folder
 from lorsa_surgery.interventions import Ablate, InterventionSet
 from lorsa_surgery.models import generate_text
-from lorsa_surgery.patched import export_full, load_patched, read_root, save_patched
+from lorsa_surgery.patched import LOCAL_HINT, export_full, load_patched, read_root, save_patched
 from lorsa_surgery.splicing import splice
 from test_hub import _files
 from test_splice import LAYER, sparse_module, tiny
@@ -248,3 +248,62 @@ def test_card_snapshot(tmp_path):
     if os.environ.get("UPDATE_SNAPSHOTS") == "1":
         SNAPSHOT.write_text(text, encoding="utf-8")
     assert text == SNAPSHOT.read_text(encoding="utf-8")
+
+
+# ---- local bases, true bases, one-line failures ----------------------------------------------------------------
+
+
+def test_a_local_base_is_recorded_by_name_and_found_again_only_here(hub, tmp_path):
+    from lorsa_surgery import load_model
+
+    tiny("llama").save_pretrained(tmp_path / "my-base")
+    _tokenizer().save_pretrained(tmp_path / "my-base")
+    model, _ = load_model(str(tmp_path / "my-base"))
+    with splice(model, {LAYER: sparse_module(model)}) as handle:
+        expected = _logits(model)
+        save_patched(handle, tmp_path / "patched")  # the base the splice knows, from load_model
+    root = read_root(tmp_path / "patched")
+    assert root["base_model"]["id"] == "my-base" and set(root["base_model"]) == {"id", "fingerprint"}
+    published = [p for p in (tmp_path / "patched").rglob("*") if p.is_file() and p.name != LOCAL_HINT]
+    assert published and not [p for p in published if str(tmp_path).encode() in p.read_bytes()]
+    assert Lorsa.from_pretrained(tmp_path / "patched" / f"layer_{LAYER}").cfg.host_model == "my-base"
+    _assert_same(_logits(load_patched(tmp_path / "patched")[0]), expected)  # no base=: the local hint finds it
+
+    push_folder(tmp_path / "patched", "ns/local-base")
+    assert LOCAL_HINT not in HfApi().list_repo_files("ns/local-base")
+    with pytest.raises(LorsaSurgeryError, match="local folder my-base .* pass base=PATH"):
+        load_patched("ns/local-base")  # elsewhere (no hint), the base must be named
+    (tmp_path / "my-base" / "extra.txt").write_text("another model now")
+    with pytest.raises(LorsaSurgeryError, match="pass base=PATH"):
+        load_patched(tmp_path / "patched")  # the hint's folder no longer holds the recorded base
+    _assert_same(_logits(load_patched(tmp_path / "patched", base=str(tmp_path / "my-base"))[0]), expected)
+
+
+def test_saving_an_intervention_on_a_patched_model_from_the_hub_keeps_its_true_base(hub, tmp_path):
+    model, tokenizer, base = _push_base(tmp_path, "ns/ablate-base")
+    with splice(model, {LAYER: sparse_module(model)}) as handle:
+        save_patched(handle, tmp_path / "patched", base=base)
+    push_folder(tmp_path / "patched", "ns/ablate-patched")
+    result = CliRunner().invoke(main, ["ablate", "ns/ablate-patched", "--heads", "L1.H3-40", "--prompt", PROMPT,
+                                       "--save", str(tmp_path / "ablated")])
+    assert result.exit_code == 0, result.output
+    assert read_root(tmp_path / "ablated")["base_model"] == base
+    again, _, handle = load_patched(tmp_path / "ablated")
+    assert [r.heads for r in handle.interventions] == [["L1.H3-40"]]
+
+
+def test_cli_failures_at_the_hub_and_with_patched_models_are_one_line(hub, tmp_path):
+    model, tokenizer, base = _push_base(tmp_path, "ns/line-base")
+    with splice(model, {LAYER: sparse_module(model)}) as handle:
+        save_patched(handle, tmp_path / "patched", base=base)
+    runner = CliRunner()
+    both = runner.invoke(main, ["generate", str(tmp_path / "patched"), "--lorsa", "2=from-attention", "--prompt", PROMPT])
+    assert both.exit_code == 1 and "is a patched model that brings its own Lorsa modules" in both.output
+    missing = runner.invoke(main, ["generate", "ns/no-such-repo", "--prompt", PROMPT])
+    assert missing.exit_code == 1 and "Could not read Hub repo 'ns/no-such-repo'" in missing.output
+    hub.refuse_tokens()
+    refused = runner.invoke(main, ["generate", "ns/line-base", "--prompt", PROMPT])
+    assert refused.exit_code == 1 and "Could not read Hub repo 'ns/line-base'" in refused.output
+    assert "the Hub answered HTTP 401 (Invalid credentials" in refused.output
+    for result in (both, missing, refused):
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

