@@ -421,9 +421,12 @@ def test_cli_ablate_steer_patch_and_save(tmp_path):
     assert math.isclose(row["loss_after"], expected.loss_after, rel_tol=1e-5) and row["loss_after"] != row["loss_before"]
     assert row["kl"] > 0
 
-    result = cli("steer", *common, "--heads", "L1:tee", "--clamp", "300", "--positions", "generated", "--save", tmp_path / "steered")
+    result = cli("steer", *common, "--heads", "L1:tee", "--clamp", "300", "--positions", "generated", "--save",
+                 tmp_path / "steered", "--json")
     assert result.exit_code == 0, result.output
-    assert "The cat sat on the mat." in result.output and "0.0000" in result.output  # nothing generated, so no effect
+    row = json.loads(result.stdout)["effects"][0]
+    assert row["input"] == "The cat sat on the mat." and row["tokens"] == 22
+    assert row["loss_after"] == pytest.approx(row["loss_before"], abs=1e-6) and row["kl"] < 1e-6  # nothing generated: no effect
     spec = json.loads((tmp_path / "steered" / "interventions.json").read_text())
     assert spec["interventions"] == [{"type": "steer", "heads": ["L1:tee"], "clamp": 300.0, "positions": "generated"}]
     # The saved model carries the steer: from the second generated token on, L1.H17's top logit token 'T'.

@@ -31,7 +31,8 @@ def test_greedy_generation_with_and_without_cache_and_exact_mode(smollm2):
         cached = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
         uncached = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(cached, uncached)
-    with splice(model, {LAYER: sparse_copy(model)}, mode="exact"):
+    with splice(model, {LAYER: sparse_copy(model)}, mode="exact") as handle:
+        handle[LAYER].hooks.append(lambda acts, ctx: acts.clone())  # the delta path runs, adding zero
         exact = model.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(exact, plain)
     assert type(model.model.layers[LAYER].self_attn).__name__ == "LlamaAttention"

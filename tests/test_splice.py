@@ -104,12 +104,18 @@ def test_from_attention_reproduces_logits(family, space):
 def test_greedy_generation_same_with_and_without_cache(family, mode):
     model = tiny(family)
     prompt = torch.randint(3, 97, (1, 7))
-    with splice(model, {LAYER: sparse_module(model)}, mode=mode):
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    plain_logits = model(prompt).logits
+    with splice(model, {LAYER: sparse_module(model)}, mode=mode) as handle:
+        if mode == "exact":
+            handle[LAYER].hooks.append(lambda acts, ctx: acts.clone())  # the delta path, adding zero
+            assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0), plain)
+            # A real edit: every decode step now reads Lorsa's own keys and values from the exact-mode cache slot.
+            handle[LAYER].hooks[:] = [lambda acts, ctx: acts * 3.0]
+            assert (model(prompt).logits - plain_logits).abs().max() > 1e-4
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
         uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
-    if mode == "exact":
-        assert torch.equal(cached, model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -135,8 +141,13 @@ def test_beam_search_runs_in_both_modes():
     model = tiny("llama")
     prompt = torch.randint(3, 97, (1, 6))
     reference = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False)
-    with splice(model, {LAYER: sparse_module(model)}, mode="exact"):
+    with splice(model, {LAYER: sparse_module(model)}, mode="exact") as handle:
+        handle[LAYER].hooks.append(lambda acts, ctx: acts.clone())  # the delta path, adding zero
         assert torch.equal(model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False), reference)
+        handle[LAYER].hooks[:] = [lambda acts, ctx: acts * 3.0]  # beams reorder both caches of the slot
+        cached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
     with splice(model, {LAYER: sparse_module(model)}):
         cached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False)
         uncached = model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
@@ -185,16 +196,21 @@ def test_processed_module_on_gemma_absorbs_post_attention_norm():
     lorsa.cfg.input_space = "processed"
     block = model.model.layers[LAYER]
     post_norm = block.post_attention_layernorm
-    with splice(model, {LAYER: lorsa}, mode="exact"):
+    with splice(model, {LAYER: lorsa}, mode="exact") as handle:
         assert isinstance(block.post_attention_layernorm, torch.nn.Identity)
+        handle[LAYER].hooks.append(lambda acts, ctx: acts.clone())  # the delta path, added after the absorbed norm
         assert torch.equal(model(ids).logits, base)
     assert block.post_attention_layernorm is post_norm
-    captured = {}
+    seen = {}
     with splice(model, {LAYER: lorsa}) as handle:
-        block.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
-        x = torch.randn(1, 6, 64)
-        attn_out, _ = block.self_attn(x, attention_mask=None, position_ids=torch.arange(6)[None])
-        assert torch.allclose(attn_out, handle[LAYER].lorsa(x), atol=1e-6)  # no post norm on Lorsa's output
+        grab_in = block.self_attn.register_forward_pre_hook(lambda m, a, kw: seen.update(x=kw["hidden_states"]), with_kwargs=True)
+        grab_out = block.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.update(out=out))
+        model(ids)
+        grab_in.remove()
+        grab_out.remove()
+        # What reaches the residual stream is Lorsa's output as it is: trained after the norm, it is not normed again.
+        assert torch.allclose(seen["out"], handle[LAYER].lorsa(seen["x"]), atol=1e-5)
+        assert (seen["out"] - post_norm(seen["out"])).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("mode", ["replace", "exact"])
@@ -206,7 +222,9 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
     model = tiny("llama")
     ids = torch.randint(3, 97, (1, 8))
     lorsa, exact_copy = sparse_module(model), Lorsa.from_attention(model, LAYER)
-    with splice(model, {LAYER: lorsa}, mode=mode):
+    edit = lambda acts, ctx: acts * 3.0  # noqa: E731 (so exact mode runs its delta path and Lorsa's cache slot)
+    with splice(model, {LAYER: lorsa}, mode=mode) as handle:
+        handle[LAYER].hooks.append(edit)
         expected = model(ids).logits
         expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -216,7 +234,8 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
     copy = Lorsa.from_attention(model, LAYER)  # read through the offload hook's weights
     assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
     assert all(torch.equal(v, reference) for v, reference in zip(copy.state_dict().values(), exact_copy.state_dict().values()))
-    with splice(model, {LAYER: lorsa}, mode=mode):
+    with splice(model, {LAYER: lorsa}, mode=mode) as handle:
+        handle[LAYER].hooks.append(edit)
         assert torch.equal(model(ids).logits, expected)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected_tokens)
 

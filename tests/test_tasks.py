@@ -150,7 +150,16 @@ def test_tiny_training_learns_checkpoints_and_resumes(tiny_run, tmp_path):
         TR.train(replace(TINY, lr=5e-3), run, progress=False)
 
     sweep = TR.length_sweep(model, "letter", [0, 8], n=32, progress=False)
-    assert set(sweep) == {17, 25} and all(0 <= r["accuracy"] <= 1 for r in sweep.values())
+    assert set(sweep) == {17, 25}
+    tok = M.TaskTokenizer("letter")
+    for extra in (0, 8):  # one example at a time, by hand: the same examples, the same accuracy
+        examples = M.generate("letter", 32, seed="length", extra=extra)
+        right = 0
+        for example in examples:
+            ids, answer = tok.encode_examples([example])
+            with torch.no_grad():
+                right += int(model(ids).logits[0, -1].argmax()) == int(answer[0])
+        assert sweep[17 + extra]["accuracy"] == pytest.approx(right / 32)
     records = TR.checkpoint_scores(run, n_prompts=2, progress=False)
     assert [r["step"] for r in records] == [0, 20, 40] and len(records[0]["positional"]) == 1
     for fn, args in (
@@ -172,6 +181,8 @@ def test_cli(tiny_run, tmp_path):
     assert result.exit_code == 0 and len(M.load_examples(data)) == 40
     result = cli.invoke(main, ["tasks", "eval", str(run / "step_000040"), "--data", str(data), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["step"] == 40
+    direct = TR.evaluate(TR.load_checkpoint(run / "step_000040")[0], "letter", M.load_examples(data))
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(direct["accuracy"])
     result = cli.invoke(main, ["tasks", "extrapolate", str(run / "step_000040"), "--extras", "0,4", "-n", "16",
                                "--out", str(tmp_path / "len")])
     assert result.exit_code == 0 and set(json.loads((tmp_path / "len" / "length.json").read_text())["letter (step_000040)"]) == {"17", "21"}

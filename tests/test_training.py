@@ -235,11 +235,14 @@ def test_cli_train(host, text, tmp_path, one_thread):
     assert (lorsa.cfg.n_ov_heads, lorsa.cfg.n_qk_heads, lorsa.cfg.top_k) == (32, 2, 4)
     assert (lorsa.cfg.host_layer, lorsa.cfg.input_space, lorsa.cfg.host_model) == (1, "hf", host.name)
     info = lorsa.training_info
-    assert info["tokens"] == 1024 and info["steps"] == 8 and info["explained_variance"] <= 1
+    assert info["tokens"] == 1024 and info["steps"] == 8
     assert {"linear_baseline_ev", "lm_loss_original", "lm_loss_spliced", "dead_heads_fraction", "tokens_per_s"} <= info.keys()
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [("train", 8), ("eval", 8)]
+    final = records[-1]  # the module's record is the held-out evaluation, not the training batches
+    assert (info["explained_variance"], info["linear_baseline_ev"], info["lm_loss_spliced"]) == (
+        final["ev"], final["linear_ev"], final["lm_loss_spliced"]) and final["eval_tokens"] > 0
 
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "already holds a training run" in again.output
@@ -287,7 +290,8 @@ def test_two_processes_match_one(host, text, tmp_path, one_thread):
 def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
     """A CI-sized run on real SmolLM2-135M layer 3: held-out explained variance well above the best linear map.
 
-    Measured on a 2-core machine: 0.61 against 0.41 (32k tokens, from the exact copy of the layer made sparse).
+    Measured on a 2-core machine: 0.61 against 0.41 (32k tokens, from the exact copy of the layer made sparse); LM loss
+    3.208 -> 3.230 on 512 held-out tokens.
     """
     model, tokenizer = smollm2
     docs = tmp_path / "python-docs.jsonl"
@@ -302,4 +306,4 @@ def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
           f"{info['lm_loss_spliced']:.4f}; dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s")
     assert (info["n_heads"], info["n_qk_heads"]) == (1152, 9)
     assert info["explained_variance"] > info["linear_baseline_ev"] + 0.1
-    assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.5
+    assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.05  # measured 0.022
