@@ -95,6 +95,7 @@ def _write(
         raise LorsaSurgeryError("The base model of this splice is unknown; pass base=lorsa_surgery.models.base_record(...).")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes folders private; a patched model is meant to be shared
     try:
         layers = {}
         for layer, lorsa in handle.modules().items():
