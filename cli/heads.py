@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import models, positional
-from lorsa_surgery.cli.run import parse_layer_specs
+from lorsa_surgery import positional
+from lorsa_surgery.cli.loading import load_host, parse_layer_specs, placement_options
 from lorsa_surgery.cli.tasks import int_list
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.patched import module_for
@@ -41,15 +41,18 @@ def heads() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the (s_pos, s_sym) scatter as PNG.")
+@placement_options
 def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gamma, tau, seed, revision, allow_pickle,
-             as_json, plot) -> None:
+             as_json, plot, placement) -> None:
     """Positional/symbolic scores and class of every head of MODEL (a Hub id, folder, .gguf, 'smollm2', or a
     checkpoint of `tasks train`), at the last token of each prompt."""
+    specs = parse_layer_specs(lorsa_specs)
     if (Path(model) / "trainer.json").is_file():
         host, record = training.load_checkpoint(model)
         task, tokenizer = record["task"], None
+        modules = {layer: module_for(host, layer, spec, allow_pickle=allow_pickle) for layer, spec in specs.items()}
     else:
-        host, tokenizer = models.load_model(model, revision=revision)
+        host, tokenizer, modules = load_host(model, specs, revision, allow_pickle, placement)
         task = None
     prompt_kind = prompt_kind or ("task" if task else "match")
     if prompt_kind == "task":
@@ -63,8 +66,6 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
         ids = positional.probe_input_ids(tokenizer, positional.probe_prompts(prompt_kind, items, n=n, seed=seed))
         source = f"{n} {prompt_kind}-probe prompts with {items} items"
 
-    specs = parse_layer_specs(lorsa_specs)
-    modules = {layer: module_for(host, layer, spec, allow_pickle=allow_pickle) for layer, spec in specs.items()}
     mhsa_layers = int_list(layers, "--layers") if layers else (sorted(modules) or None)
     mhsa = positional.head_scores(host, ids, layers=mhsa_layers, block=block, skip=skip, tau=tau)
     lorsa = positional.head_scores(host, ids, lorsa=modules, block=block, skip=skip, tau=tau) if modules else None

@@ -7,6 +7,7 @@ import click
 
 from lorsa_surgery import Lorsa, corpus
 from lorsa_surgery.cli.heads import heads
+from lorsa_surgery.cli.loading import load_with_modules, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, parse_heads
 
@@ -19,6 +20,7 @@ def _model_options(command):
         click.option("--revision", default=None, help="Hub revision of MODEL."),
         click.option("--base", default=None, help="Base model override for a patched model."),
         click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
+        placement_options,
     ]):
         command = option(command)
     return command
@@ -35,10 +37,8 @@ def _corpus_options(command):
     return command
 
 
-def _load(model, lorsa_specs, revision, base, allow_pickle):
-    from lorsa_surgery.cli.run import load_with_modules
-
-    host, tokenizer, handle = load_with_modules(model, lorsa_specs, None, revision, base, allow_pickle)
+def _load(model, lorsa_specs, revision, base, allow_pickle, placement):
+    host, tokenizer, handle = load_with_modules(model, lorsa_specs, None, revision, base, allow_pickle, placement)
     if handle is None:
         raise LorsaSurgeryError("Heads live in Lorsa modules: pass --lorsa LAYER=PATH or a patched model.")
     return tokenizer, handle
@@ -56,7 +56,7 @@ def _windows(tokenizer, texts, max_length):
 @_corpus_options
 @click.option("--context", default="12,4", show_default=True, help="Tokens shown before,after each top activation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def top(model, lorsa_specs, revision, base, allow_pickle, head_spec, texts, max_length, k, context, as_json):
+def top(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, texts, max_length, k, context, as_json):
     """Firing statistics and top activations of HEADS over a corpus."""
     from lorsa_surgery.analysis import scan_heads, token_text
 
@@ -65,7 +65,7 @@ def top(model, lorsa_specs, revision, base, allow_pickle, head_spec, texts, max_
         before, after = (int(n) for n in context.split(","))
     except ValueError:
         raise LorsaSurgeryError(f"--context {context!r} is not BEFORE,AFTER.") from None
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle)
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
     scans = scan_heads(handle, _windows(tokenizer, texts, max_length), head_spec, k=k, context=(before, after))
     if as_json:
         click.echo(json.dumps({
@@ -91,12 +91,12 @@ def top(model, lorsa_specs, revision, base, allow_pickle, head_spec, texts, max_
 @click.option("--top", "n_top", default=10, show_default=True, help="Source tokens listed.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG bar chart.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def zpattern(model, lorsa_specs, revision, base, allow_pickle, head_spec, prompt, position, n_top, plot, as_json):
+def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, prompt, position, n_top, plot, as_json):
     """Which source tokens of PROMPT feed HEAD at one token, and how much."""
     from lorsa_surgery.analysis import plot_z_pattern, token_text, z_pattern
 
     parse_heads(head_spec)
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle)
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     zp = z_pattern(handle, head_spec, ids, position)
     parts = zp.contributions[0]
@@ -122,14 +122,14 @@ def zpattern(model, lorsa_specs, revision, base, allow_pickle, head_spec, prompt
 @click.argument("head_spec", metavar="HEADS")
 @_corpus_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the dashboards.")
-def dashboard(model, lorsa_specs, revision, base, allow_pickle, head_spec, texts, max_length, k, out_dir):
+def dashboard(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, texts, max_length, k, out_dir):
     """Write a self-contained HTML dashboard (and a logit-attribution PNG) per head of HEADS."""
     from lorsa_surgery.analysis import dashboard as write_dashboard
     from lorsa_surgery.analysis import logit_attribution, plot_logit_attribution
     from lorsa_surgery.heads import resolve_heads
 
     parse_heads(head_spec)
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle)
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
     windows = _windows(tokenizer, texts, max_length)
     for ref in resolve_heads(head_spec, handle):
         page = write_dashboard(handle, tokenizer, ref, windows, out_dir / f"{ref}.html", k=k)

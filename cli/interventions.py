@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from lorsa_surgery import corpus
+from lorsa_surgery.cli.loading import load_with_modules, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import parse_heads
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
@@ -62,6 +63,7 @@ def _common(command):
         click.option("--revision", default=None, help="Hub revision of MODEL."),
         click.option("--base", default=None, help="Base model override for a patched model."),
         click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
+        placement_options,
     ]):
         command = option(command)
     return command
@@ -69,12 +71,11 @@ def _common(command):
 
 def _load(options: dict):
     """(model, tokenizer, splice handle), after checking the head and position syntax (before the slow load)."""
-    from lorsa_surgery.cli.run import load_with_modules  # here: run.py imports this module for generate's options
-
     parse_heads(options["heads"])
     parse_positions(options["positions"])
     host, tokenizer, handle = load_with_modules(
-        options["model"], options["lorsa_specs"], options["mode"], options["revision"], options["base"], options["allow_pickle"]
+        options["model"], options["lorsa_specs"], options["mode"], options["revision"], options["base"], options["allow_pickle"],
+        options["placement"],
     )
     if handle is None:
         raise LorsaSurgeryError("Interventions act on Lorsa heads: pass --lorsa LAYER=PATH or a patched model.")

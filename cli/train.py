@@ -33,6 +33,9 @@ from lorsa_surgery.training import TrainConfig, train as run_training
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Host model dtype.")
+@click.option("--device-map", default=None, help="Place the host with Accelerate (auto, balanced, ...), as in transformers.")
+@click.option("--max-memory", default=None, metavar="DEV=SIZE,...", help="Memory per device for the host, e.g. 0=20GiB,cpu=60GiB.")
+@click.option("--offload-dir", default=None, help="Folder for host weights offloaded to disk.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads per process.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")

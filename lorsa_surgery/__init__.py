@@ -33,6 +33,7 @@ _EXPORTS = {
     "analysis": ["scan_heads", "mean_activations", "z_pattern", "logit_attribution", "dashboard"],
     "positional": ["head_scores", "head_geometry", "classify"],
     "hub": ["push_folder", "pull"],
+    "placement": ["infer_device_map", "input_device"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -95,7 +95,9 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
         raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to start sampling from.")
     stop = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
-    device = next(model.parameters()).device
+    from lorsa_surgery.placement import input_device
+
+    device = input_device(model)
     docs: list[str] = []
     sampled = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.lorsa import Lorsa, LorsaConfig
+from lorsa_surgery.lorsa import Lorsa, LorsaConfig, rotary_inverse_wavelengths
 
 NATIVE_FORMAT = "lorsa-surgery.lorsa"
 NATIVE_VERSION = 1
@@ -59,7 +59,10 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
     return Path(pull(str(path), revision=revision))
 
 
-def load(path: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> Lorsa:
+def load(
+    path: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> Lorsa:
     folder = resolve(path, revision)
     kind = detect(folder)
     if kind == "native":
@@ -69,7 +72,8 @@ def load(path: str | Path, *, allow_pickle: bool = False, revision: str | None =
     else:
         lorsa = _load_paper(folder, allow_pickle)
     lorsa.origin.update(format=kind, path=str(path), revision=revision)
-    return lorsa
+    # Weights are read (and norms folded) in float32; the module then goes where it will run, in one move.
+    return lorsa.to(device=device or "cpu", dtype=dtype)
 
 
 def describe(lorsa: Lorsa) -> dict[str, Any]:
@@ -139,7 +143,7 @@ def _load_native(folder: Path) -> Lorsa:
         raise LorsaSurgeryError(
             f"{folder} was written by a newer lorsa-surgery (format {raw['format_version']}); please upgrade."
         )
-    lorsa = Lorsa(LorsaConfig.from_dict(raw["config"]))
+    lorsa = _empty(LorsaConfig.from_dict(raw["config"]))
     _assign(lorsa, _read_safetensors(folder / NATIVE_WEIGHTS), folder)
     if (folder / NATIVE_CATALOG).exists():
         heads = files.read_json(folder / NATIVE_CATALOG).get("heads", {})
@@ -213,7 +217,7 @@ def _load_reference(folder: Path) -> Lorsa:
         for k in ("W_Q", "W_K", "b_Q", "b_K", "q_norm", "k_norm"):
             if k in tensors:
                 tensors[k] = tensors[k].repeat_interleave(cfg.n_qk_heads // n_stored, dim=0)
-    lorsa = Lorsa(cfg)
+    lorsa = _empty(cfg)
     _assign(lorsa, tensors, folder)
     if norm_activation == "dataset-wise":
         if cfg.hook_point_in in norms and cfg.hook_point_out in norms:
@@ -289,7 +293,7 @@ def _load_paper(folder: Path, allow_pickle: bool) -> Lorsa:
     for key, shape in (("W_V", (cfg.n_ov_heads, cfg.d_model)), ("W_O", (cfg.n_ov_heads, cfg.d_model)), ("b_V", (cfg.n_ov_heads,))):
         if key in tensors and tensors[key].numel() == math.prod(shape):
             tensors[key] = tensors[key].reshape(shape)
-    lorsa = Lorsa(cfg)
+    lorsa = _empty(cfg)
     _assign(lorsa, tensors, folder)
     fold_dataset_norms(lorsa, raw["avg_norm"]["in"], raw["avg_norm"]["out"])
     return lorsa
@@ -307,6 +311,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise LorsaSurgeryError(f"{path} is not a readable safetensors file ({e}).") from None
 
 
+def _empty(cfg: LorsaConfig) -> Lorsa:
+    """A module with no storage behind its parameters (meta device): `_assign` gives it the checkpoint's tensors,
+    so loading never holds the weights twice."""
+    with torch.device("meta"):
+        return Lorsa(cfg)
+
+
 def _assign(lorsa: Lorsa, tensors: dict[str, torch.Tensor], origin: Path) -> None:
     """Copy tensors into the module, refusing missing, unexpected or misshapen ones."""
     expected = lorsa.state_dict()
@@ -321,4 +332,5 @@ def _assign(lorsa: Lorsa, tensors: dict[str, torch.Tensor], origin: Path) -> Non
                 f"Weights in {origin} contradict the config: {name} has shape {tuple(value.shape)}, "
                 f"the config implies {tuple(expected[name].shape)}."
             )
-    lorsa.load_state_dict({k: v.float() for k, v in tensors.items()})
+    lorsa.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
+    lorsa.rotary_inv_freq = rotary_inverse_wavelengths(lorsa.cfg)  # derived, so not in the checkpoint

@@ -212,6 +212,13 @@ class Lorsa(nn.Module):
         self._derived_cache: dict[str, tuple[tuple, Any]] = {}
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # Whatever the module is cast to, rotary frequencies stay float32: positions times a bfloat16 frequency
+        # drift far from the host's angles.
+        super()._apply(fn, recurse)
+        self.rotary_inv_freq = rotary_inverse_wavelengths(self.cfg).to(self.W_Q.device)
+        return self
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d, n = self.cfg.d_model, self.cfg.n_ov_heads
@@ -526,15 +533,19 @@ class Lorsa(nn.Module):
     # ---- files ----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> "Lorsa":
-        """Load a native, reference (llamascopium / lm-saes) or paper-era checkpoint.
+    def from_pretrained(
+        cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> "Lorsa":
+        """Load a native, reference (llamascopium / lm-saes) or paper-era checkpoint onto `device` (default CPU)
+        in `dtype` (default float32); the module is built without weights first, so they are never held twice.
 
         `path` is a folder, a Hub repo id, or `repo_id:subfolder`. Paper-era `final.pth` files are pickles
         and load only with `allow_pickle=True` (and then with `weights_only=True`).
         """
         from lorsa_surgery import formats
 
-        return formats.load(path, allow_pickle=allow_pickle, revision=revision)
+        return formats.load(path, allow_pickle=allow_pickle, revision=revision, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the native format: lorsa_config.json, lorsa.safetensors, head_catalog.json (atomically)."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lorsa_surgery.lorsa import Lorsa
+from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import splice
 
 
@@ -30,7 +31,7 @@ def token_windows(tokenizer, texts: list[str], max_length: int):
 def lm_loss(model: nn.Module, tokenizer, texts: list[str], max_length: int = 256) -> tuple[float, int]:
     """Mean next-token cross-entropy over the texts and the number of predicted tokens."""
     total, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = input_device(model)
     for ids in token_windows(tokenizer, texts, max_length):
         ids = ids.to(device)
         logits = model(ids).logits[0, :-1].float()

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
+
+if TYPE_CHECKING:
+    from lorsa_surgery.lorsa import Lorsa, LorsaConfig
 
 DEFAULT_MODEL = "smollm2"
 """Alias of SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), shipped as a GGUF file inside the
@@ -112,30 +119,105 @@ def host_record(model) -> dict[str, Any]:
     return {"id": name, "revision": None}
 
 
+def cache_dir() -> Path:
+    """Where lorsa-surgery keeps what it can rebuild (de-quantised GGUF models): $LORSA_SURGERY_CACHE, else the
+    user cache directory."""
+    root = os.environ.get("LORSA_SURGERY_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorsa-surgery"
+
+
+def _dequantized(where: dict[str, Any], sha256: str) -> Path:
+    """A model folder (safetensors, float32) holding a GGUF file de-quantised, made on first use and keyed by the
+    file's sha256: de-quantising takes tens of seconds and twice the weights in memory; loading this takes a few
+    seconds and maps the weights from disk."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir() / "dequantized" / sha256[:32]
+    if (folder / "config.json").is_file():
+        return folder
+    source, name = str(Path(where["path"]).parent), where["file"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    except (OSError, ValueError) as e:
+        raise LorsaSurgeryError(f"Could not read {name}: {str(e).splitlines()[0]}") from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        # Not save_pretrained: transformers refuses to serialise a model it loaded from GGUF, though the
+        # de-quantised weights are plain tensors; save_model writes tied weights once.
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are plain float32 now
+        files.write_json(staging / "config.json", config)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)  # whole or not at all: a second process loses the race harmlessly
+    except OSError:
+        if not (folder / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,
     revision: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device_map: str | dict | None = None,
+    max_memory: dict[int | str, str] | str | None = None,
+    offload_dir: str | Path | None = None,
+    lorsa: dict[int, Lorsa | LorsaConfig | str] | None = None,
+    lorsa_dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
 ):
-    """(model, tokenizer) in eval mode. GGUF files are dequantised to `dtype` (about 20 s for SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) in eval mode, in `dtype`. GGUF files are de-quantised once into the cache (`cache_dir`).
 
+    `device_map`, `max_memory` (`{0: "20GiB", "cpu": "60GiB"}` or "0=20GiB,cpu=60GiB") and `offload_dir` place the
+    model with Accelerate, as in transformers; a `max_memory` alone means device_map="auto". With `lorsa` (the
+    modules to be spliced: {layer: module, config or "from-attention"}), an automatic map reserves each module's
+    size (in `lorsa_dtype`, default the host's) on its layer (`placement.infer_device_map`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lorsa_surgery import placement
+
+    dtype = placement.dtype_of(dtype)
+    max_memory = placement.parse_max_memory(max_memory)
+    record = base_record(spec, revision)
     where = resolve(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
     if where["kind"] == "gguf":
-        folder, extra = str(Path(where["path"]).parent), {"gguf_file": where["file"]}
+        folder, extra = str(_dequantized(where, record["sha256"])), {}
     elif where["kind"] == "folder":
         folder, extra = where["path"], {}
     else:
         folder, extra = where["id"], {"revision": revision}
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if offload_dir is not None:
+        kwargs["offload_folder"] = str(offload_dir)
     try:
+        if isinstance(device_map, str) and lorsa:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, **extra), dtype=dtype)
+            empty.tie_weights()  # tied embeddings are planned once, on one device
+            device_map = placement.infer_device_map(empty, lorsa, max_memory=max_memory,
+                                                    lorsa_dtype=placement.dtype_of(lorsa_dtype))
+        elif max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if device_map is not None:
+            kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except (OSError, ValueError) as e:
@@ -143,7 +225,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    model._lorsa_base = base_record(spec, revision)  # what splices of it record as their base
+    model._lorsa_base = record  # what splices of it record as their base
     return model, tokenizer
 
 
@@ -168,7 +250,9 @@ def generate_text(
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(next(model.parameters()).device)
+    from lorsa_surgery.placement import input_device
+
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(input_device(model))
     streamer = None
     if stream is not None:
 

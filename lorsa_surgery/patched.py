@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lorsa_surgery import files, models
+from lorsa_surgery import files, models, placement
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.splicing import Mode, Splice, splice
@@ -203,14 +203,18 @@ def load_patched(
     revision: str | None = None,
     base: str | None = None,
     mode: Mode | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device_map: str | dict | None = None,
+    max_memory: dict | str | None = None,
+    offload_dir: str | Path | None = None,
+    lorsa_dtype: torch.dtype | str | None = None,
 ):
     """(model, tokenizer, splice handle) rebuilt from a patched-model folder or Hub repo (+ revision).
 
     The base model is the copy bundled by `export_full` if there is one, else fetched by its recorded id and
     revision; `base` overrides either with a Hub id, a local folder or a .gguf file (a local file is checked
-    against the recorded sha256 when it is the default).
+    against the recorded sha256 when it is the default). Placement and dtypes as in `models.load_model` and
+    `splice`; an automatic device map counts the Lorsa modules, which are read before the base.
     """
     folder = Path(path_or_repo)
     if not folder.exists():
@@ -221,9 +225,10 @@ def load_patched(
     if base is None and root.get("bundled_base"):
         base = str(folder / root["bundled_base"])
     spec, base_revision = _base_spec(root, folder, base)
-    model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map)
     modules = {int(layer): Lorsa.from_pretrained(folder / entry["folder"]) for layer, entry in root["layers"].items()}
-    handle = splice(model, modules, mode=mode or root["mode"])
+    model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map,
+                                         max_memory=max_memory, offload_dir=offload_dir, lorsa=modules, lorsa_dtype=lorsa_dtype)
+    handle = splice(model, modules, mode=mode or root["mode"], dtype=placement.dtype_of(lorsa_dtype))
     # The base stays the one recorded (the Hub id behind a bundled copy, say), so saving this again loads back.
     local = model._lorsa_base.get(models.LOCAL_PATH)
     handle.base = {**root["base_model"], **({models.LOCAL_PATH: local} if local else {})}

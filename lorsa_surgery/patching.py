@@ -22,6 +22,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions import HeadCache, InterventionSet, Recorder, full_context, splice_of
 from lorsa_surgery.metrics import token_windows
+from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import HeadContext, Splice
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def forward(target: Splice | nn.Module, input_ids: torch.Tensor, attention_mask:
     """Logits [B, T, V] of one uncached pass. With a padding mask, positions count from each row's first real token,
     as generate() counts them, so left-padded rows see the positions they would see alone."""
     model = splice_of(target).model
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwargs: dict[str, Any] = {"input_ids": _as_batch(input_ids).to(device), "use_cache": False}
     if attention_mask is not None:
         mask = attention_mask.to(device)

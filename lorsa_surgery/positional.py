@@ -27,6 +27,7 @@ from lorsa_surgery import files
 from lorsa_surgery.arch import arch_for
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa, LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import host_view
 
 
@@ -120,7 +121,7 @@ def capture_attention_inputs(model: nn.Module, input_ids: torch.Tensor, layers: 
 
     handles = [modules[layer].register_forward_pre_hook(partial(hook, layer), with_kwargs=True) for layer in layers]
     try:
-        model(input_ids[None].to(model.device), use_cache=False)
+        model(input_ids[None].to(input_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -504,7 +505,7 @@ def probe_accuracy(model: nn.Module, tokenizer, prompts: Sequence[ProbePrompt], 
         firsts = [tokenizer.encode(p.separator + w, add_special_tokens=False)[0] for w in p.candidates]
         if len(set(firsts)) < len(firsts):
             raise LorsaSurgeryError("Two probe candidates share their first token; the probe cannot tell them apart.")
-        ids = torch.tensor(tokenizer.encode(p.text), device=model.device)[None]
+        ids = torch.tensor(tokenizer.encode(p.text), device=input_device(model))[None]
         logits = model(ids, use_cache=False).logits[0, -1, firsts]
         correct += p.candidates[int(logits.argmax())] == p.answer
     model.train(was_training)

@@ -278,11 +278,13 @@ def host_view(arch: Arch, block: nn.Module, lorsa: Lorsa) -> tuple[Lorsa, nn.Mod
     return mapped, post_norm
 
 
-def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace") -> Splice:
+def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace", dtype: torch.dtype | None = None) -> Splice:
     """Put Lorsa modules in place of the attention of the given layers; returns the handle to undo it.
 
     All or nothing: every entry is checked (and mapped into the host's coordinates, see `host_view`) before
-    the model is touched, so a bad entry raises and leaves the model as it was.
+    the model is touched, so a bad entry raises and leaves the model as it was. Each module moves to the
+    execution device of its layer (where Accelerate runs it, for a dispatched model) and computes in `dtype`,
+    by default the host layer's.
     """
     if mode not in ("replace", "exact"):
         raise LorsaSurgeryError(f"mode must be replace or exact, got {mode!r}.")
@@ -309,7 +311,7 @@ def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace") 
         if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:
             warnings.warn(f"A Lorsa module trained for layer {lorsa.cfg.host_layer} is spliced at layer {layer}.", stacklevel=2)
         mapped, post_norm = host_view(arch, block, lorsa)
-        mapped = mapped.to(_execution_device(original))
+        mapped = mapped.to(device=_execution_device(original), dtype=dtype or next(original.parameters()).dtype)
         planned.append((block, LorsaAttention(original, mapped, lorsa, layer, mode, post_norm)))
     handle = Splice(model, arch, mode)
     handle.base = getattr(model, "_lorsa_base", None)  # set by lorsa_surgery.models.load_model

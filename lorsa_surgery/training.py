@@ -34,6 +34,7 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.formats import fold_dataset_norms
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.metrics import explained_variance
+from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import splice
 
 CONFIG_FILE = "train_config.json"
@@ -115,6 +116,13 @@ class TrainConfig:
     4.6 KB per token for d_model 576)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Host model dtype."""
+    device_map: str | None = None
+    """Place the host with Accelerate, as in transformers ("auto", "balanced", ...; a host bigger than one device);
+    None: the whole host on the training device."""
+    max_memory: str | None = None
+    """Memory per device for the host's placement, e.g. "0=20GiB,cpu=60GiB" (implies device_map "auto")."""
+    offload_dir: str | None = None
+    """Folder for host weights offloaded to disk."""
     autocast: bool = True
     """bf16 autocast for the Lorsa forward on GPU (never on CPU)."""
     seed: int = 0
@@ -150,6 +158,10 @@ class TrainConfig:
             raise LorsaSurgeryError("lr must be positive and grad_clip not negative.")
         if self.init not in ("qk", "attention", "random"):
             raise LorsaSurgeryError(f"init must be qk, attention or random, got {self.init!r}.")
+        if self.max_memory is not None:
+            from lorsa_surgery.placement import parse_max_memory
+
+            parse_max_memory(self.max_memory)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise LorsaSurgeryError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
 
@@ -261,10 +273,12 @@ class ActivationSource:
     """
 
     def __init__(self, model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 cache_dir: str | Path | None = None, host: dict[str, Any] | None = None):
+                 cache_dir: str | Path | None = None, host: dict[str, Any] | None = None,
+                 device: torch.device | None = None):
         self.model, self.layer = model, layer
         self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.device = next(model.parameters()).device
+        self.device = device or input_device(model)
+        """Where batches go (the Lorsa module's device); the host may be spread over others."""
         self.folder: Path | None = None
         self.index: dict[int, tuple[Path, int]] = {}
         if cache_dir is not None:
@@ -282,12 +296,12 @@ class ActivationSource:
                         self.index.setdefault(seq, (shard, row))
 
     def get(self, sequences: list[int]) -> dict[str, torch.Tensor]:
-        """x, y [B, T, d] on the host's device, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
+        """x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
         missing = [s for s in sequences if s not in self.index]
         fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
-            ids = self.input_ids[missing].to(self.device)
-            x, y = capture(self.model, self.layer, ids, self.attention_mask[missing].to(self.device))
+            host = input_device(self.model)
+            x, y = capture(self.model, self.layer, self.input_ids[missing].to(host), self.attention_mask[missing].to(host))
             fresh = {s: (x[i], y[i]) for i, s in enumerate(missing)}
             if self.folder is not None:
                 shard = self.folder / f"shard-{uuid.uuid4().hex}.safetensors"
@@ -393,7 +407,7 @@ def linear_baseline_ev(x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor | 
 @torch.no_grad()
 def _lm_loss_sums(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
     """[summed next-token loss, predicted tokens] over real (unpadded) targets."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(input_ids), batch_size):
         ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
@@ -574,14 +588,18 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
 
     # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes > 1 and (config.device_map or config.max_memory):
+        raise LorsaSurgeryError("A host placed with device_map or max_memory trains in one process; DDP copies the host to each.")
     out = Path(config.out)
     if acc.is_main_process:
         _prepare_folder(config, out)
     acc.wait_for_everyone()
 
     if model is None:
-        model, tokenizer = load_model(config.model, revision=config.revision, dtype=getattr(torch, config.dtype))
-        model.to(acc.device)
+        model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype, device_map=config.device_map,
+                                      max_memory=config.max_memory, offload_dir=config.offload_dir)
+        if getattr(model, "hf_device_map", None) is None:  # a dispatched host stays where Accelerate put it
+            model.to(acc.device)
     elif tokenizer is None:
         raise LorsaSurgeryError("Pass the tokenizer together with the model.")
     host = public_record(base_record(config.model, config.revision))  # never a local path: checkpoints are shared
@@ -595,7 +613,7 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
         raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than the {n_eval} held out.")
     order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
     eval_seqs, train_seqs = order[:n_eval].sort().values.tolist(), order[n_eval:].tolist()
-    source = ActivationSource(model, config.layer, ids, mask, config.cache_dir, host)
+    source = ActivationSource(model, config.layer, ids, mask, config.cache_dir, host, device=acc.device)
     P, rank = acc.num_processes, acc.process_index
     if config.batch_size % P:
         raise LorsaSurgeryError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({P}).")

@@ -16,6 +16,8 @@ _atexit.register(_HUB.stop)
 _HF_HOME = _tempfile.TemporaryDirectory(prefix="lorsa-test-hf-home-")  # removed at exit
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
     _os.environ.pop(_name, None)  # each would bypass the local server or the temporary cache
+_os.environ.setdefault(  # de-quantised models, kept beside the test models instead of the user's cache
+    "LORSA_SURGERY_CACHE", str(_os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), ".cache", "lorsa-surgery")))
 _os.environ.update(
     HF_ENDPOINT=_HUB.url,
     HF_HUB_DISABLE_XET="1",  # otherwise uploads take the Xet protocol, which the local server does not speak

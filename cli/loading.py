@@ -1,0 +1,111 @@
+"""Loading what a command runs on: a host model and its --lorsa modules, or a patched model, placed and typed as
+the placement options say. Shared by every command that loads a model."""
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from lorsa_surgery import models
+from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.patched import is_patched_folder, load_patched, module_for
+from lorsa_surgery.placement import DTYPES, dtype_of, parse_max_memory
+from lorsa_surgery.splicing import splice
+
+LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'. Repeatable."
+
+
+def parse_layer_specs(values: tuple[str, ...]) -> dict[int, str]:
+    specs = {}
+    for value in values:
+        layer, sep, spec = value.partition("=")
+        if not sep or not layer.strip().isdigit() or not spec:
+            raise click.BadParameter(f"{value!r} is not LAYER=PATH.", param_hint="--lorsa")
+        specs[int(layer)] = spec
+    return specs
+
+
+PLACEMENT = ("dtype", "lorsa_dtype", "device_map", "max_memory", "offload_dir")
+
+
+def placement_options(command):
+    """--dtype, --lorsa-dtype, --device-map, --max-memory and --offload-dir, checked before anything loads and
+    handed to the command as one `placement` dict (the keyword arguments of `load_model` and `load_patched`)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        chosen = {name: kwargs.pop(name) for name in PLACEMENT}
+        parse_max_memory(chosen["max_memory"])
+        device_map = chosen["device_map"]
+        if device_map is not None and device_map.lstrip().startswith("{"):
+            try:
+                chosen["device_map"] = json.loads(device_map)
+            except json.JSONDecodeError as e:
+                raise click.BadParameter(f"not JSON ({e.msg})", param_hint="--device-map") from None
+        return command(*args, placement=chosen, **kwargs)
+
+    dtypes = click.Choice(list(DTYPES))
+    for option in reversed([
+        click.option("--dtype", type=dtypes, default="float32", show_default=True, help="dtype the host model loads in."),
+        click.option("--lorsa-dtype", type=dtypes, default=None, help="dtype the Lorsa modules compute in [default: the host's]."),
+        click.option("--device-map", default=None,
+                     help="Place the host with Accelerate: auto, balanced, sequential, cpu, ... or a JSON map, as in "
+                          "transformers; an automatic map counts the Lorsa modules on their layers."),
+        click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+                     help="Memory per device, e.g. 0=20GiB,cpu=60GiB (implies --device-map auto)."),
+        click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Folder for weights offloaded to disk."),
+    ]):
+        run = option(run)
+    return run
+
+
+def load_host(model_spec: str, specs: dict[int, str], revision: str | None, allow_pickle: bool, placement: dict):
+    """(model, tokenizer, {layer: Lorsa}) for a plain model and its --lorsa modules. Checkpoints are read first, so a
+    bad one fails before the slow host load and an automatic device map counts them; exact copies
+    (from-attention) are sized on the empty host and made from the loaded one."""
+    modules = {layer: module_for(None, layer, spec, allow_pickle=allow_pickle)
+               for layer, spec in specs.items() if spec != "from-attention"}
+    plan = {**modules, **{layer: spec for layer, spec in specs.items() if spec == "from-attention"}}
+    model, tokenizer = models.load_model(model_spec, revision=revision, lorsa=plan, **placement)
+    modules.update({layer: module_for(model, layer, spec) for layer, spec in specs.items() if spec == "from-attention"})
+    return model, tokenizer, modules
+
+
+def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickle, placement):
+    """(model, tokenizer, handle or None) for a plain model with --lorsa options, or a patched model."""
+    specs = parse_layer_specs(lorsa_specs)
+    if is_patched_folder(model_spec) or (not Path(model_spec).exists() and _is_patched_repo(model_spec, revision)):
+        if specs:
+            raise LorsaSurgeryError(
+                f"{model_spec} is a patched model that brings its own Lorsa modules; --lorsa applies to a plain model "
+                "(pass the base model instead, or leave --lorsa out)."
+            )
+        return load_patched(model_spec, revision=revision, base=base, mode=mode, **placement)
+    model, tokenizer, modules = load_host(model_spec, specs, revision, allow_pickle, placement)
+    if not modules:
+        return model, tokenizer, None
+    return model, tokenizer, splice(model, modules, mode=mode or "replace", dtype=dtype_of(placement["lorsa_dtype"]))
+
+
+def _is_patched_repo(spec: str, revision: str | None) -> bool:
+    """Whether a Hub id names a patched model, i.e. has a root file on the Hub (or in the cache when offline)."""
+    if models.resolve(spec)["kind"] != "hub":
+        return False
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from lorsa_surgery.hub import HUB_FAILURES, hub_error
+    from lorsa_surgery.patched import ROOT_FILE
+
+    try:
+        # A download, not file_exists: it answers from the cache under HF_HUB_OFFLINE=1, and the file is small
+        # and needed anyway when it exists.
+        hf_hub_download(spec, ROOT_FILE, revision=revision)
+        return True
+    except EntryNotFoundError:  # a plain model repo
+        return False
+    except LocalEntryNotFoundError:  # offline and not cached: loading it as a plain model reports what is missing
+        return False
+    except HUB_FAILURES as err:  # an unknown repo, a refused token, an unreachable Hub: say so, once
+        raise hub_error(f"Could not read Hub repo '{spec}'", err) from err
