@@ -22,7 +22,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from lorsa_surgery.cli import checkpoint, hub, interventions, run, train
+    from lorsa_surgery.cli import checkpoint, heal, hub, interventions, run, train
 
     main.add_command(checkpoint.inspect)
     main.add_command(hub.push)
@@ -30,6 +30,7 @@ def _register() -> None:
     main.add_command(run.replace)
     main.add_command(run.generate)
     main.add_command(train.train)
+    main.add_command(heal.heal)
     main.add_command(interventions.ablate)
     main.add_command(interventions.steer)
     main.add_command(interventions.patch)

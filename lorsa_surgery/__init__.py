@@ -34,6 +34,7 @@ _EXPORTS = {
     "positional": ["head_scores", "head_geometry", "classify"],
     "hub": ["push_folder", "pull"],
     "placement": ["infer_device_map", "input_device"],
+    "healing": ["heal", "HealConfig", "add_lora", "load_adapter"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -5,6 +5,7 @@ Layout (README, "Patched models and the Hub"):
                            splice mode, and per layer its folder, format and site names
     layer_<L>/             one native Lorsa checkpoint per spliced layer (safetensors only)
     interventions.json     the attached intervention spec, if any
+    adapter/               the LoRA adapter on the model, if any (PEFT's files, in the spliced model's naming)
     README.md              model card (see lorsa_surgery.cards)
     base/                  full-model export only (`export_full`): the base model's weights and tokenizer
     .lorsa_surgery.local.json  where a local base file or folder lives on the machine that made the folder
@@ -105,6 +106,10 @@ def _write(
         interventions = handle.interventions
         if interventions is not None:
             files.write_json(staging / INTERVENTIONS_FILE, interventions.to_dict())
+        if handle.adapter is not None:
+            from lorsa_surgery.healing import ADAPTER_FOLDER, save_adapter
+
+            save_adapter(handle, staging / ADAPTER_FOLDER)
         if tokenizer is not None:
             handle.model.save_pretrained(staging / BUNDLED_BASE, state_dict=_base_state_dict(handle))
             tokenizer.save_pretrained(staging / BUNDLED_BASE)
@@ -116,6 +121,7 @@ def _write(
             "mode": handle.mode,
             "layers": layers,
             "interventions": INTERVENTIONS_FILE if interventions is not None else None,
+            "adapter": _adapter_record(handle),
             "metrics": metrics,
             "bundled_base": BUNDLED_BASE if tokenizer is not None else None,
         }
@@ -129,6 +135,15 @@ def _write(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _adapter_record(handle: Splice) -> dict[str, Any] | None:
+    if handle.adapter is None:
+        return None
+    from lorsa_surgery.healing import ADAPTER_FOLDER
+
+    return {"folder": ADAPTER_FOLDER, "type": "lora", "rank": handle.adapter.r, "alpha": handle.adapter.lora_alpha,
+            "targets": len(handle.adapter.target_modules)}
 
 
 def _base_state_dict(handle: Splice) -> dict[str, torch.Tensor]:
@@ -232,6 +247,10 @@ def load_patched(
     # The base stays the one recorded (the Hub id behind a bundled copy, say), so saving this again loads back.
     local = model._lorsa_base.get(models.LOCAL_PATH)
     handle.base = {**root["base_model"], **({models.LOCAL_PATH: local} if local else {})}
+    if root.get("adapter"):
+        from lorsa_surgery.healing import load_adapter
+
+        load_adapter(handle, folder / root["adapter"]["folder"])
     if root.get("interventions"):
         from lorsa_surgery.interventions import InterventionSet
 

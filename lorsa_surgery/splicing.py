@@ -216,6 +216,8 @@ class Splice:
         """The InterventionSet attached with `attach` (saved with the patched model), or None."""
         self.base: dict | None = None
         """The base model's record (`lorsa_surgery.models.base_record`) when known; `save_patched` writes it."""
+        self.adapter = None
+        """The PEFT LoraConfig of the LoRA adapter on the model (`lorsa_surgery.healing`), or None."""
 
     def __getitem__(self, layer: int) -> LorsaAttention:
         if layer not in self.sites:
@@ -231,9 +233,14 @@ class Splice:
         return {layer: site.source for layer, site in sorted(self.sites.items())}
 
     def unsplice(self) -> nn.Module:
-        """Put back the original attention modules, detaching attached interventions; returns the model."""
+        """Put back the original attention modules, detaching attached interventions and removing a LoRA adapter;
+        returns the model."""
         if self.interventions is not None:
             self.interventions.detach()
+        if self.adapter is not None:
+            from lorsa_surgery.healing import remove_adapter
+
+            remove_adapter(self)
         layers = self.arch.layer_list(self.model)
         for layer, site in self.sites.items():
             site.hooks.clear()
