@@ -196,3 +196,11 @@ def test_cli(tiny_run, tmp_path):
     result = cli.invoke(main, ["tasks", "train", "letter", str(tmp_path / "t"), "--preset", "small", "--n-layer", "1",
                                "--steps", "3", "--checkpoint-steps", "x"])
     assert result.exit_code == 2 and "--checkpoint-steps" in result.output
+
+
+def test_a_malformed_checkpoint_record_is_one_line(tmp_path):
+    (tmp_path / "trainer.json").write_text('{"task": "letter",')
+    for args in (["heads", "classify", str(tmp_path)], ["tasks", "eval", str(tmp_path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "trainer.json is not valid JSON" in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
