@@ -47,9 +47,9 @@ class AdapterReport:
 # ---- names ----------------------------------------------------------------------------------------------------
 
 
-def _sites(handle: Splice) -> dict[str, int]:
-    """The module-name prefix of each spliced attention, e.g. {"model.layers.3.self_attn.": 3}."""
-    return {f"{handle.arch.layers}.{layer}.{handle.arch.attention}.": layer for layer in handle.layers}
+def _sites(handle: Splice) -> list[str]:
+    """The module-name prefix of each spliced attention, e.g. "model.layers.3.self_attn."."""
+    return [f"{handle.arch.layers}.{layer}.{handle.arch.attention}." for layer in handle.layers]
 
 
 def _spliced_name(handle: Splice, name: str) -> str | None:
@@ -71,16 +71,12 @@ def _base_name(handle: Splice, name: str) -> str:
 
 
 def _linear_names(handle: Splice) -> list[str]:
-    """Every linear layer of the host by its base-model name, except the output embedding and Lorsa's own."""
+    """Every linear layer of the host by its base-model name, except the output embedding."""
     from transformers.pytorch_utils import Conv1D
 
-    model = handle.model
-    output = model.get_output_embeddings()
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not output and ".lorsa." not in f".{name}." and ".source." not in f".{name}.":
-            names.append(_base_name(handle, name))
-    return names
+    output = handle.model.get_output_embeddings()
+    return [_base_name(handle, name) for name, module in handle.model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
 
 
 # ---- adapters -------------------------------------------------------------------------------------------------
