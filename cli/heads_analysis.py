@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import Lorsa, corpus
+from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
 from lorsa_surgery.cli.loading import load_with_modules, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
@@ -26,61 +26,11 @@ def _model_options(command):
     return command
 
 
-def _corpus_options(command):
-    for option in reversed([
-        click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                     help="Corpus (.txt or .jsonl); the built-in sample if none."),
-        click.option("--max-length", default=128, show_default=True, help="Token window."),
-        click.option("-k", "--k", "k", default=10, show_default=True, help="Top activations per head."),
-    ]):
-        command = option(command)
-    return command
-
-
 def _load(model, lorsa_specs, revision, base, allow_pickle, placement):
     host, tokenizer, handle = load_with_modules(model, lorsa_specs, None, revision, base, allow_pickle, placement)
     if handle is None:
         raise LorsaSurgeryError("Heads live in Lorsa modules: pass --lorsa LAYER=PATH or a patched model.")
     return tokenizer, handle
-
-
-def _windows(tokenizer, texts, max_length):
-    from lorsa_surgery.metrics import token_windows
-
-    return list(token_windows(tokenizer, corpus.load_texts(list(texts)), max_length))
-
-
-@heads.command()
-@_model_options
-@click.argument("head_spec", metavar="HEADS")
-@_corpus_options
-@click.option("--context", default="12,4", show_default=True, help="Tokens shown before,after each top activation.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def top(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, texts, max_length, k, context, as_json):
-    """Firing statistics and top activations of HEADS over a corpus."""
-    from lorsa_surgery.analysis import scan_heads, token_text
-
-    parse_heads(head_spec)
-    try:
-        before, after = (int(n) for n in context.split(","))
-    except ValueError:
-        raise LorsaSurgeryError(f"--context {context!r} is not BEFORE,AFTER.") from None
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
-    scans = scan_heads(handle, _windows(tokenizer, texts, max_length), head_spec, k=k, context=(before, after))
-    if as_json:
-        click.echo(json.dumps({
-            ref: {"name": s.name, "stats": {**vars(s.stats), "frequency": s.stats.frequency},
-                  "top": [{**vars(t), "text": [tokenizer.decode([i]) for i in t.tokens]} for t in s.top]}
-            for ref, s in scans.items()
-        }, indent=2))
-        return
-    for scan in scans.values():
-        st = scan.stats
-        click.echo(f"{scan.name}: fires on {100 * st.frequency:.2f}% of {st.tokens} tokens, mean {st.mean:.4g}, "
-                   f"mean when firing {st.mean_when_fired:.4g}, max {st.max:.4g}")
-        for t in scan.top:
-            text = "".join(f"[[{token_text(tokenizer, i)}]]" if j == t.focus else token_text(tokenizer, i) for j, i in enumerate(t.tokens))
-            click.echo(f"  {t.value:>9.4g}  {text}")
 
 
 @heads.command()
@@ -117,26 +67,6 @@ def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_s
         click.echo(f"  {s:>5}  {token_text(tokenizer, int(ids[0, s]))!r:<20} {float(parts[s]):>+10.4g}")
 
 
-@heads.command()
-@_model_options
-@click.argument("head_spec", metavar="HEADS")
-@_corpus_options
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the dashboards.")
-def dashboard(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, texts, max_length, k, out_dir):
-    """Write a self-contained HTML dashboard (and a logit-attribution PNG) per head of HEADS."""
-    from lorsa_surgery.analysis import dashboard as write_dashboard
-    from lorsa_surgery.analysis import logit_attribution, plot_logit_attribution
-    from lorsa_surgery.heads import resolve_heads
-
-    parse_heads(head_spec)
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
-    windows = _windows(tokenizer, texts, max_length)
-    for ref in resolve_heads(head_spec, handle):
-        page = write_dashboard(handle, tokenizer, ref, windows, out_dir / f"{ref}.html", k=k)
-        plot_logit_attribution(logit_attribution(handle, ref), tokenizer, out_dir / f"{ref}-logits.png")
-        click.echo(page)
-
-
 @heads.command("label")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("head_spec", metavar="HEAD")
@@ -171,3 +101,203 @@ def label_head(path, head_spec, label, note):
         lorsa.catalog.pop(index, None)
     lorsa.save_pretrained(folder)
     click.echo(f"{head_spec}: {label!r}" if label else f"{head_spec}: label removed")
+
+
+# ---- one scan, many views ---------------------------------------------------------------------------------------
+
+SCAN_FILE = "scan.json"
+
+
+def _scan_windows(tokenizer, texts, max_length: int, max_tokens: int, seed: int = 0):
+    """Windows aligned to document starts, from documents in a seeded order until max_tokens: the built-in offline
+    corpus (the Python documentation) unless texts are given."""
+    import torch
+
+    from lorsa_surgery.metrics import document_windows
+
+    docs = corpus.load_texts(list(texts)) if texts else corpus.python_documentation()
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, total = [], 0
+    for doc, start, ids in document_windows(tokenizer, [docs[i] for i in order], max_length):
+        if total >= max_tokens:
+            break
+        picked.append((order[doc], start, ids))
+        total += len(ids)
+    return picked
+
+
+def _stores(folder: Path):
+    from lorsa_surgery.scan import HeadStore
+
+    record = files.read_json(folder / SCAN_FILE)
+    return record, [HeadStore.load(folder / f"L{layer}") for layer in record["layers"]]
+
+
+def _tokenizer(record: dict):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(record["tokenizer"])
+
+
+@heads.command("scan")
+@_model_options
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Corpus (.txt or .jsonl); none: the built-in offline corpus, the Python documentation.")
+@click.option("--max-length", default=128, show_default=True, help="Tokens per window (windows start at document starts).")
+@click.option("--max-tokens", default=65536, show_default=True, help="Tokens to scan, from documents in a seeded order.")
+@click.option("-k", "--k", "k", default=10, show_default=True, help="Strongest examples kept per head.")
+@click.option("--bands", default=5, show_default=True, help="Quantile bands of each head's activations to show examples from.")
+@click.option("--per-band", default=2, show_default=True, help="Examples per quantile band.")
+@click.option("--pages/--no-pages", default=True, show_default=True, help="Also write index.html and a page per head.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the scan and pages.")
+def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, texts, max_length, max_tokens, k, bands, per_band,
+                 pages, out_dir):
+    """Scan a corpus once through every spliced layer of MODEL and keep what every head view shows (heads list, top,
+    dashboard, index.html); an unchanged module and corpus are not scanned again."""
+    from lorsa_surgery.pages import write_site
+    from lorsa_surgery.scan import ensure
+
+    if min(max_length, max_tokens, bands, per_band + 1, k + 1) < 1 or max_length < 2:
+        raise LorsaSurgeryError("--max-length must be at least 2, --max-tokens and --bands positive, -k and --per-band not negative.")
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
+    windows = _scan_windows(tokenizer, texts, max_length, max_tokens)
+    stores = []
+    for layer in handle.layers:
+        store, scanned = ensure(handle, windows, layer, out_dir / f"L{layer}", k=k, bands=bands, per_band=per_band)
+        click.echo(f"layer {layer}: {'scanned' if scanned else 'unchanged, kept'} {store.n_tokens} tokens, {len(store.heads)} heads", err=True)
+        stores.append(store)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    files.write_json(out_dir / SCAN_FILE, {
+        "model": model, "lorsa": list(lorsa_specs), "revision": revision, "base": base, "layers": handle.layers,
+        "tokenizer": str((out_dir / "tokenizer").resolve()), "corpus": [Path(t).name for t in texts] or corpus.BUILTIN_CORPUS,
+    })
+    if pages:
+        click.echo(write_site(stores, tokenizer, out_dir))
+
+
+@heads.command("list")
+@click.argument("scan_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--label", default=None, help="Only heads with this catalog label.")
+@click.option("--min-firing", type=float, default=0.0, show_default=True, help="Only heads firing on at least this fraction of tokens.")
+@click.option("--fires-on", "prompt", default=None, help="Only heads that fire somewhere on this prompt (loads the model).")
+@click.option("--sort", type=click.Choice(["head", "firing", "mean", "max"]), default="head", show_default=True)
+@click.option("--limit", type=int, default=None, help="At most this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_heads(scan_dir, label, min_firing, prompt, sort, limit, as_json):
+    """The heads of a scan (`heads scan --out SCAN_DIR`): label, firing rate, mean and max activation, dead flag,
+    QK group and the tokens each promotes most."""
+    from lorsa_surgery.analysis import token_text
+
+    record, stores = _stores(scan_dir)
+    tokenizer = _tokenizer(record)
+    rows = [{**row, "layer": store.layer} for store in stores for row in store.rows()]
+    if label is not None:
+        rows = [r for r in rows if r["label"] == label]
+    rows = [r for r in rows if r["firing_rate"] >= min_firing]
+    if prompt is not None:
+        firing = _firing_on(record, prompt)
+        rows = [r for r in rows if r["head"] in firing]
+    keys = {"head": lambda r: (r["layer"], r["index"]), "firing": lambda r: -r["firing_rate"], "mean": lambda r: -r["mean"],
+            "max": lambda r: -r["max"]}
+    rows = sorted(rows, key=keys[sort])[:limit]
+    for r in rows:
+        r["promoted_text"] = [token_text(tokenizer, t) for t in r["promoted"][:5]]
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "promoted"} for r in rows], indent=2))
+        return
+    click.echo(f"{'head':<12} {'label':<16} {'firing %':>9} {'mean':>9} {'max':>9} {'dead':>4} {'QK':>3}  promotes")
+    for r in rows:
+        click.echo(f"{r['head']:<12} {r['label'][:16]:<16} {100 * r['firing_rate']:>9.3f} {r['mean']:>9.4g} {r['max']:>9.4g} "
+                   f"{'dead' if r['dead'] else '':>4} {r['qk_group']:>3}  {' '.join(repr(t) for t in r['promoted_text'][:3])}")
+
+
+def _firing_on(record: dict, prompt: str) -> set[str]:
+    """Heads (refs) that fire at any token of the prompt, in the scanned model."""
+    import torch
+
+    from lorsa_surgery.interventions import Recorder
+
+    placement = {"dtype": "float32", "lorsa_dtype": None, "device_map": None, "max_memory": None, "offload_dir": None}
+    _, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
+    tokenizer = _tokenizer(record)
+    refs = [f"L{layer}.H0-{handle[layer].source.cfg.n_ov_heads - 1}" for layer in handle.layers]
+    with Recorder(handle, refs) as rec, torch.no_grad():
+        handle.model(tokenizer(prompt, return_tensors="pt").input_ids)
+    fired = (rec.activations() != 0).any(1)[0]
+    return {str(rec.refs[i]) for i in fired.nonzero()[:, 0].tolist()}
+
+
+@heads.command("top")
+@click.argument("scan_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("head_spec", metavar="HEADS")
+@click.option("--context", default="12,4", show_default=True, help="Tokens shown before,after each example.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def top(scan_dir, head_spec, context, as_json):
+    """Firing statistics and strongest activations of HEADS (L3.H5, L3.H0-9, L3:label) in a scan."""
+    from lorsa_surgery.analysis import token_text
+
+    before, after = _context(context)
+    record, stores = _stores(scan_dir)
+    tokenizer = _tokenizer(record)
+    out = {}
+    for store, column in _columns(stores, head_spec):
+        row = store.rows()[column]
+        examples = []
+        for ex in store.examples(column):
+            if ex["kind"]:
+                continue
+            ids = store.window(ex["window"]).tolist()
+            lo, hi = max(0, ex["position"] - before), min(len(ids), ex["position"] + after + 1)
+            examples.append({"value": ex["value"], "doc": ex["doc"], "offset": ex["offset"], "window": ex["window"],
+                             "position": ex["position"], "tokens": ids[lo:hi], "focus": ex["position"] - lo,
+                             "text": [token_text(tokenizer, i) for i in ids[lo:hi]]})
+        out[row["head"]] = {"name": row["name"], "stats": {k: row[k] for k in ("fired", "firing_rate", "mean", "mean_when_fired", "max", "dead")}
+                            | {"tokens": store.n_tokens}, "top": examples}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for head in out.values():
+        st = head["stats"]
+        click.echo(f"{head['name']}: fires on {100 * st['firing_rate']:.2f}% of {st['tokens']} tokens, mean {st['mean']:.4g}, "
+                   f"mean when firing {st['mean_when_fired']:.4g}, max {st['max']:.4g}")
+        for ex in head["top"]:
+            text = "".join(f"[[{t}]]" if j == ex["focus"] else t for j, t in enumerate(ex["text"]))
+            click.echo(f"  {ex['value']:>9.4g}  doc {ex['doc']} @{ex['offset']}: {text}")
+
+
+@heads.command("dashboard")
+@click.argument("scan_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("head_spec", metavar="HEADS")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the pages [default: SCAN_DIR, beside its index.html].")
+def dashboard(scan_dir, head_spec, out_dir):
+    """Write the pages of HEADS from a scan (and the index that links them); print the index's path."""
+    from lorsa_surgery.pages import write_site
+
+    record, stores = _stores(scan_dir)
+    refs = [store.rows()[column]["head"] for store, column in _columns(stores, head_spec)]
+    click.echo(write_site(stores, _tokenizer(record), out_dir or scan_dir, heads=refs))
+
+
+def _context(text: str) -> tuple[int, int]:
+    try:
+        before, after = (int(n) for n in text.split(","))
+    except ValueError:
+        raise LorsaSurgeryError(f"--context {text!r} is not BEFORE,AFTER.") from None
+    return before, after
+
+
+def _columns(stores, head_spec: str):
+    """(store, column) of each head a spec names, labels read from the scanned catalog."""
+    from lorsa_surgery.heads import resolve_in
+
+    by_layer = {store.layer: store for store in stores}
+
+    def module(layer: int):
+        if layer not in by_layer:
+            raise LorsaSurgeryError(f"Layer {layer} was not scanned (the scan covers layers {sorted(by_layer)}).")
+        store = by_layer[layer]
+        catalog = {int(h): {"label": label} for h, label in zip(store.heads.tolist(), store.labels) if label}
+        return store.n_heads, catalog
+
+    return [(by_layer[ref.layer], by_layer[ref.layer].column(ref.index)) for ref in resolve_in(head_spec, module)]

@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from jinja2 import Environment
 from torch import nn
-from tqdm.auto import tqdm
 
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, HeadSpec, head_name, resolve_heads
-from lorsa_surgery.interventions import Recorder, splice_of
+from lorsa_surgery.interventions import splice_of
 from lorsa_surgery.patching import SweepResult, forward
 from lorsa_surgery.splicing import HeadContext, Splice
 
@@ -31,16 +28,6 @@ def _one_head(head: HeadSpec, handle: Splice) -> HeadRef:
     if len(refs) != 1:
         raise LorsaSurgeryError(f"{head!r} names {len(refs)} heads; name exactly one.")
     return refs[0]
-
-
-def _pad_right(windows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D token windows into ids [N, W] and a padding mask [N, W]."""
-    W = max(len(w) for w in windows)
-    ids = torch.zeros(len(windows), W, dtype=torch.long)
-    mask = torch.zeros(len(windows), W, dtype=torch.long)
-    for i, w in enumerate(windows):
-        ids[i, : len(w)], mask[i, : len(w)] = w, 1
-    return ids, mask
 
 
 # ---- corpus scans -----------------------------------------------------------------------------------------------
@@ -98,7 +85,6 @@ class HeadScan:
     """Its strongest activations, strongest first."""
 
 
-@torch.no_grad()
 def scan_heads(
     target: Splice | nn.Module,
     windows: Sequence[torch.Tensor],
@@ -110,57 +96,35 @@ def scan_heads(
     progress: bool = True,
 ) -> dict[str, HeadScan]:
     """Run token windows (1-D or [1, T] tensors, e.g. from `lorsa_surgery.metrics.token_windows`) through the model and
-    collect, per head, firing statistics and the k strongest activations with `context` = (before, after) tokens."""
+    collect, per head, firing statistics and the k strongest activations with `context` = (before, after) tokens
+    (`lorsa_surgery.scan.scan`, one scan per layer; its store holds more: see `heads scan`)."""
+    from lorsa_surgery.heads import by_layer
+    from lorsa_surgery.scan import scan
+
     handle = splice_of(target)
     refs = resolve_heads(heads, handle)
-    windows = [torch.as_tensor(w).reshape(-1) for w in windows]
-    if not windows:
-        raise LorsaSurgeryError("No token windows to scan.")
-    h, W = len(refs), max(len(w) for w in windows)
-    tokens, fired, total = 0, torch.zeros(h, dtype=torch.long), torch.zeros(h, dtype=torch.float64)
-    peak = torch.full((h,), float("-inf"))
-    top_vals, top_win, top_pos = torch.empty(0, h), torch.empty(0, h, dtype=torch.long), torch.empty(0, h, dtype=torch.long)
-    top_rows = torch.empty(0, h, W)
-    for start in tqdm(range(0, len(windows), batch_size), desc="scanning heads", disable=not progress):
-        ids, mask = _pad_right(windows[start : start + batch_size])
-        with Recorder(handle, refs) as rec:
-            forward(handle, ids, mask)
-        acts = rec.activations()  # [b, S, h]; S is the batch's longest window
-        valid = mask.bool()[..., None]
-        tokens += int(mask.sum())
-        fired += ((acts != 0) & valid).sum((0, 1))
-        total += (acts * valid).sum((0, 1)).double()
-        masked = acts.masked_fill(~valid, float("-inf"))
-        peak = torch.maximum(peak, masked.amax((0, 1)))
-        if k:
-            S = acts.shape[1]
-            vals, flat = masked.reshape(-1, h).topk(min(k, masked.shape[0] * S), dim=0)  # [k', h]
-            b, p = flat // S, flat % S
-            rows = F.pad(acts.permute(2, 0, 1)[torch.arange(h)[None, :], b], (0, W - S))  # [k', h, W]
-            top_vals = torch.cat([top_vals, vals])
-            top_win, top_pos = torch.cat([top_win, b + start]), torch.cat([top_pos, p])
-            top_rows = torch.cat([top_rows, rows])
-            keep = top_vals.topk(min(k, len(top_vals)), dim=0).indices
-            top_vals, top_win, top_pos = top_vals.gather(0, keep), top_win.gather(0, keep), top_pos.gather(0, keep)
-            top_rows = top_rows[keep, torch.arange(h)[None, :]]
+    windows = [(i, 0, torch.as_tensor(w).reshape(-1)) for i, w in enumerate(windows)]
     before, after = context
     out = {}
-    for j, ref in enumerate(refs):
-        top = []
-        for e in range(len(top_vals)):
-            value = float(top_vals[e, j])
-            if value == float("-inf") or value == 0:
-                continue
-            w, p = int(top_win[e, j]), int(top_pos[e, j])
-            lo, hi = max(0, p - before), min(len(windows[w]), p + after + 1)
-            top.append(TopActivation(value, w, p, windows[w][lo:hi].tolist(), top_rows[e, j, lo:hi].tolist(), p - lo))
-        n_fired = int(fired[j])
-        stats = FiringStats(
-            tokens=tokens, fired=n_fired, mean=float(total[j]) / max(tokens, 1),
-            mean_when_fired=float(total[j]) / max(n_fired, 1), max=float(peak[j]),
-        )
-        out[str(ref)] = HeadScan(str(ref), head_name(ref, handle), stats, top)
-    return out
+    for layer, indices in by_layer(refs).items():
+        store = scan(handle, windows, layer, indices, k=k, bands=0, per_band=0, n_logits=1, batch_size=batch_size,
+                     progress=progress)
+        rows = store.rows()
+        for column, row in enumerate(rows):
+            acts = {}
+            mine = store.entry_column == column
+            for w, t, v in zip(store.entry_window[mine].tolist(), store.entry_position[mine].tolist(), store.entry_value[mine].tolist()):
+                acts[w, t] = v
+            top = []
+            for ex in store.examples(column):
+                ids = store.window(ex["window"]).tolist()
+                lo, hi = max(0, ex["position"] - before), min(len(ids), ex["position"] + after + 1)
+                top.append(TopActivation(ex["value"], ex["window"], ex["position"], ids[lo:hi],
+                                         [acts.get((ex["window"], t), 0.0) for t in range(lo, hi)], ex["position"] - lo))
+            stats = FiringStats(tokens=store.n_tokens, fired=row["fired"], mean=row["mean"], mean_when_fired=row["mean_when_fired"],
+                                max=row["max"])
+            out[row["head"]] = HeadScan(row["head"], row["name"], stats, top)
+    return {str(ref): out[str(ref)] for ref in refs}
 
 
 def mean_activations(
@@ -258,21 +222,27 @@ _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 
 
 @torch.no_grad()
-def logit_attribution(target: Splice | nn.Module, head: HeadSpec, k: int = 10) -> LogitAttribution:
-    """Direct logit attribution of a head's output direction W_O[head]: through the final norm's gain (centred
-    first for LayerNorm) and the unembedding, ignoring the norm's data-dependent scale."""
+def logit_scores(target: Splice | nn.Module, layer: int, heads: Sequence[int]) -> torch.Tensor:
+    """[len(heads), vocab] direct logit attribution of each head's output direction W_O[head]: through the final
+    norm's gain (centred first for LayerNorm) and the unembedding, ignoring the norm's data-dependent scale."""
     handle = splice_of(target)
-    ref = _one_head(head, handle)
     model = handle.model
     norm = next((getattr(model.base_model, n) for n in _FINAL_NORMS if isinstance(getattr(model.base_model, n, None), nn.Module)), None)
     if norm is None:
         raise LorsaSurgeryError(f"Cannot find the final norm of {type(model).__name__} (looked for {', '.join(_FINAL_NORMS)}).")
     unembed = model.get_output_embeddings().weight
-    direction = handle[ref.layer].lorsa.W_O[ref.index].float().to(unembed.device)
+    directions = handle[layer].lorsa.W_O[torch.as_tensor(list(heads), dtype=torch.long)].float().to(unembed.device)
     if isinstance(norm, nn.LayerNorm):
-        direction = direction - direction.mean()
+        directions = directions - directions.mean(-1, keepdim=True)
     gain, _ = handle.arch.norm_gain(norm)
-    scores = unembed.float() @ (direction * gain.to(direction.device))
+    return (directions * gain.to(directions.device)) @ unembed.float().T
+
+
+def logit_attribution(target: Splice | nn.Module, head: HeadSpec, k: int = 10) -> LogitAttribution:
+    """The k tokens a head's output direction promotes and suppresses most (`logit_scores`)."""
+    handle = splice_of(target)
+    ref = _one_head(head, handle)
+    scores = logit_scores(handle, ref.layer, [ref.index])[0]
     up, down = scores.topk(k), (-scores).topk(k)
     return LogitAttribution(
         str(ref), head_name(ref, handle),
@@ -290,98 +260,6 @@ def token_text(tokenizer, token: int) -> str:
     return text.replace("\n", "\u21b5").replace("\t", "\u21e5")
 
 
-_DASHBOARD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ name }} - lorsa-surgery</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:62em;color:#222;padding:0 1em}
-h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em}
-.note{color:#555;margin-top:0} table.stats td{padding:2px 14px 2px 0}
-.example{margin:.8em 0;padding:.6em .8em;border:1px solid #ddd;border-radius:6px}
-.meta{font-size:.85em;color:#555;margin-bottom:.3em}
-.tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:2}
-.tok{border-radius:3px} .focus{outline:2px solid #b00020}
-.zp{margin-top:.5em;font-size:.85em} .zp-title{color:#555;margin-bottom:.2em}
-.bar-row{display:flex;align-items:center;gap:.6em;height:1.3em}
-.bar-label{width:14em;font-family:ui-monospace,monospace;white-space:pre;overflow:hidden;text-overflow:ellipsis}
-.bar-track{width:20em} .bar{height:.75em;background:#e07b00;border-radius:2px} .bar.neg{background:#3b6fd8}
-.dla{display:flex;gap:4em} .dla ol{font-family:ui-monospace,monospace;white-space:pre;padding-left:1.5em}
-</style></head><body>
-<h1>{{ name }}</h1>
-{% if note %}<p class="note">{{ note }}</p>{% endif %}
-<table class="stats">
-<tr><td>tokens scanned</td><td id="tokens">{{ stats.tokens }}</td></tr>
-<tr><td>fires on</td><td id="frequency">{{ "%.2f"|format(100 * stats.frequency) }}% of tokens</td></tr>
-<tr><td>mean activation</td><td>{{ "%.4g"|format(stats.mean) }} (when firing {{ "%.4g"|format(stats.mean_when_fired) }})</td></tr>
-<tr><td>max activation</td><td id="max">{{ "%.4g"|format(stats.max) }}</td></tr>
-</table>
-{% if attribution %}
-<h2>Direct logit attribution (per unit of activation)</h2>
-<div class="dla">
-<div><b>promotes</b><ol class="promoted">{% for text, value in attribution.promoted %}<li>{{ text }}  {{ "%+.3f"|format(value) }}</li>{% endfor %}</ol></div>
-<div><b>suppresses</b><ol class="suppressed">{% for text, value in attribution.suppressed %}<li>{{ text }}  {{ "%+.3f"|format(value) }}</li>{% endfor %}</ol></div>
-</div>
-{% endif %}
-<h2>Top activations</h2>
-{% if not examples %}<p>The head never fired on this corpus.</p>{% endif %}
-{% for ex in examples %}
-<div class="example" data-value="{{ ex.value }}">
-<div class="meta">activation {{ "%.4g"|format(ex.value) }} at position {{ ex.position }} of window {{ ex.window }}</div>
-<div class="tokens">{% for t in ex.tokens %}<span class="tok{% if t.focus %} focus{% endif %}" style="background:{{ t.color }}" title="{{ t.title }}" data-act="{{ t.act }}">{{ t.text }}</span>{% endfor %}</div>
-{% if ex.bars %}<div class="zp"><div class="zp-title">z-pattern at the outlined token: the source tokens that feed it (z = {{ "%.4g"|format(ex.z) }})</div>
-{% for bar in ex.bars %}<div class="bar-row"><span class="bar-label">{{ bar.label }}</span><span class="bar-track"><div class="bar{% if bar.value < 0 %} neg{% endif %}" style="width:{{ "%.1f"|format(bar.width) }}%" data-contribution="{{ bar.value }}"></div></span><span>{{ "%+.4g"|format(bar.value) }}</span></div>
-{% endfor %}</div>{% endif %}
-</div>
-{% endfor %}
-</body></html>
-"""
-
-
-def _color(act: float, scale: float) -> str:
-    strength = min(abs(act) / scale, 1.0) if scale > 0 else 0.0
-    rgb = "224,123,0" if act >= 0 else "59,111,216"
-    return f"rgba({rgb},{strength:.3f})"
-
-
-def render_dashboard(
-    scan: HeadScan,
-    tokenizer,
-    zpatterns: ZPattern | None = None,
-    attribution: LogitAttribution | None = None,
-    note: str = "",
-    n_bars: int = 8,
-) -> str:
-    """The HTML of a head's dashboard: statistics, logit attribution, and each top activation as coloured tokens with
-    the z-pattern of its focus token (row i of `zpatterns` belongs to example i)."""
-    scale = max((abs(a) for ex in scan.top for a in ex.acts), default=0.0)
-    examples = []
-    for i, ex in enumerate(scan.top):
-        tokens = [
-            {"text": token_text(tokenizer, t), "act": a, "color": _color(a, scale), "focus": j == ex.focus,
-             "title": f"position {ex.position - ex.focus + j}: {a:.4g}"}
-            for j, (t, a) in enumerate(zip(ex.tokens, ex.acts))
-        ]
-        bars, z = [], None
-        if zpatterns is not None:
-            parts = zpatterns.contributions[i]
-            z = float(zpatterns.z[i])
-            biggest = float(parts.abs().max()) or 1.0
-            ids = zpatterns.input_ids[i]
-            for s in parts.abs().argsort(descending=True)[:n_bars].tolist():
-                value = float(parts[s])
-                if value != 0:
-                    label = f"{s:>4} {token_text(tokenizer, int(ids[s]))}"
-                    bars.append({"label": label, "value": value, "width": 100 * abs(value) / biggest})
-        examples.append({"value": ex.value, "position": ex.position, "window": ex.window, "tokens": tokens, "bars": bars, "z": z})
-    dla = None
-    if attribution is not None:
-        dla = {
-            "promoted": [(token_text(tokenizer, t), v) for t, v in attribution.promoted],
-            "suppressed": [(token_text(tokenizer, t), v) for t, v in attribution.suppressed],
-        }
-    template = Environment(autoescape=True).from_string(_DASHBOARD)
-    return template.render(name=scan.name, note=note, stats=scan.stats, attribution=dla, examples=examples)
-
-
 def dashboard(
     target: Splice | nn.Module,
     tokenizer,
@@ -390,21 +268,19 @@ def dashboard(
     path: str | Path,
     *,
     k: int = 10,
-    context: tuple[int, int] = (12, 4),
     batch_size: int = 8,
     progress: bool = True,
 ) -> Path:
-    """Scan the windows for one head and write its self-contained HTML dashboard to `path`."""
+    """Scan the windows for one head and write its self-contained HTML page to `path` (`lorsa_surgery.pages`); to
+    look at many heads, scan once with `heads scan` instead."""
+    from lorsa_surgery.pages import head_page
+    from lorsa_surgery.scan import scan
+
     handle = splice_of(target)
     ref = _one_head(head, handle)
-    scan = scan_heads(handle, windows, [ref], k=k, context=context, batch_size=batch_size, progress=progress)[str(ref)]
-    zp = None
-    if scan.top:
-        ids, mask = _pad_right([torch.as_tensor(windows[ex.window]).reshape(-1) for ex in scan.top])
-        zp = z_pattern(handle, ref, ids, [ex.position for ex in scan.top], mask)
-    attribution = logit_attribution(handle, ref)
-    note = handle[ref.layer].source.catalog.get(ref.index, {}).get("note", "")
-    return files.write_text(path, render_dashboard(scan, tokenizer, zp, attribution, note))
+    windows = [(i, 0, torch.as_tensor(w).reshape(-1)) for i, w in enumerate(windows)]
+    store = scan(handle, windows, ref.layer, [ref.index], k=k, batch_size=batch_size, progress=progress)
+    return files.write_text(path, head_page(store, tokenizer, 0, index_href="index.html"))
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------------

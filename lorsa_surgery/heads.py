@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.splicing import Splice
@@ -69,12 +69,16 @@ def resolve_heads(spec: HeadSpec, handle: Splice) -> list[HeadRef]:
     Raises for a layer that carries no Lorsa module, an index past the module's head count, and a label that no
     head of the layer's catalog carries.
     """
+    return resolve_in(spec, lambda layer: (handle[layer].source.cfg.n_ov_heads, handle[layer].source.catalog))
+
+
+def resolve_in(spec: HeadSpec, module: Callable[[int], tuple[int, dict[int, dict[str, str]]]]) -> list[HeadRef]:
+    """`resolve_heads` against any record of the modules: `module(layer)` gives (number of heads, catalog) or raises."""
     refs: list[HeadRef] = []
     for item in parse_heads(spec):
         m = _INDEX.fullmatch(item)
         layer = int(m[1]) if m else int(_LABEL.fullmatch(item)[1])
-        lorsa = handle[layer].source
-        n = lorsa.cfg.n_ov_heads
+        n, catalog = module(layer)
         if m:
             first, last = int(m[2]), int(m[3] if m[3] is not None else m[2])
             if last >= n:
@@ -82,9 +86,9 @@ def resolve_heads(spec: HeadSpec, handle: Splice) -> list[HeadRef]:
             indices = range(first, last + 1)
         else:
             label = _LABEL.fullmatch(item)[2].strip()
-            indices = [h for h, info in sorted(lorsa.catalog.items()) if info.get("label") == label]
+            indices = [h for h, info in sorted(catalog.items()) if info.get("label") == label]
             if not indices:
-                known = sorted({info.get("label") for info in lorsa.catalog.values() if info.get("label")})
+                known = sorted({info.get("label") for info in catalog.values() if info.get("label")})
                 raise LorsaSurgeryError(
                     f"No head of layer {layer} is labelled {label!r} (labels: {', '.join(known) or 'none'})."
                 )

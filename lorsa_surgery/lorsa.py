@@ -6,7 +6,6 @@ heads of which only a few fire at each token. OV head i shares query-key head i 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path

@@ -17,14 +17,21 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - (pred - target).pow(2).sum() / total)
 
 
-def token_windows(tokenizer, texts: list[str], max_length: int):
-    """Token windows of up to max_length from the texts, one [1, T] tensor each."""
-    for text in texts:
+def document_windows(tokenizer, texts: list[str], max_length: int):
+    """(document index, first token's offset in it, token ids [T]) of windows of up to max_length, cut from each
+    document's start, so no window straddles two documents and the first of each starts where its text does."""
+    for doc, text in enumerate(texts):
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         for start in range(0, len(ids) - 1, max_length):
             window = ids[start : start + max_length]
             if len(window) > 1:
-                yield window[None]
+                yield doc, start, window
+
+
+def token_windows(tokenizer, texts: list[str], max_length: int):
+    """Token windows of up to max_length from the texts, one [1, T] tensor each (see `document_windows`)."""
+    for _, _, window in document_windows(tokenizer, texts, max_length):
+        yield window[None]
 
 
 @torch.no_grad()

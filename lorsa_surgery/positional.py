@@ -14,7 +14,6 @@ import random
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch

@@ -11,8 +11,7 @@ import torch
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.analysis import (
-    dashboard, logit_attribution, mean_activations, plot_logit_attribution, plot_sweep, plot_z_pattern, scan_heads,
-    token_text, z_pattern,
+    logit_attribution, mean_activations, plot_logit_attribution, plot_sweep, plot_z_pattern, scan_heads, token_text, z_pattern,
 )
 from lorsa_surgery.interventions import Ablate, InterventionSet, Recorder
 from lorsa_surgery.patching import Loss, sweep
@@ -109,90 +108,153 @@ def test_plots_are_written(tmp_path):
         assert image.shape[0] > 200 and image.shape[1] > 400 and image[..., :3].std() > 0.05
 
 
-# ---- the dashboard, rendered by a real browser ----------------------------------------------------------------------
+# ---- the pages, rendered by a real browser --------------------------------------------------------------------------
 
 
 class _Dom(HTMLParser):
-    """Collects the token spans and z-pattern bars of a dumped DOM."""
+    """Collects what the page tests look at in a dumped DOM: examples, token rows, sections, table rows, images."""
 
     def __init__(self):
         super().__init__()
-        self.examples, self.tokens, self.bars, self.scripts, self._tok = [], [], [], 0, None
+        self.examples, self.rows, self.sections, self.table, self.svgs, self.ids = [], [], [], [], 0, set()
+        self._row = self._cell = None
+        self._h2 = False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         classes = a.get("class", "").split()
+        self.ids.add(a.get("id"))
         if "example" in classes:
-            self.examples.append(float(a["data-value"]))
-            self.tokens.append([])
-            self.bars.append([])
-        elif "tok" in classes:
-            self._tok = {"act": float(a["data-act"]), "focus": "focus" in classes, "style": a["style"], "text": ""}
-            self.tokens[-1].append(self._tok)
-        elif "bar" in classes:
-            self.bars[-1].append((float(a["data-contribution"]), a["style"]))
-        elif tag == "script":
-            self.scripts += 1
+            self.examples.append({"value": float(a["data-value"]), "rows": {}})
+        elif "tokens" in classes:
+            self._row = []
+            self.examples[-1]["rows"]["acts" if "acts" in classes else "srcs"] = self._row
+        elif tag == "span" and self._row is not None:
+            self._row.append({"focus": "focus" in classes, "style": a.get("style", ""), "text": ""})
+        elif tag == "h2":
+            self._h2 = True
+            self.sections.append("")
+        elif tag == "tr":
+            self.table.append([])
+        elif tag == "td":
+            self._cell = ""
+        elif tag == "svg":
+            self.svgs += 1
 
     def handle_endtag(self, tag):
-        if tag == "span":
-            self._tok = None
+        if tag == "div":
+            self._row = None
+        elif tag == "h2":
+            self._h2 = False
+        elif tag == "td":
+            self.table[-1].append(self._cell)
+            self._cell = None
 
     def handle_data(self, data):
-        if self._tok is not None:
-            self._tok["text"] += data
+        if self._row:
+            self._row[-1]["text"] += data
+        if self._h2:
+            self.sections[-1] += data
+        if self._cell is not None:
+            self._cell += data
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+         "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0"]
+
+
+def _chromium(tmp_path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == [], console  # the pages run without a console error
+    return done
+
+
+def _alpha(style: str) -> float:
+    return float(style.split("background:rgba(")[1].split(")")[0].split(",")[3]) if "background" in style else 0.0
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for headless rendering (apt-get install -y chromium)")
-def test_dashboard_renders_in_headless_chromium(tmp_path):
+def test_index_and_head_pages_render_in_headless_chromium(tmp_path):
+    from lorsa_surgery.metrics import document_windows
+    from lorsa_surgery.pages import AFTER, BEFORE, write_site
+    from lorsa_surgery.scan import scan
+
     model, handle = spliced()
     handle.modules()[1].catalog[5]["note"] = '<img src=x onerror="alert(1)"> a test head'
     tok = char_tokenizer()
-    text = "if a<b && c>d: print('<script>alert(1)</script>')\n" * 3
-    windows = [tok(text[i : i + 40], return_tensors="pt").input_ids[0] for i in range(0, len(text) - 40, 20)]
-    page = dashboard(model, tok, "L1:five", windows, tmp_path / "L1.H5.html", k=5, context=(8, 3), progress=False)
-    scan = scan_heads(model, windows, "L1.H5", k=5, context=(8, 3), progress=False)["L1.H5"]
-    run = lambda *extra: subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *extra, page.as_uri()],
-                                        capture_output=True, text=True, timeout=120)
-    dumped = run("--dump-dom")
-    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    texts = ["if a<b && c>d: print('<script>alert(1)</script>')\n" * 4, "The cat sat on the mat. " * 12, "Mary and John. " * 9]
+    store = scan(handle, list(document_windows(tok, texts, 96)), 1, progress=False)
+    index = write_site([store], tok, tmp_path / "site")
+    column = store.column(5)
+    dumped = _chromium(tmp_path, (tmp_path / "site" / "heads" / "L1.H5.html").as_uri(), "--dump-dom").stdout
     dom = _Dom()
-    dom.feed(dumped.stdout)
-    scale = max(abs(a) for t in scan.top for a in t.acts)
-    assert "<title>L1.H5 (five) - lorsa-surgery</title>" in dumped.stdout and "a test head" in dumped.stdout
-    assert dom.scripts == 0 and "<img" not in dumped.stdout and "&lt;img" in dumped.stdout  # markup in data stays text
-    assert dom.examples == pytest.approx([t.value for t in scan.top]) and len(dom.examples) == 5
-    for spans, bars, example in zip(dom.tokens, dom.bars, scan.top):
-        assert [s["text"] for s in spans] == [token_text(tok, t) for t in example.tokens]
-        assert [s["act"] for s in spans] == pytest.approx(example.acts)
-        assert [s["focus"] for s in spans].index(True) == example.focus
-        alphas = [float(s["style"].rsplit(",", 1)[1].rstrip(");")) for s in spans]
-        assert alphas == pytest.approx([abs(a) / scale for a in example.acts], abs=1e-3)  # colour follows activation
-        widths = [float(style.split(":")[1].rstrip("%;")) for _, style in bars]
-        assert 1 <= len(bars) <= 8 and max(widths) == 100.0 and widths == sorted(widths, reverse=True)
-
-    shot = run("--screenshot=" + str(tmp_path / "shot.png"), "--window-size=1000,1400")
-    assert shot.returncode == 0, shot.stderr[-2000:]
+    dom.feed(dumped)
+    assert "<title>L1.H5 (five) - lorsa-surgery</title>" in dumped and "a test head" in dumped
+    assert "<img" not in dumped and "&lt;img" in dumped and "<script>alert" not in dumped  # data stays text
+    assert {"histogram", "dla", "qk-group", "firing"} <= dom.ids and dom.svgs >= 2
+    examples = store.examples(column)
+    assert [e["value"] for e in dom.examples] == pytest.approx([e["value"] for e in examples])
+    bands = {e["kind"] for e in examples}
+    assert dom.sections[0] == "Strongest activations" and len(dom.sections) == len(bands) and 0 in bands and len(bands) > 1
+    assert f"of document {examples[0]['doc']}" in dumped
+    for shown, ex in zip(dom.examples, examples):
+        acts, srcs = shown["rows"]["acts"], shown["rows"]["srcs"]
+        ids = store.window(ex["window"]).tolist()
+        lo = [t["focus"] for t in acts].index(True)
+        lo = ex["position"] - lo  # where the shown context starts
+        assert len(acts) == min(BEFORE + AFTER + 1, len(ids)) >= min(64, len(ids)) and len(srcs) == len(acts)
+        assert [t["text"] for t in acts] == [token_text(tok, i) for i in ids[lo : lo + len(acts)]]
+        contributions = ex["contributions"][lo : lo + len(srcs)]
+        strongest = int(contributions.abs().argmax())
+        assert _alpha(srcs[strongest]["style"]) == pytest.approx(1.0)  # the strongest source is highlighted fully
+        assert all(_alpha(t["style"]) == 0 for t, c in zip(srcs, contributions.tolist()) if c == 0)
+        assert any("box-shadow" in t["style"] for t in srcs)  # the QK group's attention underlines its sources
+    shot = tmp_path / "head.png"
+    _chromium(tmp_path, (tmp_path / "site" / "heads" / "L1.H5.html").as_uri(), f"--screenshot={shot}", "--window-size=1100,1600")
     from matplotlib.image import imread
 
-    pixels = imread(tmp_path / "shot.png")[..., :3]
+    pixels = imread(shot)[..., :3]
     orange = (abs(pixels[..., 0] - 224 / 255) < 0.03) & (abs(pixels[..., 1] - 123 / 255) < 0.03) & (abs(pixels[..., 2]) < 0.03)
-    assert orange.sum() > 200  # the z-pattern bars (and the strongest tokens) really were painted
+    assert orange.sum() > 200  # histogram, DLA and token highlights were painted
+
+    sorted_dom = _Dom()
+    sorted_dom.feed(_chromium(tmp_path, index.as_uri() + "#sort=firing", "--dump-dom").stdout)
+    rows = [r for r in sorted_dom.table if r]
+    assert len(rows) == len(store.heads) and rows[0][0].startswith("L1.H")
+    rates = [float(r[2]) for r in rows]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]  # the script sorted by firing rate
+    _chromium(tmp_path, index.as_uri(), f"--screenshot={tmp_path / 'index.png'}", "--window-size=1100,900")
+    assert (tmp_path / "index.png").stat().st_size > 10_000
+    shutil.copy(shot, tmp_path / "site" / "head.png")
 
 
 # ---- the heads commands --------------------------------------------------------------------------------------------
+
+
+def handle_of(model_dir, lorsa_dir):
+    from lorsa_surgery.models import load_model
+
+    model, _ = load_model(str(model_dir))
+    return splice(model, {1: Lorsa.from_pretrained(lorsa_dir)})
 
 
 def test_heads_commands(tmp_path):
     model_dir, lorsa_dir = tiny_folders(tmp_path)
     (tmp_path / "corpus.txt").write_text("The cat sat on the mat. The dog sat on the rug. " * 4)
     common = [model_dir, "--lorsa", f"1={lorsa_dir}"]
-    result = cli("heads", "top", *common, "L1:five,L1.H11", "--text", tmp_path / "corpus.txt", "-k", "3", "--json")
+    scan_args = ["heads", "scan", *common, "--text", tmp_path / "corpus.txt", "-k", "3", "--out", tmp_path / "scan"]
+    result = cli(*scan_args)
+    assert result.exit_code == 0, result.output
+    assert "layer 1: scanned 192 tokens, 128 heads" in result.output and (tmp_path / "scan" / "index.html").is_file()
+    assert len(list((tmp_path / "scan" / "heads").glob("L1.H*.html"))) == 128
+    again = cli(*scan_args)  # same module, same corpus: read, not scanned again
+    assert again.exit_code == 0 and "layer 1: unchanged, kept" in again.output
+
+    result = cli("heads", "top", tmp_path / "scan", "L1:five,L1.H11", "--json")
     assert result.exit_code == 0, result.output
     top = json.loads(result.stdout)
     assert set(top) == {"L1.H5", "L1.H11"} and top["L1.H5"]["name"] == "L1.H5 (five)"
@@ -201,15 +263,29 @@ def test_heads_commands(tmp_path):
     best = top["L1.H11"]["top"][0]
     assert best["value"] == top["L1.H11"]["stats"]["max"] and len(best["text"]) == len(best["tokens"]) == 17
 
+    result = cli("heads", "list", tmp_path / "scan", "--sort", "firing", "--min-firing", "0.5", "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    rates = [r["firing_rate"] for r in listed]
+    assert listed and rates == sorted(rates, reverse=True) and min(rates) >= 0.5
+    assert {"label", "mean", "dead", "qk_group", "promoted_text"} <= set(listed[0])
+    fives = json.loads(cli("heads", "list", tmp_path / "scan", "--label", "five", "--json").stdout)
+    assert [r["head"] for r in fives] == ["L1.H5"] and fives[0]["dead"]
+    firing = json.loads(cli("heads", "list", tmp_path / "scan", "--fires-on", "The cat sat", "--json").stdout)
+    with Recorder(handle_of(model_dir, lorsa_dir), "L1.H0-127") as rec, torch.no_grad():
+        rec.handle.model(char_tokenizer()("The cat sat", return_tensors="pt").input_ids)
+    expected = {f"L1.H{h}" for h in (rec.activations() != 0).any(1)[0].nonzero()[:, 0].tolist()}
+    assert {r["head"] for r in firing} == expected and 0 < len(expected) < 128
+
     result = cli("heads", "zpattern", *common, "L1.H5", "--prompt", "The cat sat", "--position", "-1", "--json", "--plot", tmp_path / "z.png")
     assert result.exit_code == 0, result.output
     zp = json.loads(result.stdout)
     assert zp["position"] == 10 and len(zp["sources"]) == 10 and (tmp_path / "z.png").stat().st_size > 1000
 
-    result = cli("heads", "dashboard", *common, "L1.H10-11", "--text", tmp_path / "corpus.txt", "--out", tmp_path / "dash")
+    result = cli("heads", "dashboard", tmp_path / "scan", "L1.H10-11", "--out", tmp_path / "dash")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "dash").iterdir()) == ["L1.H10-logits.png", "L1.H10.html", "L1.H11-logits.png", "L1.H11.html"]
-    assert (tmp_path / "dash" / "L1.H11.html").read_text().count('class="example"') == 10
+    assert sorted(p.name for p in (tmp_path / "dash" / "heads").iterdir()) == ["L1.H10.html", "L1.H11.html"]
+    assert (tmp_path / "dash" / "heads" / "L1.H11.html").read_text().count('class="example"') >= 3
 
     result = cli("heads", "label", lorsa_dir, "L1.H6", "copy-ish", "--note", "fires on repeats")
     assert result.exit_code == 0, result.output
