@@ -43,26 +43,37 @@ class _Texts:
         return self.cache[token]
 
 
-def _rgba(value: float, scale: float, positive: str = "224,123,0", negative: str = "59,111,216") -> str:
-    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
-    return f"rgba({positive if value >= 0 else negative},{strength:.3f})"
+LEVELS = 10
+"""Colour steps of token highlights: classes p1..p10 (positive, orange) and n1..n10 (negative, blue), and u1..u5
+(attention underlines). Classes rather than inline styles keep a page about one head in tens of kilobytes."""
+
+
+def _level(value: float, scale: float, levels: int = LEVELS, floor: float = 0.0) -> int:
+    """0 (nothing to show) .. levels, by |value| / scale; values under `floor` x scale show nothing, any other
+    non-zero value at least level 1."""
+    ratio = abs(value) / scale if scale > 0 else 0.0
+    return 0 if ratio == 0 or ratio < floor else max(1, min(levels, round(levels * ratio)))
 
 
 def _token_row(texts: _Texts, ids: list[int], start: int, values: list[float], focus: int,
-               attention: list[float] | None = None) -> Markup:
-    """One row of token spans coloured by `values` (activation or contribution), the focus token outlined; with
-    `attention`, each token also gets an underline as strong as the attention on it. Tokens with nothing to show
-    get a bare span: pages for a thousand heads stay small."""
+               attention: list[float] | None = None, titled: bool = True, floor: float = 0.0) -> Markup:
+    """One row of token spans shaded by `values` (activation or contribution), the focus token outlined; with
+    `attention`, tokens are also underlined as strongly as the attention on them. `titled`: hovering a shaded
+    token shows its position and value; `floor`: values under this fraction of the largest stay unshaded."""
     scale = max((abs(v) for v in values), default=0.0)
     top = max(attention, default=0.0) if attention else 0.0
     spans = []
     for j, (token, value) in enumerate(zip(ids, values)):
-        style = f"background:{_rgba(value, scale)}" if value else ""
-        weight = attention[j] / top if attention and top > 0 else 0.0
-        if weight >= 0.01:
-            style += f";box-shadow:inset 0 -3px rgba(90,90,90,{min(weight, 1.0):.2f})"
-        title = f"{start + j}: {value:.3g}" + (f", attention {attention[j]:.3f}" if weight >= 0.01 else "") if style else ""
-        attrs = (' class="focus"' if start + j == focus else "") + (f' style="{style.lstrip(";")}" title="{title}"' if style else "")
+        classes = []
+        if level := _level(value, scale, floor=floor):
+            classes.append(f"{'p' if value > 0 else 'n'}{level}")
+        if attention and (under := _level(attention[j], top, 5, floor=0.2)):
+            classes.append(f"u{under}")
+        if start + j == focus:
+            classes.append("focus")
+        attrs = f' class="{" ".join(classes)}"' if classes else ""
+        if titled and value:
+            attrs += f' title="{start + j}: {value:.3g}"'
         spans.append(f"<span{attrs}>{html.escape(texts(token))}</span>")
     return Markup("".join(spans))
 
@@ -128,7 +139,8 @@ def head_page(store: HeadStore, tokenizer, column: int, *, row: dict[str, Any] |
         sections.setdefault(ex["kind"], []).append({
             "value": ex["value"], "doc": ex["doc"], "offset": ex["offset"], "window": ex["window"], "position": ex["position"],
             "activations": _token_row(texts, shown, lo, [window_acts.get(lo + j, 0.0) for j in range(len(shown))], ex["position"]),
-            "sources": _token_row(texts, shown, lo, contributions, ex["position"], attention),
+            # Sources under 5% of the strongest would tint the whole context: left plain.
+            "sources": _token_row(texts, shown, lo, contributions, ex["position"], attention, titled=False, floor=0.05),
             "top_sources": [(lo + j, texts(shown[j]), contributions[j]) for j in sources if contributions[j] != 0],
             "z": sum(ex["contributions"].tolist()),
         })

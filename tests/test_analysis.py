@@ -130,7 +130,7 @@ class _Dom(HTMLParser):
             self._row = []
             self.examples[-1]["rows"]["acts" if "acts" in classes else "srcs"] = self._row
         elif tag == "span" and self._row is not None:
-            self._row.append({"focus": "focus" in classes, "style": a.get("style", ""), "text": ""})
+            self._row.append({"focus": "focus" in classes, "classes": classes, "text": ""})
         elif tag == "h2":
             self._h2 = True
             self.sections.append("")
@@ -173,8 +173,9 @@ def _chromium(tmp_path, url: str, *extra: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _alpha(style: str) -> float:
-    return float(style.split("background:rgba(")[1].split(")")[0].split(",")[3]) if "background" in style else 0.0
+def _shade(classes: list[str]) -> int:
+    """The highlight level of a token span (p3: positive, level 3 of 10; n3 negative), 0 for none."""
+    return next((int(c[1:]) for c in classes if c[0] in "pn" and c[1:].isdigit()), 0)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for headless rendering (apt-get install -y chromium)")
@@ -210,9 +211,13 @@ def test_index_and_head_pages_render_in_headless_chromium(tmp_path):
         assert [t["text"] for t in acts] == [token_text(tok, i) for i in ids[lo : lo + len(acts)]]
         contributions = ex["contributions"][lo : lo + len(srcs)]
         strongest = int(contributions.abs().argmax())
-        assert _alpha(srcs[strongest]["style"]) == pytest.approx(1.0)  # the strongest source is highlighted fully
-        assert all(_alpha(t["style"]) == 0 for t, c in zip(srcs, contributions.tolist()) if c == 0)
-        assert any("box-shadow" in t["style"] for t in srcs)  # the QK group's attention underlines its sources
+        assert _shade(srcs[strongest]["classes"]) == 10  # the strongest source is highlighted fully
+        biggest = float(contributions.abs().max())
+        assert [_shade(t["classes"]) > 0 for t in srcs] == [abs(c) >= 0.05 * biggest for c in contributions.tolist()]
+        assert any(c.startswith("u") for t in srcs for c in t["classes"])  # the QK group's attention underlines sources
+        acts_values = [store.entry_value[(store.entry_window == ex["window"]) & (store.entry_position == lo + j)
+                                         & (store.entry_column == column)] for j in range(len(acts))]
+        assert [bool(len(v)) for v in acts_values] == [_shade(t["classes"]) > 0 for t in acts]  # shaded where it fired
     shot = tmp_path / "head.png"
     _chromium(tmp_path, (tmp_path / "site" / "heads" / "L1.H5.html").as_uri(), f"--screenshot={shot}", "--window-size=1100,1600")
     from matplotlib.image import imread
