@@ -17,8 +17,22 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="lorsa-surgery")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show the loaders' progress bars and warnings (hidden otherwise).")
+def main(verbose: bool) -> None:
     """Splice Lorsa modules into Hugging Face causal LMs and work with their heads."""
+    # Loading a model prints a bar per file and a warning per quirk; the work itself keeps its own bars.
+    import huggingface_hub.utils
+    import transformers
+
+    logging = transformers.utils.logging
+    if verbose:
+        huggingface_hub.utils.enable_progress_bars()
+        logging.enable_progress_bar()
+        logging.set_verbosity_warning()
+    else:
+        huggingface_hub.utils.disable_progress_bars()
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
 
 
 def _register() -> None:

@@ -77,7 +77,7 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(f"scores at the last token, averaged over {source} (gamma {gamma})")
-        _table(mhsa, gamma, lambda layer, h: f"L{layer}.H{h}")
+        _table(mhsa, gamma, lambda layer, h: f"L{layer}.A{h}")  # A: attention (MHSA) heads; H names Lorsa heads
         if lorsa:
             def name(layer, h):
                 g = modules[layer].cfg.group_size

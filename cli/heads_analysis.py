@@ -26,8 +26,8 @@ def _model_options(command):
     return command
 
 
-def _load(model, lorsa_specs, revision, base, allow_pickle, placement):
-    host, tokenizer, handle = load_with_modules(model, lorsa_specs, None, revision, base, allow_pickle, placement)
+def _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=()):
+    host, tokenizer, handle = load_with_modules(model, lorsa_specs, None, revision, base, allow_pickle, placement, heads=heads)
     if handle is None:
         raise LorsaSurgeryError("Heads live in Lorsa modules: pass --lorsa LAYER=PATH or a patched model.")
     return tokenizer, handle
@@ -45,8 +45,7 @@ def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_s
     """Which source tokens of PROMPT feed HEAD at one token, and how much."""
     from lorsa_surgery.analysis import plot_z_pattern, token_text, z_pattern
 
-    parse_heads(head_spec)
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=[head_spec])
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     zp = z_pattern(handle, head_spec, ids, position)
     parts = zp.contributions[0]

@@ -75,7 +75,7 @@ def _load(options: dict):
     parse_positions(options["positions"])
     host, tokenizer, handle = load_with_modules(
         options["model"], options["lorsa_specs"], options["mode"], options["revision"], options["base"], options["allow_pickle"],
-        options["placement"],
+        options["placement"], heads=[options["heads"]],
     )
     if handle is None:
         raise LorsaSurgeryError("Interventions act on Lorsa heads: pass --lorsa LAYER=PATH or a patched model.")
@@ -89,9 +89,9 @@ def _token_ids(tokenizer, text: str):
     return ids
 
 
-def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet) -> None:
-    """Measure the set on the prompts / texts, print, and save the patched model if asked."""
-    from lorsa_surgery.patching import effect
+def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, metric=None) -> None:
+    """Measure the set on the prompts / texts (and `metric` on each prompt), print, and save the patched model if asked."""
+    from lorsa_surgery.patching import effect, forward
 
     inputs, labels = list(options["prompts"]), list(options["prompts"])
     for path in options["texts"]:
@@ -106,8 +106,15 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet) -> 
          "next_before": tokenizer.decode([r.next_before]), "next_after": tokenizer.decode([r.next_after])}
         for label, r in zip(labels, rows)
     ]
+    if metric is not None:
+        for record, text in zip(records, inputs):
+            ids = _token_ids(tokenizer, text)
+            before = float(metric(forward(handle, ids), ids, None).mean())
+            with chosen.applied(handle):
+                after = float(metric(forward(handle, ids), ids, None).mean())
+            record.update(metric=metric.name, metric_before=before, metric_after=after)
     if options["as_json"]:
-        click.echo(json.dumps({"interventions": chosen.to_dict(), "effects": records}, indent=2))
+        click.echo(json.dumps({"interventions": chosen.summary(), "effects": records}, indent=2))
     else:
         click.echo(f"{'input':<32} {'tokens':>6} {'loss':>8} {'after':>8} {'change':>8} {'KL':>8}  next token")
         for r in records:
@@ -115,6 +122,7 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet) -> 
             click.echo(
                 f"{label:<32} {r['tokens']:>6} {r['loss_before']:>8.4f} {r['loss_after']:>8.4f} "
                 f"{r['loss_after'] - r['loss_before']:>+8.4f} {r['kl']:>8.4f}  {r['next_before']!r} -> {r['next_after']!r}"
+                + (f"  {r['metric']}: {r['metric_before']:.4f} -> {r['metric_after']:.4f}" if "metric" in r else "")
             )
     if options["save_dir"] is not None:
         previous = handle.interventions
@@ -167,7 +175,8 @@ def steer(**options) -> None:
 @_common
 @click.option("--source", "source_text", required=True, help="Prompt whose activations are patched in.")
 @click.option("--sweep", is_flag=True, help="Instead: sweep every head x position on the first prompt and print a table.")
-@click.option("--metric", type=click.Choice(["logit-diff", "probability", "loss"]), default="logit-diff", show_default=True)
+@click.option("--metric", type=click.Choice(["logit-diff", "probability", "loss"]), default=None,
+              help="Also score this on each prompt before and after the patch [default: none; with --sweep, logit-diff].")
 @click.option("--token", help="Token (text) scored by logit-diff and probability: it must be one token.")
 @click.option("--vs-token", help="The other token of logit-diff.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="With --sweep: also write a PNG heat map.")
@@ -179,7 +188,8 @@ def patch(**options) -> None:
     host, tokenizer, handle = _load(options)
     source = cache_run(handle, _token_ids(tokenizer, options["source_text"]), options["heads"])
     if not options["sweep"]:
-        _report(options, host, tokenizer, handle, InterventionSet([Patch(options["heads"], source, options["positions"])]))
+        metric = _metric(options, tokenizer) if options["metric"] or options["token"] else None
+        _report(options, host, tokenizer, handle, InterventionSet([Patch(options["heads"], source, options["positions"])]), metric)
         return
     _sweep(options, tokenizer, handle, source)
 
@@ -193,29 +203,40 @@ def _single_token(tokenizer, text: str | None, option: str) -> int:
     return ids[0]
 
 
+def _metric(options: dict, tokenizer):
+    """The metric the options name, scored on the next-token prediction of each prompt."""
+    from lorsa_surgery.patching import Loss, LogitDiff, Probability
+
+    if options["metric"] == "loss":
+        return Loss()  # mean next-token loss of each prompt
+    if options["metric"] == "probability":
+        return Probability(_single_token(tokenizer, options["token"], "--token"))
+    return LogitDiff(_single_token(tokenizer, options["token"], "--token"), _single_token(tokenizer, options["vs_token"], "--vs-token"))
+
+
 def _sweep(options: dict, tokenizer, handle, source) -> None:
-    from lorsa_surgery.analysis import plot_sweep
-    from lorsa_surgery.patching import Loss, LogitDiff, Probability, sweep
+    from lorsa_surgery.analysis import plot_sweep, token_text
+    from lorsa_surgery.patching import cache_run, sweep
 
     if not options["prompts"]:
         raise LorsaSurgeryError("A sweep needs --prompt (the run that is patched).")
-    if options["metric"] == "loss":
-        metric = Loss()
-    elif options["metric"] == "probability":
-        metric = Probability(_single_token(tokenizer, options["token"], "--token"))
-    else:
-        metric = LogitDiff(_single_token(tokenizer, options["token"], "--token"), _single_token(tokenizer, options["vs_token"], "--vs-token"))
+    metric = _metric(options, tokenizer)
     positions = parse_positions(options["positions"])
     if not isinstance(positions, list) and positions != "all":
         raise LorsaSurgeryError("A sweep takes --positions all or a list of absolute positions.")
-    result = sweep(handle, _token_ids(tokenizer, options["prompts"][0]), options["heads"], metric, source=source,
-                   positions=None if positions == "all" else positions)
+    ids = _token_ids(tokenizer, options["prompts"][0])
+    if not len(source.values) and not len(cache_run(handle, ids, options["heads"]).values):
+        click.echo("Warning: the swept heads fire on neither prompt; patching them changes nothing, so every entry is the "
+                   "baseline.", err=True)
+    result = sweep(handle, ids, options["heads"], metric, source=source, positions=None if positions == "all" else positions)
+    texts = [token_text(tokenizer, int(ids[0, p])) for p in result.positions]
     if options["plot"] is not None:
-        plot_sweep(result, options["plot"])
+        plot_sweep(result, options["plot"], position_labels=texts)
     if options["as_json"]:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), "position_tokens": texts}, indent=2))
         return
     click.echo(f"{result.metric}: baseline {result.baseline:.4f}; the {options['top']} largest changes")
-    click.echo(f"{'head':<28} {'position':>8} {'value':>10} {'change':>10}")
+    click.echo(f"{'head':<28} {'position':>8} {'token':<14} {'value':>10} {'change':>10}")
     for name, position, value in result.top(options["top"]):
-        click.echo(f"{name:<28} {position:>8} {value:>10.4f} {value - result.baseline:>+10.4f}")
+        token = repr(texts[result.positions.index(position)])
+        click.echo(f"{name:<28} {position:>8} {token[:14]:<14} {value:>10.4f} {value - result.baseline:>+10.4f}")

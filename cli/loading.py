@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import models
+from lorsa_surgery import files, models
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.patched import is_patched_folder, load_patched, module_for
+from lorsa_surgery.heads import layers_named
+from lorsa_surgery.patched import is_patched_folder, load_patched, module_for, read_root
 from lorsa_surgery.placement import DTYPES, dtype_of, parse_max_memory
 from lorsa_surgery.splicing import splice
 
@@ -72,15 +73,23 @@ def load_host(model_spec: str, specs: dict[int, str], revision: str | None, allo
     return model, tokenizer, modules
 
 
-def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickle, placement):
-    """(model, tokenizer, handle or None) for a plain model with --lorsa options, or a patched model."""
+def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickle, placement, heads=()):
+    """(model, tokenizer, handle or None) for a plain model with --lorsa options, or a patched model. `heads` (head
+    specs the command will use) are checked against the spliced layers before anything slow loads."""
     specs = parse_layer_specs(lorsa_specs)
-    if is_patched_folder(model_spec) or (not Path(model_spec).exists() and _is_patched_repo(model_spec, revision)):
-        if specs:
-            raise LorsaSurgeryError(
-                f"{model_spec} is a patched model that brings its own Lorsa modules; --lorsa applies to a plain model "
-                "(pass the base model instead, or leave --lorsa out)."
-            )
+    root = _patched_root(model_spec, revision)
+    if root is not None and specs:
+        raise LorsaSurgeryError(
+            f"{model_spec} is a patched model that brings its own Lorsa modules; --lorsa applies to a plain model "
+            "(pass the base model instead, or leave --lorsa out)."
+        )
+    layers = sorted(specs) if root is None else sorted(int(layer) for layer in root["layers"])
+    for spec in heads:
+        missing = [layer for layer in layers_named(spec) if layer not in layers]
+        if missing:
+            where = f"spliced layers: {', '.join(map(str, layers))}" if layers else "pass --lorsa LAYER=PATH or a patched model"
+            raise LorsaSurgeryError(f"{spec} names layer {missing[0]}, which carries no Lorsa module ({where}).")
+    if root is not None:
         return load_patched(model_spec, revision=revision, base=base, mode=mode, **placement)
     model, tokenizer, modules = load_host(model_spec, specs, revision, allow_pickle, placement)
     if not modules:
@@ -88,10 +97,20 @@ def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickl
     return model, tokenizer, splice(model, modules, mode=mode or "replace", dtype=dtype_of(placement["lorsa_dtype"]))
 
 
-def _is_patched_repo(spec: str, revision: str | None) -> bool:
-    """Whether a Hub id names a patched model, i.e. has a root file on the Hub (or in the cache when offline)."""
+def _patched_root(spec: str, revision: str | None) -> dict | None:
+    """The root config of the patched model a spec names (folder or Hub repo), or None for a plain model."""
+    if is_patched_folder(spec):
+        return read_root(spec)
+    if Path(spec).exists():
+        return None
+    path = _patched_repo_root(spec, revision)
+    return None if path is None else files.read_json(path)
+
+
+def _patched_repo_root(spec: str, revision: str | None) -> str | None:
+    """The root file of a Hub id that names a patched model (from the Hub, or the cache when offline), or None."""
     if models.resolve(spec)["kind"] != "hub":
-        return False
+        return None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -101,11 +120,10 @@ def _is_patched_repo(spec: str, revision: str | None) -> bool:
     try:
         # A download, not file_exists: it answers from the cache under HF_HUB_OFFLINE=1, and the file is small
         # and needed anyway when it exists.
-        hf_hub_download(spec, ROOT_FILE, revision=revision)
-        return True
+        return hf_hub_download(spec, ROOT_FILE, revision=revision)
     except EntryNotFoundError:  # a plain model repo
-        return False
+        return None
     except LocalEntryNotFoundError:  # offline and not cached: loading it as a plain model reports what is missing
-        return False
+        return None
     except HUB_FAILURES as err:  # an unknown repo, a refused token, an unreachable Hub: say so, once
         raise hub_error(f"Could not read Hub repo '{spec}'", err) from err

@@ -67,8 +67,11 @@ def generate(model, prompt, max_new_tokens, chat, no_cache, lorsa_specs, mode, r
 
     chosen = interventions_from_options(ablations, steers, interventions_file)
     torch.manual_seed(seed)
-    host, tokenizer, handle = load_with_modules(model, lorsa_specs, mode, revision, base, allow_pickle, placement)
+    host, tokenizer, handle = load_with_modules(model, lorsa_specs, mode, revision, base, allow_pickle, placement,
+                                                heads=[h for record in chosen for h in record.heads])
     require_splice(handle, chosen)
+    if handle is not None and handle.interventions is not None:  # saved with the model: they act, so say so
+        click.echo("Active interventions saved with the model:\n  " + handle.interventions.describe().replace("\n", "\n  "), err=True)
     if not chat:
         click.echo(prompt, nl=False)
     with chosen.applied(handle) if len(chosen) else contextlib.nullcontext():

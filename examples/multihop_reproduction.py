@@ -95,7 +95,7 @@ def multihop_part(task: str, args, out: Path, results: dict) -> None:
         "dominant_frequency": geometry.dominant_frequency().tolist(),
         "frequency_use": geometry.frequency_use.tolist(),
         "length_sweep": sweep,
-        "pure_heads": [f"L{scores.layers[r]}.H{h}" for r, h in pure],
+        "pure_heads": [f"L{scores.layers[r]}.A{h}" for r, h in pure],
         "pure_kind": kind,
         "pure_dominant_frequency": theta,
         "discrepancy": discrepancy,

@@ -8,10 +8,11 @@ The text is the built-in offline corpus, what every Python installation carries 
 behind `help()` and the docstrings of well-documented standard modules), so the run needs no download. Activations are cached in
 the run folder, so every epoch after the first skips the host model.
 
-Writes runs/smollm2-L3/ (metrics.jsonl, training.png, checkpoints; rerunning resumes) and the float16 module
-lorsa_surgery/default_modules/smollm2-L3/, which `--lorsa 3=default` loads. Run it from the repository root:
+Writes only under --out: the run (metrics.jsonl, training.png, checkpoints; rerunning resumes) and, in
+OUT/module, the float16 module. To make it the shipped default that `--lorsa 3=default` loads, copy it:
 
-    nice python examples/train_smollm2_layer3.py [--tokens 400000] [--threads 2]
+    nice python examples/train_smollm2_layer3.py --out runs/smollm2-L3 [--tokens 400000] [--threads 2]
+    cp runs/smollm2-L3/module/* lorsa_surgery/default_modules/smollm2-L3/
 """
 
 from __future__ import annotations
@@ -25,32 +26,27 @@ import torch
 
 from lorsa_surgery.training import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "runs" / "smollm2-L3"
-DEFAULT_MODULE = ROOT / "lorsa_surgery" / "default_modules" / "smollm2-L3"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="Run folder; the module goes to OUT/module.")
     parser.add_argument("--tokens", type=int, default=400_000, help="Training tokens.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--fast", action="store_true", help="A few steps on few held-out tokens (for tests).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     config = TrainConfig(
-        model="smollm2", layer=3, out=str(RUN), init="attention", k=32, tokens=args.tokens, batch_size=8, context=256,
-        eval_tokens=16384, lm_loss_tokens=4096, eval_every=50, lr=1e-3, checkpoint_every=25,
-        cache_dir=str(RUN / "activations"), resume=True,
+        model="smollm2", layer=3, out=str(args.out), init="attention", k=32, tokens=4096 if args.fast else args.tokens,
+        batch_size=8, context=256, eval_tokens=2048 if args.fast else 16384, lm_loss_tokens=512 if args.fast else 4096,
+        eval_every=50, lr=1e-3, checkpoint_every=25, cache_dir=str(args.out / "activations"), resume=True,
     )
     lorsa = train(config)
 
     # Ship it small: float16 weights (the loader reads them back as float32).
-    shipped = copy.deepcopy(lorsa).half()
-    shipped.save_pretrained(DEFAULT_MODULE)
-    info = lorsa.training_info
-    print(json.dumps(info, indent=2))
-    print(f"Saved {DEFAULT_MODULE.relative_to(ROOT)} "
-          f"({sum(f.stat().st_size for f in DEFAULT_MODULE.iterdir()) / 1e6:.1f} MB) and {RUN.relative_to(ROOT)}/")
+    module = args.out / "module"
+    copy.deepcopy(lorsa).half().save_pretrained(module)
+    print(json.dumps(lorsa.training_info, indent=2))
+    print(f"Saved {module} ({sum(f.stat().st_size for f in module.iterdir()) / 1e6:.1f} MB) and the run in {args.out}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,11 @@ def z_pattern(
     input_ids = torch.as_tensor(input_ids)
     input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     B, T = input_ids.shape
-    cols = torch.as_tensor(position).expand(B) % T
+    cols = torch.as_tensor(position).expand(B)
+    if ((cols < -T) | (cols >= T)).any():
+        bad = int(cols[(cols < -T) | (cols >= T)][0])
+        raise LorsaSurgeryError(f"Position {bad} is out of range: the input has {T} tokens (positions 0..{T - 1}, or -{T}..-1).")
+    cols = cols % T
     seen: dict[str, Any] = {}
 
     def grab_input(module, args, kwargs):
@@ -307,15 +311,26 @@ def plot_z_pattern(zp: ZPattern, tokenizer, path: str | Path, row: int = 0) -> P
     return files.write_figure(path, fig)
 
 
-def plot_sweep(result: SweepResult, path: str | Path) -> Path:
-    """Heat map of a patching sweep: change of the metric from the baseline, heads down, positions across."""
+def sweep_changes(result: SweepResult, noise: float = 1e-5):
+    """[heads, positions] change of the metric from the baseline, as a numpy array, with changes smaller than
+    `noise` x max(1, |baseline|) (float round-off of an edit that changes nothing) set to zero."""
     change = (result.values - result.baseline).numpy()
+    change[abs(change) < noise * max(1.0, abs(result.baseline))] = 0.0
+    return change
+
+
+def plot_sweep(result: SweepResult, path: str | Path, position_labels: list[str] | None = None) -> Path:
+    """Heat map of a patching sweep: change of the metric from the baseline, heads down, positions across, on a scale
+    symmetric about zero. Changes within float noise of the baseline are drawn as zero, so a sweep that changes
+    nothing looks blank instead of stretching round-off across the colour scale."""
+    change = sweep_changes(result)
     limit = float(abs(change).max()) or 1.0
     fig, ax = _figure(max(5.0, 0.3 * len(result.positions) + 3), max(2.5, 0.25 * len(result.heads) + 1.5))
     image = ax.imshow(change, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_yticks(range(len(result.names)), result.names, fontsize=7)
-    ax.set_xticks(range(len(result.positions)), result.positions, fontsize=7)
-    ax.set(xlabel="position", title=f"{result.metric} - baseline {result.baseline:.3g}")
+    labels = [f"{p} {t!r}" for p, t in zip(result.positions, position_labels)] if position_labels else result.positions
+    ax.set_xticks(range(len(result.positions)), labels, fontsize=7, rotation=90 if position_labels else 0)
+    ax.set(xlabel="position", title=f"{result.metric} - baseline {result.baseline:.3g}" + ("" if change.any() else " (no change)"))
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     return files.write_figure(path, fig)

@@ -113,7 +113,7 @@ def describe(lorsa: Lorsa) -> dict[str, Any]:
         "host": {"model": c.host_model, "revision": c.host_revision, "layer": c.host_layer},
         "hook_points": {"in": c.hook_point_in, "out": c.hook_point_out},
         "n_parameters": sum(p.numel() for p in lorsa.parameters()),
-        "labelled_heads": len(lorsa.catalog),
+        "labels": {f"H{h}": info.get("label", "") for h, info in sorted(lorsa.catalog.items())},
     }
 
 

@@ -63,6 +63,11 @@ def parse_heads(spec: HeadSpec) -> list[str]:
     return out
 
 
+def layers_named(spec: HeadSpec) -> list[int]:
+    """The layers a head spec names, without looking anything up (so it can be checked before a model loads)."""
+    return sorted({int(re.match(r"L(\d+)", item)[1]) for item in parse_heads(spec)})
+
+
 def resolve_heads(spec: HeadSpec, handle: Splice) -> list[HeadRef]:
     """The heads a spec names in a splice, in the order given, without repeats.
 

@@ -379,6 +379,18 @@ def _record_to_dict(record: Intervention) -> dict[str, Any]:
     return out
 
 
+def _record_summary(record: Intervention) -> dict[str, Any]:
+    """A record as `to_dict` gives it, with cached activations reduced to what they cover (not their values)."""
+    out = _record_to_dict(record)
+    for name in ("source", "means"):
+        value = getattr(record, name, None)
+        if isinstance(value, HeadCache):
+            out[name] = {"heads": value.heads, "lengths": value.lengths, "stored_entries": len(value.values)}
+        elif isinstance(value, dict):
+            out[name] = f"{len(value)} head means"
+    return out
+
+
 def _record_from_dict(d: dict[str, Any]) -> Intervention:
     if not isinstance(d, dict) or d.get("type") not in _TYPES:
         raise LorsaSurgeryError(f"Each intervention needs a type of {', '.join(_TYPES)}; got {d!r:.80}.")
@@ -465,6 +477,18 @@ class InterventionSet:
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise LorsaSurgeryError("This intervention spec was written by a newer lorsa-surgery; please upgrade.")
         return cls(_record_from_dict(r) for r in d["interventions"])
+
+    def summary(self) -> list[dict[str, Any]]:
+        """The records, small: cached activations are described, not listed (`to_dict` keeps everything)."""
+        return [_record_summary(r) for r in self.records]
+
+    def describe(self) -> str:
+        """One line per record, as a person reads it: `steer L3:induction clamp=4.0 at generated`."""
+        lines = []
+        for r in self.summary():
+            params = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("type", "heads", "positions"))
+            lines.append(f"{r['type']} {','.join(r['heads'])}{' ' + params if params else ''} at {r['positions']}")
+        return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:
         return files.write_json(path, self.to_dict())

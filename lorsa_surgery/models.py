@@ -128,6 +128,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorsa-surgery"
 
 
+def _dequantized_folder(sha256: str) -> Path:
+    return cache_dir() / "dequantized" / sha256[:32]
+
+
 def _dequantized(where: dict[str, Any], sha256: str) -> Path:
     """A model folder (safetensors, float32) holding a GGUF file de-quantised, made on first use and keyed by the
     file's sha256: de-quantising takes tens of seconds and twice the weights in memory; loading this takes a few
@@ -135,7 +139,7 @@ def _dequantized(where: dict[str, Any], sha256: str) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = cache_dir() / "dequantized" / sha256[:32]
+    folder = _dequantized_folder(sha256)
     if (folder / "config.json").is_file():
         return folder
     source, name = str(Path(where["path"]).parent), where["file"]
@@ -163,6 +167,22 @@ def _dequantized(where: dict[str, Any], sha256: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def load_config(spec: str, revision: str | None = None):
+    """The transformers config of a host, without its weights (a GGUF file's from its de-quantised copy when cached)."""
+    from transformers import AutoConfig
+
+    where = resolve(spec)
+    try:
+        if where["kind"] == "gguf":
+            cached = _dequantized_folder(sha256_of(where["path"]))
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(str(cached))
+            return AutoConfig.from_pretrained(str(Path(where["path"]).parent), gguf_file=where["file"])
+        return AutoConfig.from_pretrained(where.get("path") or where["id"], **({"revision": revision} if where["kind"] == "hub" else {}))
+    except (OSError, ValueError) as e:
+        raise LorsaSurgeryError(f"Could not read the config of {spec!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_model(

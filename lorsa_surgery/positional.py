@@ -313,6 +313,8 @@ class HeadGeometry:
     """Gap between the largest and next distinct query-key logit, in units of |q| * max|k|, [L, H]."""
     pairing: str
     """Which dimensions form a rotary plane: "interleaved" (0,1),(2,3)... or "halves" (i, i + r/2)."""
+    head_letter: str = "A"
+    """How its heads are named: "A" for MHSA heads (L3.A2), "QK" for the QK heads of Lorsa modules (L3.QK2)."""
 
     def dominant_frequency(self) -> torch.Tensor:
         """Per head, the rotation per position (radians) of its most used plane, [L, H]."""
@@ -417,7 +419,7 @@ def head_geometry(
                 gaps.append(logit_gap(row.float()).float().cpu() / unit.cpu())
             use_sum = use_sum + torch.stack(uses).cpu()
             gap_sum = gap_sum + torch.stack(gaps)
-    return HeadGeometry(layers, use_sum / len(prompts), inv_freq, gap_sum / len(prompts), used_pairing)
+    return HeadGeometry(layers, use_sum / len(prompts), inv_freq, gap_sum / len(prompts), used_pairing, "QK" if lorsa else "A")
 
 
 def positional_bound(n: int | torch.Tensor, theta: float | torch.Tensor) -> torch.Tensor:
@@ -539,7 +541,7 @@ def plot_frequency_use(geometry: HeadGeometry, path, labels: list[list[str]] | N
     """Heat map of frequency use: one row per head (fastest plane left), labelled by layer and class."""
     use = geometry.frequency_use.flatten(0, 1)  # [L*H, planes]
     names = [
-        f"L{layer}.H{h}" + (f" {labels[r][h][:3]}" if labels else "")
+        f"L{layer}.{geometry.head_letter}{h}" + (f" {labels[r][h][:3]}" if labels else "")
         for r, layer in enumerate(geometry.layers)
         for h in range(geometry.frequency_use.shape[1])
     ]

@@ -470,19 +470,20 @@ def _current_k(config: TrainConfig, n_heads: int, steps: int, step: int) -> int:
     return math.ceil(start - (start - config.k) * step / anneal)
 
 
-def _build(config: TrainConfig, model: nn.Module, host: dict[str, Any], norms: dict[str, float]) -> Lorsa:
-    """A new module for the host layer: sizes resolved, weights initialised as config.init says, in the scaled
-    coordinates it trains in (inputs and outputs of average norm sqrt(d_model); `norms` are the raw averages)."""
-    source = Lorsa.from_attention(model, config.layer)
-    d, H = source.cfg.d_model, source.cfg.n_qk_heads
+def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
+    """(QK heads, OV heads) the run will train, from the host's config alone, checked against K: so a bad size is
+    reported before the host loads."""
+    from lorsa_surgery.arch import _head_counts
+
+    text = host_config.get_text_config(decoder=True)
+    d, (H, _, hd) = text.hidden_size, _head_counts(host_config)
+    exact = 2 * H * hd  # the size of `Lorsa.from_attention`'s copy
     if config.init == "attention":
-        n_qk, n_ov = config.n_qk_heads or H, config.n_heads or source.cfg.n_ov_heads
+        n_qk, n_ov = config.n_qk_heads or H, config.n_heads or exact
         if config.expansion is not None:
             n_ov = round(d * config.expansion)
-        if (n_qk, n_ov) != (H, source.cfg.n_ov_heads):
-            raise LorsaSurgeryError(
-                f"init 'attention' copies the host layer exactly: it needs {source.cfg.n_ov_heads} heads and {H} QK heads."
-            )
+        if (n_qk, n_ov) != (H, exact):
+            raise LorsaSurgeryError(f"init 'attention' copies the host layer exactly: it needs {exact} heads and {H} QK heads.")
     else:
         n_qk = config.n_qk_heads or H
         n_ov = config.n_heads or round(d * (config.expansion or 8))
@@ -490,6 +491,15 @@ def _build(config: TrainConfig, model: nn.Module, host: dict[str, Any], norms: d
         raise LorsaSurgeryError(f"The number of heads ({n_ov}) must be a multiple of the QK heads ({n_qk}).")
     if config.k > n_ov or (config.k_start or 0) > n_ov:
         raise LorsaSurgeryError(f"k ({config.k}) and k_start cannot exceed the number of heads ({n_ov}).")
+    return n_qk, n_ov
+
+
+def _build(config: TrainConfig, model: nn.Module, host: dict[str, Any], norms: dict[str, float]) -> Lorsa:
+    """A new module for the host layer: sizes resolved, weights initialised as config.init says, in the scaled
+    coordinates it trains in (inputs and outputs of average norm sqrt(d_model); `norms` are the raw averages)."""
+    source = Lorsa.from_attention(model, config.layer)
+    n_qk, n_ov = planned_heads(config, model.config)
+    d, H = source.cfg.d_model, source.cfg.n_qk_heads
     cfg = dataclasses.replace(
         source.cfg, n_qk_heads=n_qk, n_ov_heads=n_ov, act_fn="topk", top_k=config.k, use_decoder_bias=True,
         n_ctx=config.context, input_space="hf", host_model=host.get("id"),
@@ -584,13 +594,15 @@ def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from lorsa_surgery.models import base_record, load_model, public_record
+    from lorsa_surgery.models import base_record, load_config, load_model, public_record
 
     # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if acc.num_processes > 1 and (config.device_map or config.max_memory):
         raise LorsaSurgeryError("A host placed with device_map or max_memory trains in one process; DDP copies the host to each.")
     out = Path(config.out)
+    # Sizes are checked from the host's config before anything is written or the host loads.
+    planned_heads(config, model.config if model is not None else load_config(config.model, config.revision))
     if acc.is_main_process:
         _prepare_folder(config, out)
     acc.wait_for_everyone()
