@@ -9,7 +9,7 @@ from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
 from lorsa_surgery.cli.loading import load_with_modules, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.heads import HeadRef, parse_heads
+from lorsa_surgery.heads import HeadRef
 
 
 def _model_options(command):
@@ -107,24 +107,6 @@ def label_head(path, head_spec, label, note):
 SCAN_FILE = "scan.json"
 
 
-def _scan_windows(tokenizer, texts, max_length: int, max_tokens: int, seed: int = 0):
-    """Windows aligned to document starts, from documents in a seeded order until max_tokens: the built-in offline
-    corpus (the Python documentation) unless texts are given."""
-    import torch
-
-    from lorsa_surgery.metrics import document_windows
-
-    docs = corpus.load_texts(list(texts)) if texts else corpus.python_documentation()
-    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
-    picked, total = [], 0
-    for doc, start, ids in document_windows(tokenizer, [docs[i] for i in order], max_length):
-        if total >= max_tokens:
-            break
-        picked.append((order[doc], start, ids))
-        total += len(ids)
-    return picked
-
-
 def _stores(folder: Path):
     from lorsa_surgery.scan import HeadStore
 
@@ -154,12 +136,12 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
     """Scan a corpus once through every spliced layer of MODEL and keep what every head view shows (heads list, top,
     dashboard, index.html); an unchanged module and corpus are not scanned again."""
     from lorsa_surgery.pages import write_site
-    from lorsa_surgery.scan import ensure
+    from lorsa_surgery.scan import corpus_windows, ensure
 
     if min(max_length, max_tokens, bands, per_band + 1, k + 1) < 1 or max_length < 2:
         raise LorsaSurgeryError("--max-length must be at least 2, --max-tokens and --bands positive, -k and --per-band not negative.")
     tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
-    windows = _scan_windows(tokenizer, texts, max_length, max_tokens)
+    windows = corpus_windows(tokenizer, texts, max_length, max_tokens)
     stores = []
     for layer in handle.layers:
         store, scanned = ensure(handle, windows, layer, out_dir / f"L{layer}", k=k, bands=bands, per_band=per_band)

@@ -175,6 +175,25 @@ class HeadStore:
 # ---- scanning -------------------------------------------------------------------------------------------------------
 
 
+def corpus_windows(tokenizer, texts=(), max_length: int = 128, max_tokens: int = 65536, seed: int = 0):
+    """(doc, start, ids) windows aligned to document starts, from documents taken in a seeded order until
+    max_tokens: of the text files given, else of the built-in offline corpus (the Python documentation), so a scan
+    sees many kinds of text rather than the first documents only."""
+    from lorsa_surgery import corpus
+    from lorsa_surgery.metrics import document_windows
+
+    docs = corpus.load_texts(list(texts)) if texts else corpus.python_documentation()
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, total = [], 0
+    for doc, start, ids in document_windows(tokenizer, [docs[i] for i in order], max_length):
+        if total >= max_tokens:
+            break
+        picked.append((order[doc], start, ids))
+        total += len(ids)
+    return picked
+
+
+
 def _batches(windows: list[tuple[int, int, torch.Tensor]], rows: list[int], batch_size: int):
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -455,7 +455,7 @@ def _schedule(config: TrainConfig, steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if step >= steps - cool:
+        if cool and step >= steps - cool:  # a run too short for a cool-down has none (and no division by zero)
             return max(0.0, (steps - step) / cool)
         return 1.0
 

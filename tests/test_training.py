@@ -307,3 +307,8 @@ def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
     assert (info["n_heads"], info["n_qk_heads"]) == (1152, 9)
     assert info["explained_variance"] > info["linear_baseline_ev"] + 0.1
     assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.05  # measured 0.022
+
+
+def test_a_run_too_short_for_warm_up_and_cool_down_has_a_flat_schedule(host, text, tmp_path):
+    factor = training._schedule(tiny_config(host, text, tmp_path), steps=2)  # 5% and 20% of 2 steps round to none
+    assert [factor(step) for step in range(3)] == [1.0, 1.0, 1.0]
