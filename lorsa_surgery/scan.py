@@ -193,7 +193,6 @@ def corpus_windows(tokenizer, texts=(), max_length: int = 128, max_tokens: int =
     return picked
 
 
-
 def _batches(windows: list[tuple[int, int, torch.Tensor]], rows: list[int], batch_size: int):
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -321,7 +320,7 @@ def scan(
         example_attention=attention.half(), example_contributions=contributions.half(),
         dla_tokens=torch.stack([torch.cat(up_ids), torch.cat(down_ids)], 1).cpu(),
         dla_values=torch.stack([torch.cat(up_values), torch.cat(down_values)], 1).float().cpu(),
-        key=key, settings=settings or {},
+        key=key, settings={"k": k, "bands": bands, "per_band": per_band, **(settings or {})},
     )
 
 
