@@ -7,7 +7,7 @@ import click
 
 from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
-from lorsa_surgery.cli.loading import load_with_modules, placement_options
+from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef
 
@@ -198,7 +198,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
 
     from lorsa_surgery.interventions import Recorder
 
-    placement = {"dtype": "float32", "lorsa_dtype": None, "device_map": None, "max_memory": None, "offload_dir": None}
+    placement = {**dict.fromkeys(PLACEMENT), "dtype": "float32"}  # the defaults of the placement options
     _, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
     tokenizer = _tokenizer(record)
     refs = [f"L{layer}.H0-{handle[layer].source.cfg.n_ov_heads - 1}" for layer in handle.layers]
@@ -220,9 +220,9 @@ def top(scan_dir, head_spec, context, as_json):
     before, after = _context(context)
     record, stores = _stores(scan_dir)
     tokenizer = _tokenizer(record)
-    out = {}
+    out, rows = {}, {store.layer: store.rows() for store in stores}
     for store, column in _columns(stores, head_spec):
-        row = store.rows()[column]
+        row = rows[store.layer][column]
         examples = []
         for ex in store.examples(column):
             if ex["kind"]:

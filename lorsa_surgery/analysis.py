@@ -111,10 +111,7 @@ def scan_heads(
                      progress=progress)
         rows = store.rows()
         for column, row in enumerate(rows):
-            acts = {}
-            mine = store.entry_column == column
-            for w, t, v in zip(store.entry_window[mine].tolist(), store.entry_position[mine].tolist(), store.entry_value[mine].tolist()):
-                acts[w, t] = v
+            acts = store.activations_at(column)
             top = []
             for ex in store.examples(column):
                 ids = store.window(ex["window"]).tolist()

@@ -78,15 +78,6 @@ def _token_row(texts: _Texts, ids: list[int], start: int, values: list[float], f
     return Markup("".join(spans))
 
 
-def _dense_activations(store: HeadStore, column: int) -> dict[int, dict[int, float]]:
-    """window -> position -> activation, for one head."""
-    mine = store.entry_column == column
-    out: dict[int, dict[int, float]] = {}
-    for w, t, v in zip(store.entry_window[mine].tolist(), store.entry_position[mine].tolist(), store.entry_value[mine].tolist()):
-        out.setdefault(w, {})[t] = v
-    return out
-
-
 def _svg_bars(values: list[float], labels: list[str], width: int = 360, height: int = 140, horizontal: bool = False) -> Markup:
     """A small self-contained SVG bar chart (orange positive, blue negative)."""
     if not values:
@@ -124,21 +115,20 @@ def head_page(store: HeadStore, tokenizer, column: int, *, row: dict[str, Any] |
     suppressed = [(texts(int(t)), float(v)) for t, v in zip(store.dla_tokens[column, 1], store.dla_values[column, 1])]
     dla = _svg_bars([v for _, v in promoted] + [v for _, v in suppressed][::-1],
                     [repr(t) for t, _ in promoted] + [repr(t) for t, _ in suppressed][::-1], width=420, horizontal=True)
-    acts = _dense_activations(store, column)
+    acts = store.activations_at(column)
     sections: dict[int, list[dict[str, Any]]] = {}
     for ex in store.examples(column):
         ids = store.window(ex["window"]).tolist()
         span = BEFORE + AFTER + 1  # near a window's edge, the context shifts rather than shrinks
         hi = min(len(ids), max(ex["position"] + AFTER + 1, span))
         lo = max(0, min(ex["position"] - BEFORE, hi - span))
-        window_acts = acts.get(ex["window"], {})
         shown = ids[lo:hi]
         contributions = ex["contributions"][lo:hi].tolist()
         attention = ex["attention"][lo:hi].tolist()
         sources = sorted(range(len(shown)), key=lambda j: -abs(contributions[j]))[:5]
         sections.setdefault(ex["kind"], []).append({
             "value": ex["value"], "doc": ex["doc"], "offset": ex["offset"], "window": ex["window"], "position": ex["position"],
-            "activations": _token_row(texts, shown, lo, [window_acts.get(lo + j, 0.0) for j in range(len(shown))], ex["position"]),
+            "activations": _token_row(texts, shown, lo, [acts.get((ex["window"], lo + j), 0.0) for j in range(len(shown))], ex["position"]),
             # Sources under 5% of the strongest would tint the whole context: left plain.
             "sources": _token_row(texts, shown, lo, contributions, ex["position"], attention, titled=False, floor=0.05),
             "top_sources": [(lo + j, texts(shown[j]), contributions[j]) for j in sources if contributions[j] != 0],
@@ -157,13 +147,12 @@ def head_page(store: HeadStore, tokenizer, column: int, *, row: dict[str, Any] |
     )
 
 
-def index_page(stores: list[HeadStore], tokenizer, texts: _Texts | None = None) -> str:
-    """The HTML index of every head of the stores, linking each to its page in heads/."""
+def index_page(stores: list[HeadStore], tokenizer, texts: _Texts | None = None, rows: list[list[dict]] | None = None) -> str:
+    """The HTML index of every head of the stores, linking each to its page in heads/ (`rows`: each store's
+    `rows()`, when already at hand)."""
     texts = texts or _Texts(tokenizer)
-    rows = []
-    for store in stores:
-        for row in store.rows():
-            rows.append({**row, "promoted_text": ", ".join(repr(texts(t)) for t in row["promoted"][:3])})
+    rows = [{**row, "promoted_text": ", ".join(repr(texts(t)) for t in row["promoted"][:3])}
+            for store_rows in (rows or [store.rows() for store in stores]) for row in store_rows]
     return _template("index.html.jinja").render(rows=rows, layers=[s.layer for s in stores],
                                                tokens=stores[0].n_tokens if stores else 0)
 
@@ -173,9 +162,9 @@ def write_site(stores: list[HeadStore], tokenizer, folder: str | Path, heads: li
     folder = Path(folder)
     texts = _Texts(tokenizer)
     wanted = set(heads) if heads is not None else None
-    for store in stores:
-        rows = store.rows()
-        for column, row in enumerate(rows):
+    rows = [store.rows() for store in stores]
+    for store, store_rows in zip(stores, rows):
+        for column, row in enumerate(store_rows):
             if wanted is None or row["head"] in wanted:
                 files.write_text(folder / "heads" / f"{row['head']}.html", head_page(store, tokenizer, column, row=row, texts=texts))
-    return files.write_text(folder / "index.html", index_page(stores, tokenizer, texts))
+    return files.write_text(folder / "index.html", index_page(stores, tokenizer, texts, rows))

@@ -144,6 +144,12 @@ class HeadStore:
         """The head's non-zero activations over the corpus."""
         return self.entry_value[self.entry_column == column]
 
+    def activations_at(self, column: int) -> dict[tuple[int, int], float]:
+        """(window, position) -> the head's activation there, where it fired."""
+        mine = self.entry_column == column
+        return {(w, t): v for w, t, v in zip(self.entry_window[mine].tolist(), self.entry_position[mine].tolist(),
+                                             self.entry_value[mine].tolist())}
+
     def histogram(self, column: int, bins: int = 30) -> tuple[list[float], list[int]]:
         """(bin edges, counts) of the head's non-zero activations."""
         values = self.activations(column)
