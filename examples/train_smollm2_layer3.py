@@ -36,11 +36,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     config = TrainConfig(
-        model="smollm2", layer=3, out=str(args.out), init="attention", k=32, tokens=4096 if args.fast else args.tokens,
+        model="smollm2", layers=3, out=str(args.out), init="attention", k=32, tokens=4096 if args.fast else args.tokens,
         batch_size=8, context=256, eval_tokens=2048 if args.fast else 16384, lm_loss_tokens=512 if args.fast else 4096,
         eval_every=50, lr=1e-3, checkpoint_every=25, cache_dir=str(args.out / "activations"), resume=True,
     )
-    lorsa = train(config)
+    lorsa = train(config)[3]
 
     # Ship it small: float16 weights (the loader reads them back as float32).
     module = args.out / "module"

@@ -161,3 +161,11 @@ def python_documentation() -> list[str]:
                 parts += [doc for m in members if len(doc := inspect.getdoc(m) or "") > 200]
             docs.append("\n\n".join(p for p in parts if p))
     return docs
+
+
+def prose() -> list[str]:
+    """The built-in out-of-domain sample: 14 short documents of English prose (a harvest festival, a football match,
+    a fairy tale, a train diary, ...), written for this project and far from the Python documentation the
+    default modules train on. Training evaluates every module on it (`TrainConfig.ood_texts`)."""
+    text = (Path(__file__).with_name("prose.txt")).read_text(encoding="utf-8")
+    return [doc.strip() for doc in text.split("\n===\n") if doc.strip()]

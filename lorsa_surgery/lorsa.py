@@ -446,61 +446,11 @@ class Lorsa(nn.Module):
     # ---- construction and coordinates ----------------------------------------------------------
 
     @classmethod
-    @torch.no_grad()
     def from_attention(cls, model: nn.Module, layer: int, input_space: Literal["hf", "processed"] = "hf") -> "Lorsa":
-        """A Lorsa that reproduces a host attention layer exactly.
+        """The exact copy of a host attention layer: `lorsa_surgery.arch.exact_copy`, where host weights are read."""
+        from lorsa_surgery.arch import exact_copy
 
-        Each MHSA head's OV circuit is split into rank-1 heads along its head dimension, two signed copies
-        each so that ReLU keeps the sign; all heads fire (act_fn relu). QK head h is MHSA head h (key
-        heads repeated for grouped-query attention). The known-answer case for splicing and a training
-        initialisation. With input_space="processed" the input norm's gain and bias are folded in, as in
-        TransformerLens processed checkpoints.
-        """
-        from lorsa_surgery.arch import arch_for, _head_counts
-        from lorsa_surgery.models import host_record
-
-        arch = arch_for(model)
-        layers = arch.layer_list(model)
-        if not 0 <= layer < len(layers):
-            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
-        attention = getattr(layers[layer], arch.attention)
-        attention = getattr(attention, "original", attention)  # a spliced layer still holds the host's attention
-        w = arch.attention_weights(attention, model.config)
-        H, Hkv, hd = _head_counts(model.config)
-        kv_of = torch.arange(H) // (H // Hkv)
-        d = w.q.shape[1]
-        host = host_record(model)
-        cfg = LorsaConfig(
-            d_model=d, n_qk_heads=H, d_qk_head=hd, n_ov_heads=2 * H * hd, act_fn="relu", top_k=2 * H * hd,
-            use_decoder_bias=w.o_bias is not None, use_post_qk_ln=w.q_norm is not None, qk_ln_eps=w.qk_norm_eps,
-            host_model=host["id"], host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
-            **arch.rotary(model.config, layer), **{k: v for k, v in arch.site_names(layer).items() if k != "hf_module"},
-        )
-        lorsa = cls(cfg)
-        zeros = torch.zeros(H, hd)
-        lorsa.W_Q.copy_(w.q)
-        lorsa.W_K.copy_(w.k[kv_of])
-        lorsa.b_Q.copy_(zeros if w.q_bias is None else w.q_bias)
-        lorsa.b_K.copy_(zeros if w.k_bias is None else w.k_bias[kv_of])
-        v = w.v[kv_of].transpose(1, 2)  # [H, hd, d]: one value direction per head dimension
-        v_bias = zeros if w.v_bias is None else w.v_bias[kv_of]
-        lorsa.W_V.copy_(torch.cat([v, -v], dim=1).reshape(-1, d))
-        lorsa.b_V.copy_(torch.cat([v_bias, -v_bias], dim=1).reshape(-1))
-        lorsa.W_O.copy_(torch.cat([w.o, -w.o], dim=1).reshape(-1, w.o.shape[-1]))
-        if w.o_bias is not None:
-            lorsa.b_D.copy_(w.o_bias)
-        if w.q_norm is not None:
-            lorsa.q_norm.copy_(w.q_norm.expand(H, hd))
-            lorsa.k_norm.copy_(w.k_norm.expand(H, hd))
-        if input_space == "processed":
-            if arch.post_attention_norm is not None:
-                raise LorsaSurgeryError(
-                    f"In processed coordinates a {arch.name} layer's output is taken after its post-attention norm, "
-                    "which attention weights alone cannot reproduce; build it with input_space='hf'."
-                )
-            gain, bias = arch.norm_gain(getattr(layers[layer], arch.input_norm))
-            lorsa = lorsa.in_input_space("processed", gain, bias)
-        return lorsa
+        return exact_copy(model, layer, input_space)
 
     @torch.no_grad()
     def in_input_space(self, space: Literal["hf", "processed"], gain: torch.Tensor, bias: torch.Tensor | None = None) -> "Lorsa":

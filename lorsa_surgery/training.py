@@ -1,12 +1,13 @@
-"""Training Lorsa modules for any layer of any supported model, from one CPU to many GPUs.
+"""Training Lorsa modules for any layers of any supported model, from one CPU to many GPUs.
 
-One config, one trainer. The host model runs only up to the chosen layer; hooks capture what its attention
-module receives and returns (HF coordinates; README, "Input space") and the module learns to reproduce the output,
-top-K sparse, with Adam. `accelerate launch` runs the same code data-parallel (DDP).
+One config, one trainer. The host model runs once per batch, only up to the deepest chosen layer; hooks capture
+what each chosen attention module receives and returns (HF coordinates; README, "Input space") and one Lorsa
+module per layer learns to reproduce its layer's output, top-K sparse, with its own Adam optimiser.
+`accelerate launch` runs the same code data-parallel (DDP).
 
-A run folder holds the finished module (native format, loadable with `Lorsa.from_pretrained`), its
-training record, `metrics.jsonl`, `training.png` and `checkpoints/`, from which `resume=True` continues
-exactly where the last checkpoint left off.
+A run folder holds one folder per layer (`L3/`: the finished module, loadable with `Lorsa.from_pretrained`,
+its training record, `metrics.jsonl` and `training.png`) and `checkpoints/`, from which `resume=True`
+continues exactly where the last checkpoint left off.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -29,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorsa_surgery import corpus, files
-from lorsa_surgery.arch import arch_for
+from lorsa_surgery.arch import arch_for, exact_copy, from_host_subspaces
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.formats import fold_dataset_norms
 from lorsa_surgery.lorsa import Lorsa
@@ -42,26 +43,33 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 CHECKPOINTS = "checkpoints"
 SAMPLED_CORPUS = "sampled_corpus.jsonl"
+INITS = ("host", "attention", "qk", "random")
+
+
+def layer_folder(out: str | Path, layer: int) -> Path:
+    """Where a run keeps the module (and metrics, plot) for one layer."""
+    return Path(out) / f"L{layer}"
 
 
 @dataclass
 class TrainConfig:
-    """What to train and how. Sizes left as None follow the host layer."""
+    """What to train and how. Sizes left as None follow the host layer; the defaults are the settings that gave
+    the best held-out modules in the measurements of docs/training.md."""
 
     model: str
     """Host model: Hub id, local folder, .gguf file, or "smollm2" (the embedded default)."""
-    layer: int
-    """Index of the attention layer to reproduce."""
+    layers: tuple[int, ...] = field(metadata={"flags": ("--layer", "--layers")})
+    """Attention layers to reproduce, one module each, trained together from one host pass (an int is one layer)."""
     out: str
-    """Run folder: the finished module, metrics, plot and checkpoints go here."""
+    """Run folder: one folder per layer (L3/: module, metrics, plot) and the checkpoints."""
     revision: str | None = None
     """Hub revision of the host model."""
-    n_heads: int | None = None
-    """OV heads (dictionary size). Give this or `expansion`; None with neither means expansion 8
-    (init "attention": twice the host's head count times head width, as `Lorsa.from_attention` builds)."""
+    n_heads: int | None = field(default=None, metadata={"flags": ("--heads",)})
+    """OV heads (dictionary size). Give this or `expansion`; None with neither means expansion 8, except with
+    init "attention" (the exact copy's size, twice the host's head count times head width)."""
     expansion: float | None = None
     """OV heads as a multiple of d_model."""
-    n_qk_heads: int | None = None
+    n_qk_heads: int | None = field(default=None, metadata={"flags": ("--qk-heads",)})
     """Query-key heads, each shared by n_heads / n_qk_heads OV heads; None means the host's head count."""
     k: int = 64
     """Heads that fire per token (top-K)."""
@@ -77,7 +85,7 @@ class TrainConfig:
     """Tokens per sequence, the first being the BOS token."""
     pack: bool = True
     """Pack documents end to end (separated by EOS); False starts every document in a new, padded sequence."""
-    texts: tuple[str, ...] = ()
+    texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--text",)})
     """Training text: .txt files (one document each) and .jsonl files (one document per line). With no texts,
     dataset or sample_tokens, the built-in offline corpus (`lorsa_surgery.corpus.python_documentation`)."""
     text_field: str = "text"
@@ -89,14 +97,18 @@ class TrainConfig:
     sample_tokens: int = 0
     """Also sample this many tokens of text from the host model itself (offline, any model)."""
     eval_tokens: int = 8192
-    """Held-out tokens (never trained on) for explained variance and the linear baseline."""
+    """Held-out tokens of the training text (never trained on) for explained variance and the linear baseline."""
+    ood_texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--ood-text",)})
+    """Out-of-domain text for a second held-out evaluation (.txt or .jsonl); none: the built-in English prose
+    sample (`lorsa_surgery.corpus.prose`, 14 documents far from the Python documentation)."""
     lm_loss_tokens: int = 2048
     """Held-out tokens on which the LM loss is measured with and without the module spliced in (0: skip)."""
     eval_every: int = 0
     """Evaluate every this many steps (0: only at the end)."""
-    init: Literal["qk", "attention", "random"] = "qk"
-    """qk: copy W_Q/W_K from the host heads, random rank-1 OV heads; attention: start from the exact
-    host copy (`Lorsa.from_attention`, which fixes the head counts); random: all weights random."""
+    init: Literal["host", "attention", "qk", "random"] = "host"
+    """host: Q/K copied from the host heads and OV heads along each head's principal output directions, any
+    size (`arch.from_host_subspaces`); attention: the exact host copy made sparse (fixes the head counts);
+    qk: Q/K copied, random OV heads; random: all weights random."""
     lr: float = 2e-4
     """Peak Adam learning rate."""
     warmup: float = 0.05
@@ -111,9 +123,9 @@ class TrainConfig:
     """Write a metrics line and refresh the progress bar every this many steps."""
     checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0: never)."""
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata={"flags": ("--cache",)})
     """Keep captured activations here as safetensors shards and reuse them across runs (float32: about
-    4.6 KB per token for d_model 576)."""
+    4.6 KB per token and layer for d_model 576)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Host model dtype."""
     device_map: str | None = None
@@ -131,7 +143,12 @@ class TrainConfig:
     """Continue from the last checkpoint in `out` (a fresh start when there is none)."""
 
     def __post_init__(self) -> None:
-        self.texts = tuple(str(t) for t in self.texts)
+        self.layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
+        if not self.layers:
+            raise LorsaSurgeryError("Name at least one layer to train.")
+        if any(not isinstance(n, int) or n < 0 for n in self.layers) or len(set(self.layers)) < len(self.layers):
+            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)}.")
         if self.n_heads is not None and self.expansion is not None:
             raise LorsaSurgeryError("Give either n_heads or expansion, not both.")
         positive = ["k", "tokens", "batch_size", "context", "eval_tokens", "log_every", "dead_window"]
@@ -142,7 +159,7 @@ class TrainConfig:
                 raise LorsaSurgeryError(f"{name} must be a positive integer, got {value!r}.")
         if self.expansion is not None and self.expansion <= 0:
             raise LorsaSurgeryError(f"expansion must be positive, got {self.expansion}.")
-        for name in ("layer", "sample_tokens", "lm_loss_tokens", "eval_every", "checkpoint_every"):
+        for name in ("sample_tokens", "lm_loss_tokens", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise LorsaSurgeryError(f"{name} must not be negative, got {getattr(self, name)}.")
         if self.context < 2:
@@ -156,8 +173,8 @@ class TrainConfig:
             raise LorsaSurgeryError("warmup and cooldown together must not exceed the whole run.")
         if self.lr <= 0 or self.grad_clip < 0:
             raise LorsaSurgeryError("lr must be positive and grad_clip not negative.")
-        if self.init not in ("qk", "attention", "random"):
-            raise LorsaSurgeryError(f"init must be qk, attention or random, got {self.init!r}.")
+        if self.init not in INITS:
+            raise LorsaSurgeryError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.max_memory is not None:
             from lorsa_surgery.placement import parse_max_memory
 
@@ -167,7 +184,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["texts"] = list(self.texts)
+        d.update(layers=list(self.layers), texts=list(self.texts), ood_texts=list(self.ood_texts))
         return d
 
 
@@ -230,30 +247,39 @@ def _documents(config: TrainConfig, model, tokenizer, out: Path, accelerator) ->
 
 
 class _Stop(Exception):
-    """Raised from the output hook so the host model does not run the layers after the chosen one."""
+    """Raised from the output hook so the host model does not run the layers after the deepest chosen one."""
 
 
 @torch.no_grad()
-def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What layer `layer`'s attention module receives (hidden_states) and returns (output[0]), [B, T, d]."""
+def capture_layers(model: nn.Module, layers: list[int] | tuple[int, ...], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each layer, what its attention module receives (hidden_states) and returns (output[0]), [B, T, d]; the
+    host runs once, up to the deepest of them."""
     arch = arch_for(model)
-    layers = arch.layer_list(model)
-    if not 0 <= layer < len(layers):
-        raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
-    attention = getattr(layers[layer], arch.attention)
-    seen: dict[str, torch.Tensor] = {}
+    blocks = arch.layer_list(model)
+    for layer in layers:
+        if not 0 <= layer < len(blocks):
+            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(blocks)} layers.")
+    seen: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    deepest = max(layers)
 
-    def before(module, args, kwargs):
-        seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def hooks(layer: int):
+        def before(module, args, kwargs):
+            seen[layer]["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def after(module, args, kwargs, output):
-        seen["y"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
+        def after(module, args, kwargs, output):
+            seen[layer]["y"] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _Stop
 
-    handles = [
-        attention.register_forward_pre_hook(before, with_kwargs=True),
-        attention.register_forward_hook(after, with_kwargs=True),
-    ]
+        return before, after
+
+    handles = []
+    for layer in layers:
+        attention = getattr(blocks[layer], arch.attention)
+        before, after = hooks(layer)
+        handles += [attention.register_forward_pre_hook(before, with_kwargs=True),
+                    attention.register_forward_hook(after, with_kwargs=True)]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
@@ -261,63 +287,77 @@ def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mas
     finally:
         for handle in handles:
             handle.remove()
-    return seen["x"], seen["y"]
+    return {layer: (s["x"], s["y"]) for layer, s in seen.items()}
+
+
+def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What layer `layer`'s attention module receives (hidden_states) and returns (output[0]), [B, T, d]."""
+    return capture_layers(model, [layer], input_ids, attention_mask)[layer]
 
 
 class ActivationSource:
-    """Attention inputs and outputs of one host layer for numbered token sequences, optionally cached on disk.
+    """Attention inputs and outputs of some host layers for numbered token sequences, optionally cached on disk.
 
     The cache is a folder per (host, layer, token sequences) holding safetensors shards; each shard lists
     the sequence numbers it holds, so any run over the same text reuses whatever an earlier run captured,
-    whatever its seed, batch size or number of processes.
+    whatever its seed, batch size, number of processes or other layers.
     """
 
-    def __init__(self, model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def __init__(self, model: nn.Module, layers: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cache_dir: str | Path | None = None, host: dict[str, Any] | None = None,
                  device: torch.device | None = None):
-        self.model, self.layer = model, layer
+        self.model, self.layers = model, tuple(layers)
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.device = device or input_device(model)
-        """Where batches go (the Lorsa module's device); the host may be spread over others."""
-        self.folder: Path | None = None
-        self.index: dict[int, tuple[Path, int]] = {}
-        if cache_dir is not None:
-            digest = hashlib.sha256(input_ids.numpy().tobytes() + attention_mask.numpy().tobytes())
+        """Where batches go (the Lorsa modules' device); the host may be spread over others."""
+        self.folders: dict[int, Path] = {}
+        self.index: dict[int, dict[int, tuple[Path, int]]] = {layer: {} for layer in self.layers}
+        if cache_dir is None:
+            return
+        digest = hashlib.sha256(input_ids.numpy().tobytes() + attention_mask.numpy().tobytes()).hexdigest()
+        for layer in self.layers:
             key = {"host": host or {}, "layer": layer, "dtype": str(next(model.parameters()).dtype),
-                   "sequences": digest.hexdigest(), "shape": list(input_ids.shape)}
+                   "sequences": digest, "shape": list(input_ids.shape)}
             name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-            self.folder = Path(cache_dir) / f"L{layer}-{name}"
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if not (self.folder / "key.json").exists():
-                files.write_json(self.folder / "key.json", key)
-            for shard in sorted(self.folder.glob("shard-*.safetensors")):
+            folder = self.folders[layer] = Path(cache_dir) / f"L{layer}-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / "key.json").exists():
+                files.write_json(folder / "key.json", key)
+            for shard in sorted(folder.glob("shard-*.safetensors")):
                 with safe_open(str(shard), "pt") as f:
                     for row, seq in enumerate(f.get_tensor("sequence").tolist()):
-                        self.index.setdefault(seq, (shard, row))
+                        self.index[layer].setdefault(seq, (shard, row))
 
-    def get(self, sequences: list[int]) -> dict[str, torch.Tensor]:
-        """x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
-        missing = [s for s in sequences if s not in self.index]
-        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    def get(self, sequences: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Per layer: x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
+        missing = sorted({s for layer in self.layers for s in sequences if s not in self.index[layer]})
+        fresh: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         if missing:
             host = input_device(self.model)
-            x, y = capture(self.model, self.layer, self.input_ids[missing].to(host), self.attention_mask[missing].to(host))
-            fresh = {s: (x[i], y[i]) for i, s in enumerate(missing)}
-            if self.folder is not None:
-                shard = self.folder / f"shard-{uuid.uuid4().hex}.safetensors"
-                files.write_safetensors(shard, {"sequence": torch.tensor(missing), "x": x, "y": y})
-                self.index.update({s: (shard, i) for i, s in enumerate(missing)})
-        xs, ys = [], []
-        for s in sequences:
-            if s in fresh:
-                x, y = fresh[s]
-            else:
-                shard, row = self.index[s]
-                with safe_open(str(shard), "pt") as f:
-                    x, y = f.get_slice("x")[row], f.get_slice("y")[row]
-            xs.append(x.to(self.device))
-            ys.append(y.to(self.device))
-        return _batch(torch.stack(xs), torch.stack(ys), self.input_ids[sequences], self.attention_mask[sequences], self.model)
+            captured = capture_layers(self.model, self.layers, self.input_ids[missing].to(host),
+                                      self.attention_mask[missing].to(host))
+            for layer, (x, y) in captured.items():
+                fresh[layer] = {s: (x[i], y[i]) for i, s in enumerate(missing)}
+                new = [i for i, s in enumerate(missing) if s not in self.index[layer]]
+                if layer in self.folders and new:
+                    shard = self.folders[layer] / f"shard-{uuid.uuid4().hex}.safetensors"
+                    files.write_safetensors(shard, {"sequence": torch.tensor([missing[i] for i in new]), "x": x[new], "y": y[new]})
+                    self.index[layer].update({missing[i]: (shard, j) for j, i in enumerate(new)})
+        batches = {}
+        for layer in self.layers:
+            xs, ys = [], []
+            for s in sequences:
+                if s in fresh.get(layer, {}):
+                    x, y = fresh[layer][s]
+                else:
+                    shard, row = self.index[layer][s]
+                    with safe_open(str(shard), "pt") as f:
+                        x, y = f.get_slice("x")[row], f.get_slice("y")[row]
+                xs.append(x.to(self.device))
+                ys.append(y.to(self.device))
+            batches[layer] = _batch(torch.stack(xs), torch.stack(ys), self.input_ids[sequences],
+                                    self.attention_mask[sequences], self.model)
+        return batches
 
 
 def _batch(x, y, input_ids, attention_mask, model) -> dict[str, torch.Tensor]:
@@ -471,13 +511,16 @@ def _current_k(config: TrainConfig, n_heads: int, steps: int, step: int) -> int:
 
 
 def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
-    """(QK heads, OV heads) the run will train, from the host's config alone, checked against K: so a bad size is
-    reported before the host loads."""
+    """(QK heads, OV heads) the run will train, from the host's config alone, checked against K and the layer
+    count: so a bad setting is reported before the host loads."""
     from lorsa_surgery.arch import _head_counts
 
     text = host_config.get_text_config(decoder=True)
     d, (H, _, hd) = text.hidden_size, _head_counts(host_config)
-    exact = 2 * H * hd  # the size of `Lorsa.from_attention`'s copy
+    n_layers = text.num_hidden_layers
+    if any(layer >= n_layers for layer in config.layers):
+        raise LorsaSurgeryError(f"Layer {max(config.layers)} is out of range: the model has {n_layers} layers.")
+    exact = 2 * H * hd  # the size of the exact copy
     if config.init == "attention":
         n_qk, n_ov = config.n_qk_heads or H, config.n_heads or exact
         if config.expansion is not None:
@@ -494,72 +537,190 @@ def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
     return n_qk, n_ov
 
 
-def _build(config: TrainConfig, model: nn.Module, host: dict[str, Any], norms: dict[str, float]) -> Lorsa:
-    """A new module for the host layer: sizes resolved, weights initialised as config.init says, in the scaled
-    coordinates it trains in (inputs and outputs of average norm sqrt(d_model); `norms` are the raw averages)."""
-    source = Lorsa.from_attention(model, config.layer)
+def _scales(norms: dict[str, float], d: int) -> tuple[float, float]:
+    """Factors that bring inputs and outputs to an average norm of sqrt(d_model), the coordinates trained in."""
+    return math.sqrt(d) / norms["in"], math.sqrt(d) / norms["out"]
+
+
+def _norms(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    keep = batch["loss_mask"]
+    return {"in": float(batch["x"][keep].double().norm(dim=-1).mean()), "out": float(batch["y"][keep].double().norm(dim=-1).mean())}
+
+
+@torch.no_grad()
+def _build(config: TrainConfig, model: nn.Module, layer: int, host: dict[str, Any], first: dict[str, torch.Tensor],
+           norms: dict[str, float]) -> Lorsa:
+    """A new module for one host layer: sizes resolved, weights initialised as config.init says, in the scaled
+    coordinates it trains in. `first` is the first global batch, which the host initialisation measures on."""
     n_qk, n_ov = planned_heads(config, model.config)
+    mask = None if bool(first["attention_mask"].all()) else first["attention_mask"]
+    if config.init == "host":
+        source = from_host_subspaces(model, layer, n_qk, n_ov, first["x"], first["position_ids"], mask,
+                                     first["loss_mask"], seed=config.seed)
+    else:
+        source = exact_copy(model, layer)
     d, H = source.cfg.d_model, source.cfg.n_qk_heads
     cfg = dataclasses.replace(
         source.cfg, n_qk_heads=n_qk, n_ov_heads=n_ov, act_fn="topk", top_k=config.k, use_decoder_bias=True,
         n_ctx=config.context, input_space="hf", host_model=host.get("id"),
-        host_revision=host.get("revision") or host.get("sha256"), host_layer=config.layer,
+        host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
     )
-    torch.manual_seed(config.seed)
-    lorsa = Lorsa(cfg)  # random weights, drawn for the scaled coordinates as the reference draws them
-    with torch.no_grad():
-        if config.init == "attention":
-            for name, value in source.state_dict().items():
-                lorsa.get_parameter(name).copy_(value)
-            fold_dataset_norms(lorsa, d / norms["in"], d / norms["out"])  # the inverse fold
-        elif config.init == "qk":
-            heads = torch.arange(n_qk) * H // n_qk  # contiguous blocks of copies when n_qk is a multiple of H
-            for name in ("W_Q", "W_K", "b_Q", "b_K") + (("q_norm", "k_norm") if cfg.use_post_qk_ln else ()):
-                lorsa.get_parameter(name).copy_(source.get_parameter(name)[heads])
-            lorsa.W_Q.mul_(norms["in"] / math.sqrt(d))  # queries and keys of scaled inputs equal the host's
-            lorsa.W_K.mul_(norms["in"] / math.sqrt(d))
+    torch.manual_seed(config.seed)  # per layer, so a layer's module does not depend on what trains beside it
+    lorsa = Lorsa(cfg).to(first["x"].device)  # random weights, drawn for the scaled coordinates as the reference draws them
+    scale_in, scale_out = _scales(norms, d)
+    if config.init in ("host", "attention"):
+        for name, value in source.state_dict().items():
+            lorsa.get_parameter(name).copy_(value)
+        fold_dataset_norms(lorsa, d / norms["in"], d / norms["out"])  # the inverse fold: into the scaled coordinates
+    elif config.init == "qk":
+        heads = torch.arange(n_qk) * H // n_qk  # contiguous blocks of copies when n_qk is a multiple of H
+        for name in ("W_Q", "W_K", "b_Q", "b_K") + (("q_norm", "k_norm") if cfg.use_post_qk_ln else ()):
+            lorsa.get_parameter(name).copy_(source.get_parameter(name)[heads])
+        lorsa.W_Q.mul_(1 / scale_in)  # queries and keys of scaled inputs equal the host's
+        lorsa.W_K.mul_(1 / scale_in)
+    keep = first["loss_mask"]
+    target = first["y"][keep].double() * scale_out
+    if config.init == "host":
+        # The heads top-K drops leave a mean behind: the bias takes what the kept heads miss on average.
+        z = lorsa.hidden_pre(first["x"] * scale_in, first["position_ids"], mask)
+        idx, vals = lorsa._topk(z)
+        lorsa.b_D.zero_()
+        lorsa.b_D.copy_((target - lorsa.decode_sparse(idx, vals)[keep].double()).mean(0))
+    elif config.init != "attention":
+        lorsa.b_D.copy_(target.mean(0))
     return lorsa
 
 
-def _state_tensors(lorsa: Lorsa, optimizer: torch.optim.Optimizer, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    tensors = {f"lorsa.{k}": v for k, v in lorsa.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        tensors.update({f"adam.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return {**tensors, **extra}
+class _LayerRun:
+    """One layer's module and everything that trains it: optimiser, schedule, linear baseline, the clock of when each
+    head last fired, metrics and its folder."""
 
-
-class _RunFolder:
-    """The files of a run: metrics log, plot and checkpoints (written by the main process only)."""
-
-    def __init__(self, out: Path, main: bool):
-        self.out, self.main = out, main
+    def __init__(self, trainer: "Trainer", layer: int, first: dict[str, torch.Tensor] | None,
+                 resumed: tuple[dict[str, Any], dict[str, torch.Tensor]] | None):
+        config, acc = trainer.config, trainer.acc
+        self.layer, self.folder, self.main = layer, layer_folder(config.out, layer), acc.is_main_process
+        self.norms = resumed[0]["norms"] if resumed else _norms(first)
+        if resumed:  # the weights come from the checkpoint; the batch only fixes shapes and the device
+            first = trainer.source.get(trainer.batch_sequences(0, everyone=True)[:1])[layer]
+        self.lorsa = _build(config, trainer.model, layer, trainer.host, first, self.norms)
+        d, n = self.lorsa.cfg.d_model, self.lorsa.cfg.n_ov_heads
+        self.scale_in, self.scale_out = _scales(self.norms, d)
+        self.baseline = LinearBaseline(d, device=acc.device)
+        self.last_fired = torch.zeros(n, dtype=torch.long, device=acc.device)
+        self.objective = acc.prepare_model(_Objective(self.lorsa))
+        self.optimizer = torch.optim.Adam(self.lorsa.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, trainer.steps))
+        self.lorsa_s = 0.0
+        self.window: list[torch.Tensor] = []
         self.history: list[dict[str, Any]] = []
+        if resumed:
+            self._restore(*resumed, trainer.start)
+        elif self.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / METRICS_FILE).unlink(missing_ok=True)
+
+    def step(self, trainer: "Trainer", batch: dict[str, torch.Tensor], n_global: torch.Tensor, step: int) -> None:
+        config, P = trainer.config, trainer.acc.num_processes
+        t0 = time.perf_counter()
+        self.lorsa.cfg.top_k = _current_k(config, self.lorsa.cfg.n_ov_heads, trainer.steps, step)
+        mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
+        with torch.autocast(trainer.acc.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+            sse, fired = self.objective(batch["x"] * self.scale_in, batch["y"] * self.scale_out, batch["position_ids"], mask,
+                                        batch["loss_mask"])
+        # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
+        (sse * P / n_global).backward()
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lorsa.parameters(), config.grad_clip or math.inf))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lorsa_s += time.perf_counter() - t0
+        keep = batch["loss_mask"]
+        self.baseline.update(batch["x"][keep], batch["y"][keep])
+        self.last_fired[fired.unique()] = (step + 1) * config.batch_size * config.context
+        self.window.append(torch.cat([sse.detach().double()[None], _target_sums(batch["y"] * self.scale_out, keep)]))
+
+    def train_record(self, trainer: "Trainer", done: int, tokens: int) -> dict[str, Any]:
+        acc = trainer.acc
+        sums = acc.reduce(torch.stack(self.window).sum(0), "sum")
+        self.window = []
+        fired = acc.gather(self.last_fired[None]).amax(0)
+        return {"kind": "train", "step": done, "tokens": tokens, "loss": float(sums[0] / sums[1]), "ev": _ev_from_sums(sums),
+                "lr": self.scheduler.get_last_lr()[0], "k": self.lorsa.cfg.top_k, "grad_norm": self.grad_norm,
+                "dead_frac": _dead_fraction(fired, tokens, trainer.config.dead_window),
+                "tokens_per_s": _rate(trainer.config, done, trainer.timing["train_s"])}
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.main:
-            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        folder = self.out / CHECKPOINTS / f"step_{step:07d}"
-        files.write_safetensors(folder / "state.safetensors", tensors)
-        files.write_json(folder / "state.json", state)
-        # The pointer is written last: a run killed mid-checkpoint resumes from the previous one.
-        files.write_json(self.out / CHECKPOINTS / "latest.json", {"step": step})
-        for old in (self.out / CHECKPOINTS).glob("step_*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+    def checkpoint_tensors(self, acc) -> dict[str, torch.Tensor]:
+        """Weights, Adam moments, when each head last fired and the baseline's sums, gathered from all processes
+        (every process must call this)."""
+        tensors = {f"lorsa.{k}": v for k, v in self.lorsa.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"adam.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        tensors["last_fired"] = acc.gather(self.last_fired[None]).amax(0)
+        tensors["baseline.xtx"] = acc.reduce(self.baseline.xtx.clone(), "sum")
+        tensors["baseline.xty"] = acc.reduce(self.baseline.xty.clone(), "sum")
+        return tensors
 
-    def latest(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        pointer = self.out / CHECKPOINTS / "latest.json"
-        if not pointer.exists():
-            return None
-        folder = self.out / CHECKPOINTS / f"step_{files.read_json(pointer)['step']:07d}"
-        return files.read_json(folder / "state.json"), load_file(str(folder / "state.safetensors"))
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"norms": self.norms, "scheduler": self.scheduler.state_dict(), "lorsa_s": self.lorsa_s,
+                "param_groups": self.optimizer.state_dict()["param_groups"]}
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], start: int) -> None:
+        self.lorsa.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("lorsa.")})
+        adam = self.optimizer.state_dict()
+        adam["state"] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                adam["state"].setdefault(int(index), {})[name] = value
+        adam["param_groups"] = state["param_groups"]
+        self.optimizer.load_state_dict(adam)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.lorsa_s = state["lorsa_s"]
+        self.last_fired.copy_(tensors["last_fired"])
+        if self.main:  # the accumulated sums live once, on the main process
+            self.baseline.xtx.copy_(tensors["baseline.xtx"])
+            self.baseline.xty.copy_(tensors["baseline.xty"])
+        self.history = [r for r in _read_metrics(self.folder) if r["step"] <= start]
+        if self.main:
+            files.write_text(self.folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    @torch.no_grad()
+    def evaluate(self, trainer: "Trainer", step: int, tokens: int) -> dict[str, Any]:
+        """Held-out explained variance on the training text and out of its domain, each beside the best linear map
+        fitted on the training tokens, and the LM loss with the module spliced in."""
+        acc, lorsa, d = trainer.acc, self.lorsa, self.lorsa.cfg.d_model
+        global_baseline = LinearBaseline(d, device=acc.device)
+        global_baseline.xtx = acc.reduce(self.baseline.xtx.clone(), "sum")
+        global_baseline.xty = acc.reduce(self.baseline.xty.clone(), "sum")
+        weights = global_baseline.solve()
+        result: dict[str, Any] = {"kind": "eval", "step": step, "tokens": tokens}
+        for prefix, batches in (("", trainer.eval_batches()), ("ood_", trainer.ood_batches())):
+            sums = torch.zeros(3 + d, dtype=torch.float64, device=acc.device)
+            linear = torch.zeros_like(sums)
+            for both in batches:
+                b = both[self.layer]
+                mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
+                # Explained variance does not depend on the scale: compare in the scaled coordinates trained in.
+                pred = lorsa(b["x"] * self.scale_in, b["position_ids"], mask)
+                sums += _ev_sums(pred, b["y"] * self.scale_out, b["loss_mask"])
+                linear += _ev_sums(global_baseline.predict(b["x"], weights), b["y"], b["loss_mask"])
+            sums, linear = acc.reduce(sums, "sum"), acc.reduce(linear, "sum")
+            result.update({f"{prefix}ev": _ev_from_sums(sums), f"{prefix}linear_ev": _ev_from_sums(linear),
+                           f"{prefix}eval_tokens": int(sums[1])})
+        folded = copy.deepcopy(lorsa)
+        fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
+        for prefix, (ids, mask, original) in trainer.lm_loss_texts().items():
+            with splice(trainer.model, {self.layer: folded}):
+                spliced = acc.reduce(_lm_loss_sums(trainer.model, ids, mask).to(acc.device), "sum")
+            result.update({f"{prefix}lm_loss_original": float(original[0] / original[1]),
+                           f"{prefix}lm_loss_spliced": float(spliced[0] / spliced[1]), f"{prefix}lm_loss_tokens": int(spliced[1])})
+        return result
 
     def plot(self) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -571,213 +732,237 @@ class _RunFolder:
         FigureCanvasAgg(fig)
         loss, ev, dead = fig.subplots(1, 3)
         loss.plot([r["tokens"] for r in train], [r["loss"] for r in train])
-        loss.set(xlabel="training tokens", ylabel="squared error per token (scaled)", yscale="log", title="training loss")
+        loss.set(xlabel="training tokens", ylabel="squared error per token (scaled)", yscale="log",
+                 title=f"layer {self.layer}: training loss")
         ev.plot([r["tokens"] for r in train], [r["ev"] for r in train], alpha=0.5, label="training batch")
         ev.plot([r["tokens"] for r in evals], [r["ev"] for r in evals], "o-", label="held out")
+        ev.plot([r["tokens"] for r in evals], [r["ood_ev"] for r in evals], "s-", label="held out, other domain")
         if evals:
             ev.axhline(evals[-1]["linear_ev"], ls="--", color="gray", label="best linear map (held out)")
+            ev.axhline(evals[-1]["ood_linear_ev"], ls=":", color="gray", label="best linear map (other domain)")
         ev.set(xlabel="training tokens", ylabel="explained variance", title="explained variance")
-        ev.legend(fontsize=8)
+        ev.legend(fontsize=7)
         dead.plot([r["tokens"] for r in train], [r["dead_frac"] for r in train])
         dead.set(xlabel="training tokens", ylabel="fraction of heads", title="dead heads", ylim=(0, 1))
-        files.write_figure(self.out / PLOT_FILE, fig)
+        files.write_figure(self.folder / PLOT_FILE, fig)
+
+    def finish(self, trainer: "Trainer") -> Lorsa:
+        config, lorsa = trainer.config, self.lorsa
+        lorsa.cfg.top_k = config.k
+        with torch.no_grad():
+            fold_dataset_norms(lorsa, self.norms["in"], self.norms["out"])
+        final = next(r for r in reversed(self.history) if r["kind"] == "eval")
+        last = next(r for r in reversed(self.history) if r["kind"] == "train")
+        host, steps = trainer.host, trainer.steps
+        lorsa.training_info = {
+            "model": host.get("id"), "revision": host.get("revision") or host.get("sha256"), "layer": self.layer,
+            "trained_with": list(config.layers), "tokens": steps * config.batch_size * config.context, "steps": steps,
+            "k": config.k, "k_anneal": config.k_anneal, "lr": config.lr, "n_heads": lorsa.cfg.n_ov_heads,
+            "n_qk_heads": lorsa.cfg.n_qk_heads, "batch_size": config.batch_size, "context": config.context,
+            "init": config.init, "seed": config.seed, "processes": trainer.acc.num_processes,
+            "explained_variance": final["ev"], "linear_baseline_ev": final["linear_ev"], "eval_tokens": final["eval_tokens"],
+            "ood_explained_variance": final["ood_ev"], "ood_linear_baseline_ev": final["ood_linear_ev"],
+            "ood_eval_tokens": final["ood_eval_tokens"],
+            **{k: final.get(k) for k in ("lm_loss_original", "lm_loss_spliced", "ood_lm_loss_original", "ood_lm_loss_spliced")},
+            "dead_heads_fraction": last["dead_frac"],
+            "tokens_per_s": _rate(config, steps, trainer.timing["train_s"]),
+            "lorsa_step_tokens_per_s": _rate(config, steps, self.lorsa_s), "device": trainer.acc.device.type,
+        }
+        if self.main:
+            lorsa.save_pretrained(self.folder)
+        return lorsa
+
+
+class Trainer:
+    """One run: the host, its text as numbered sequences, and one `_LayerRun` per layer, all stepped from the same
+    host pass. `Trainer(config).fit()` trains and saves every module; `train(config)` is the same in one call."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None):
+        from accelerate import Accelerator
+
+        from lorsa_surgery.models import base_record, load_config, load_model, public_record
+
+        self.config = config
+        # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
+        self.acc = acc = Accelerator(cpu=not torch.cuda.is_available())
+        if acc.num_processes > 1 and (config.device_map or config.max_memory):
+            raise LorsaSurgeryError("A host placed with device_map or max_memory trains in one process; DDP copies the host to each.")
+        if config.batch_size % acc.num_processes:
+            raise LorsaSurgeryError(f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+                                    f"({acc.num_processes}).")
+        self.out = Path(config.out)
+        # Sizes and layers are checked from the host's config before anything is written or the host loads.
+        planned_heads(config, model.config if model is not None else load_config(config.model, config.revision))
+        if acc.is_main_process:
+            _prepare_folder(config, self.out)
+        acc.wait_for_everyone()
+        if model is None:
+            model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype, device_map=config.device_map,
+                                          max_memory=config.max_memory, offload_dir=config.offload_dir)
+            if getattr(model, "hf_device_map", None) is None:  # a dispatched host stays where Accelerate put it
+                model.to(acc.device)
+        elif tokenizer is None:
+            raise LorsaSurgeryError("Pass the tokenizer together with the model.")
+        model.requires_grad_(False)
+        self.model, self.tokenizer = model, tokenizer
+        self.host = public_record(base_record(config.model, config.revision))  # never a local path: checkpoints are shared
+        self.autocast = config.autocast and acc.device.type == "cuda"
+
+        # Data: numbered sequences; a seeded random subset is held out, the rest is shuffled anew each epoch.
+        ids, mask = token_sequences(_documents(config, model, tokenizer, self.out, acc), tokenizer, config.context, config.pack)
+        n_eval = max(1, config.eval_tokens // config.context)
+        if len(ids) <= n_eval:
+            raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than the {n_eval} held out.")
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
+        self.eval_seqs, self.train_seqs = order[:n_eval].sort().values.tolist(), order[n_eval:].tolist()
+        self.source = ActivationSource(model, config.layers, ids, mask, config.cache_dir, self.host, device=acc.device)
+        ood_docs = corpus.load_texts(list(config.ood_texts), jsonl_field=config.text_field) if config.ood_texts else corpus.prose()
+        self.ood = ActivationSource(model, config.layers, *token_sequences(ood_docs, tokenizer, config.context, config.pack),
+                                    config.cache_dir, self.host, device=acc.device)
+        self.steps = math.ceil(config.tokens / (config.batch_size * config.context))
+        self.timing = {"train_s": 0.0}
+        self._eval_batches: dict[str, list[dict[int, dict[str, torch.Tensor]]]] = {}
+        self._lm_loss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+        resumed = self._latest() if config.resume else None
+        self.start = resumed[0]["step"] if resumed else 0
+        first = None if resumed else self.source.get(self.batch_sequences(0, everyone=True))
+        self.runs = {
+            layer: _LayerRun(self, layer, first and first[layer],
+                             resumed and (resumed[0]["layers"][str(layer)], resumed[1][layer]))
+            for layer in config.layers
+        }
+        if resumed:
+            self.timing = resumed[0]["timing"]
+            torch.set_rng_state(resumed[2]["rng.cpu"])
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([resumed[2][f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+
+    def batch_sequences(self, step: int, everyone: bool = False) -> list[int]:
+        """The training sequences of a step: this process's share, or the whole global batch."""
+        config, P, rank = self.config, self.acc.num_processes, self.acc.process_index
+        local = config.batch_size // P
+        first = step * config.batch_size + (0 if everyone else rank * local)
+        picked = []
+        for i in range(first, first + (config.batch_size if everyone else local)):
+            epoch, j = divmod(i, len(self.train_seqs))
+            perm = torch.randperm(len(self.train_seqs), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
+            picked.append(self.train_seqs[perm[j]])
+        return picked
+
+    def eval_batches(self) -> list[dict[int, dict[str, torch.Tensor]]]:
+        """This process's share of the held-out sequences, captured once."""
+        return self._held_out("", self.source, self.eval_seqs)
+
+    def ood_batches(self) -> list[dict[int, dict[str, torch.Tensor]]]:
+        return self._held_out("ood", self.ood, list(range(len(self.ood.input_ids))))
+
+    def _held_out(self, name: str, source: ActivationSource, seqs: list[int]) -> list[dict[int, dict[str, torch.Tensor]]]:
+        if name not in self._eval_batches:
+            mine = seqs[self.acc.process_index :: self.acc.num_processes]
+            size = max(1, self.config.batch_size // self.acc.num_processes)
+            self._eval_batches[name] = [source.get(mine[i : i + size]) for i in range(0, len(mine), size)]
+        return self._eval_batches[name]
+
+    def lm_loss_texts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per evaluation text ("" held-out training text, "ood_" the other domain): this process's token ids and
+        mask, and the host's own loss sums on all of them (computed once)."""
+        if self._lm_loss is None:
+            self._lm_loss = {}
+            if self.config.lm_loss_tokens:
+                acc, n = self.acc, max(1, self.config.lm_loss_tokens // self.config.context)
+                for prefix, source, seqs in (("", self.source, self.eval_seqs[:n]),
+                                             ("ood_", self.ood, list(range(min(n, len(self.ood.input_ids)))))):
+                    mine = seqs[acc.process_index :: acc.num_processes]
+                    ids, mask = source.input_ids[mine], source.attention_mask[mine]
+                    self._lm_loss[prefix] = (ids, mask, acc.reduce(_lm_loss_sums(self.model, ids, mask).to(acc.device), "sum"))
+        return self._lm_loss
+
+    def fit(self, on_step: Callable[[int, dict[int, dict[str, Any]]], None] | None = None) -> dict[int, Lorsa]:
+        """Train to the end (from the last checkpoint when resuming); the finished modules by layer, saved in
+        `out/L{layer}`. `on_step(step, records)` runs on every process after each optimiser step (records: the
+        metrics logged at that step, by layer); an exception raised there stops the run, which `resume=True`
+        continues from the last checkpoint."""
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.acc
+        names = ",".join(map(str, config.layers))
+        bar = tqdm(total=self.steps, initial=self.start, disable=not acc.is_main_process, desc=f"train L{names}", dynamic_ncols=True)
+        for step in range(self.start, self.steps):
+            t0 = time.perf_counter()
+            batches = self.source.get(self.batch_sequences(step))
+            n_global = acc.reduce(next(iter(batches.values()))["loss_mask"].sum().double(), "sum").clamp_min(1)
+            for layer, run in self.runs.items():
+                run.step(self, batches[layer], n_global, step)
+            self.timing["train_s"] += time.perf_counter() - t0
+            done = step + 1
+            tokens = done * config.batch_size * config.context
+            records: dict[int, dict[str, Any]] = {}
+            if done % config.log_every == 0 or done == self.steps:
+                for layer, run in self.runs.items():
+                    records[layer] = run.train_record(self, done, tokens)
+                    run.log(records[layer])
+                bar.set_postfix(ev="/".join(f"{r['ev']:.3f}" for r in records.values()),
+                                dead="/".join(f"{r['dead_frac']:.2f}" for r in records.values()),
+                                k=next(iter(records.values()))["k"], tok_s=f"{records[config.layers[0]]['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (config.eval_every and done % config.eval_every == 0) or done == self.steps:
+                for layer, run in self.runs.items():
+                    result = run.evaluate(self, done, tokens)
+                    run.log(result)
+                    bar.write(f"step {done}, layer {layer}: held-out EV {result['ev']:.4f} (best linear map {result['linear_ev']:.4f}), "
+                              f"other domain {result['ood_ev']:.4f} ({result['ood_linear_ev']:.4f})"
+                              + (f", LM loss {result['lm_loss_original']:.4f} -> {result['lm_loss_spliced']:.4f}"
+                                 if result.get("lm_loss_spliced") is not None else ""))
+                    if acc.is_main_process:
+                        run.plot()
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < self.steps:
+                self._checkpoint(done)
+            if on_step is not None:
+                on_step(done, records)
+        bar.close()
+        modules = {layer: run.finish(self) for layer, run in self.runs.items()}
+        acc.wait_for_everyone()
+        return modules
+
+    def _checkpoint(self, step: int) -> None:
+        """Every layer's state at `step`, then the pointer to it: a run killed mid-checkpoint resumes from the last whole one."""
+        tensors = {layer: run.checkpoint_tensors(self.acc) for layer, run in self.runs.items()}
+        if self.acc.is_main_process:
+            root = self.out / CHECKPOINTS
+            folder = root / f"step_{step:07d}"
+            for layer, t in tensors.items():
+                files.write_safetensors(folder / f"L{layer}.safetensors", t)
+            rng = {"rng.cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            files.write_safetensors(folder / "rng.safetensors", rng)
+            files.write_json(folder / "state.json", {"step": step, "timing": self.timing,
+                                                     "layers": {str(l): r.checkpoint_state() for l, r in self.runs.items()}})
+            files.write_json(root / "latest.json", {"step": step})
+            for old in root.glob("step_*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _latest(self) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        pointer = self.out / CHECKPOINTS / "latest.json"
+        if not pointer.exists():
+            return None
+        folder = self.out / CHECKPOINTS / f"step_{files.read_json(pointer)['step']:07d}"
+        layers = {layer: load_file(str(folder / f"L{layer}.safetensors")) for layer in self.config.layers}
+        return files.read_json(folder / "state.json"), layers, load_file(str(folder / "rng.safetensors"))
 
 
 def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> Lorsa:
-    """Train a Lorsa module for `config.layer` of `config.model` and save it in `config.out`.
+          on_step: Callable[[int, dict[int, dict[str, Any]]], None] | None = None) -> dict[int, Lorsa]:
+    """Train one Lorsa module per layer in `config.layers` of `config.model` and save each in `out/L{layer}`; the
+    modules by layer, ready for `splice`.
 
-    `model`, `tokenizer`: the host, already loaded (else loaded from config.model). `on_step(step, record)`
-    is called on every process after each optimiser step; an exception raised there stops the run, which
-    `resume=True` continues from the last checkpoint. Under `accelerate launch` every process runs this.
+    `model`, `tokenizer`: the host, already loaded (else loaded from config.model). Under `accelerate launch`
+    every process runs this. See `Trainer.fit` for `on_step`.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from lorsa_surgery.models import base_record, load_config, load_model, public_record
-
-    # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.num_processes > 1 and (config.device_map or config.max_memory):
-        raise LorsaSurgeryError("A host placed with device_map or max_memory trains in one process; DDP copies the host to each.")
-    out = Path(config.out)
-    # Sizes are checked from the host's config before anything is written or the host loads.
-    planned_heads(config, model.config if model is not None else load_config(config.model, config.revision))
-    if acc.is_main_process:
-        _prepare_folder(config, out)
-    acc.wait_for_everyone()
-
-    if model is None:
-        model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype, device_map=config.device_map,
-                                      max_memory=config.max_memory, offload_dir=config.offload_dir)
-        if getattr(model, "hf_device_map", None) is None:  # a dispatched host stays where Accelerate put it
-            model.to(acc.device)
-    elif tokenizer is None:
-        raise LorsaSurgeryError("Pass the tokenizer together with the model.")
-    host = public_record(base_record(config.model, config.revision))  # never a local path: checkpoints are shared
-    model.requires_grad_(False)
-    run = _RunFolder(out, acc.is_main_process)
-
-    # Data: numbered sequences; a seeded random subset is held out, the rest is shuffled anew each epoch.
-    ids, mask = token_sequences(_documents(config, model, tokenizer, out, acc), tokenizer, config.context, config.pack)
-    n_eval = max(1, config.eval_tokens // config.context)
-    if len(ids) <= n_eval:
-        raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than the {n_eval} held out.")
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
-    eval_seqs, train_seqs = order[:n_eval].sort().values.tolist(), order[n_eval:].tolist()
-    source = ActivationSource(model, config.layer, ids, mask, config.cache_dir, host, device=acc.device)
-    P, rank = acc.num_processes, acc.process_index
-    if config.batch_size % P:
-        raise LorsaSurgeryError(f"batch_size ({config.batch_size}) must be divisible by the number of processes ({P}).")
-    local = config.batch_size // P
-    steps = math.ceil(config.tokens / (config.batch_size * config.context))
-
-    def batch_sequences(step: int) -> list[int]:
-        picked = []
-        for i in range(step * config.batch_size + rank * local, step * config.batch_size + (rank + 1) * local):
-            epoch, j = divmod(i, len(train_seqs))
-            perm = torch.randperm(len(train_seqs), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
-            picked.append(train_seqs[perm[j]])
-        return picked
-
-    resumed = run.latest() if config.resume else None
-    if resumed is None:
-        # Train on inputs and outputs scaled to an average norm of sqrt(d_model), as the reference does, so one
-        # learning rate suits every model and layer; the scales are folded into the weights at the end.
-        first = source.get(batch_sequences(0))
-        x, y = first["x"][first["loss_mask"]].double(), first["y"][first["loss_mask"]].double()
-        sums = acc.reduce(torch.cat([x.norm(dim=-1).sum()[None], y.norm(dim=-1).sum()[None], y.sum(0),
-                                     torch.tensor([float(len(x))], dtype=torch.float64, device=x.device)]), "sum")
-        n = sums[-1].clamp_min(1)
-        norms = {"in": float(sums[0] / n), "out": float(sums[1] / n)}
-    else:
-        norms = resumed[0]["norms"]
-    lorsa = _build(config, model, host, norms).to(acc.device)
-    n_heads, d = lorsa.cfg.n_ov_heads, lorsa.cfg.d_model
-    scale_in, scale_out = math.sqrt(d) / norms["in"], math.sqrt(d) / norms["out"]
-    baseline = LinearBaseline(d, device=acc.device)
-    last_fired = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
-    objective = acc.prepare_model(_Objective(lorsa))
-    optimizer = torch.optim.Adam(lorsa.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, steps))
-    timing = {"train_s": 0.0, "lorsa_s": 0.0}
-
-    start = 0
-    if resumed is not None:
-        state, tensors = resumed
-        start = state["step"]
-        lorsa.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("lorsa.")})
-        adam = optimizer.state_dict()
-        adam["state"] = {}
-        for key, value in tensors.items():
-            if key.startswith("adam."):
-                _, index, name = key.split(".", 2)
-                adam["state"].setdefault(int(index), {})[name] = value
-        adam["param_groups"] = state["param_groups"]
-        optimizer.load_state_dict(adam)
-        scheduler.load_state_dict(state["scheduler"])
-        last_fired.copy_(tensors["last_fired"])
-        if acc.is_main_process:  # the accumulated sums live once, on the main process
-            baseline.xtx.copy_(tensors["baseline.xtx"])
-            baseline.xty.copy_(tensors["baseline.xty"])
-        torch.set_rng_state(tensors["rng.cpu"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
-        timing = state["timing"]
-        run.history = [r for r in _read_metrics(out) if r["step"] <= start]
-        if acc.is_main_process:
-            files.write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in run.history))
-    else:
-        if acc.is_main_process:
-            (out / METRICS_FILE).unlink(missing_ok=True)
-        if config.init != "attention":
-            with torch.no_grad():
-                lorsa.b_D.copy_(sums[2:-1] / n * scale_out)  # output bias = mean target
-
-    evaluator = _Evaluator(config, acc, model, lorsa, source, eval_seqs, baseline, norms)
-    use_autocast = config.autocast and acc.device.type == "cuda"
-    bar = tqdm(total=steps, initial=start, disable=not acc.is_main_process, desc=f"train L{config.layer}", dynamic_ncols=True)
-    window: list[torch.Tensor] = []
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        lorsa.cfg.top_k = _current_k(config, n_heads, steps, step)
-        batch = source.get(batch_sequences(step))
-        n_global = acc.reduce(batch["loss_mask"].sum().double(), "sum").clamp_min(1)
-        t1 = time.perf_counter()
-        mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
-        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            sse, fired = objective(batch["x"] * scale_in, batch["y"] * scale_out, batch["position_ids"], mask,
-                                   batch["loss_mask"])
-        # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
-        (sse * P / n_global).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(lorsa.parameters(), config.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
-        done = step + 1
-        tokens = done * config.batch_size * config.context
-        keep = batch["loss_mask"]
-        baseline.update(batch["x"][keep], batch["y"][keep])
-        last_fired[fired.unique()] = tokens
-        window.append(torch.cat([sse.detach().double()[None], _target_sums(batch["y"] * scale_out, keep)]))
-        timing["train_s"] += time.perf_counter() - t0
-        timing["lorsa_s"] += t2 - t1
-        record: dict[str, Any] = {"kind": "train", "step": done, "tokens": tokens}
-        if done % config.log_every == 0 or done == steps:
-            sums = acc.reduce(torch.stack(window).sum(0), "sum")
-            window = []
-            fired_all = acc.gather(last_fired[None]).amax(0)
-            record.update(
-                loss=float(sums[0] / sums[1]), ev=_ev_from_sums(sums), lr=scheduler.get_last_lr()[0],
-                k=lorsa.cfg.top_k, grad_norm=float(grad_norm), dead_frac=_dead_fraction(fired_all, tokens, config.dead_window),
-                tokens_per_s=_rate(config, done, timing["train_s"]),
-            )
-            run.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3g}", ev=f"{record['ev']:.3f}", k=record["k"],
-                            dead=f"{record['dead_frac']:.2f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if (config.eval_every and done % config.eval_every == 0) or done == steps:
-            result = evaluator(done, tokens)
-            run.log(result)
-            bar.write(f"step {done}: held-out EV {result['ev']:.4f} (best linear map {result['linear_ev']:.4f})"
-                      + (f", LM loss {result['lm_loss_original']:.4f} -> {result['lm_loss_spliced']:.4f}"
-                         if result.get("lm_loss_spliced") is not None else ""))
-            if acc.is_main_process:
-                run.plot()
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < steps:
-            fired_all = acc.gather(last_fired[None]).amax(0)
-            xtx, xty = acc.reduce(baseline.xtx.clone(), "sum"), acc.reduce(baseline.xty.clone(), "sum")
-            if acc.is_main_process:
-                state = {"step": done, "timing": timing, "norms": norms, "scheduler": scheduler.state_dict(),
-                         "param_groups": optimizer.state_dict()["param_groups"]}
-                extra = {"last_fired": fired_all, "baseline.xtx": xtx, "baseline.xty": xty}
-                run.checkpoint(done, state, _state_tensors(lorsa, optimizer, extra))
-            acc.wait_for_everyone()
-        if on_step is not None:
-            on_step(done, record)
-    bar.close()
-
-    lorsa.cfg.top_k = config.k
-    with torch.no_grad():
-        fold_dataset_norms(lorsa, norms["in"], norms["out"])
-    final = next(r for r in reversed(run.history) if r["kind"] == "eval")
-    last = next(r for r in reversed(run.history) if r["kind"] == "train" and "loss" in r)
-    lorsa.training_info = {
-        "model": host.get("id"), "revision": host.get("revision") or host.get("sha256"), "layer": config.layer,
-        "tokens": steps * config.batch_size * config.context, "steps": steps, "k": config.k, "lr": config.lr,
-        "n_heads": n_heads, "n_qk_heads": lorsa.cfg.n_qk_heads, "batch_size": config.batch_size,
-        "context": config.context, "init": config.init, "seed": config.seed, "processes": P,
-        "explained_variance": final["ev"], "linear_baseline_ev": final["linear_ev"],
-        "lm_loss_original": final.get("lm_loss_original"), "lm_loss_spliced": final.get("lm_loss_spliced"),
-        "eval_tokens": final["eval_tokens"], "dead_heads_fraction": last["dead_frac"],
-        "tokens_per_s": _rate(config, steps, timing["train_s"]), "lorsa_step_tokens_per_s": _rate(config, steps, timing["lorsa_s"]),
-        "device": acc.device.type,
-    }
-    if acc.is_main_process:
-        lorsa.save_pretrained(out)
-    acc.wait_for_everyone()
-    return lorsa
+    return Trainer(config, model, tokenizer).fit(on_step)
 
 
 def _rate(config: TrainConfig, steps: int, seconds: float) -> float:
@@ -788,8 +973,8 @@ def _dead_fraction(last_fired: torch.Tensor, tokens: int, window: int) -> float:
     return float((last_fired <= max(0, tokens - window)).float().mean())
 
 
-def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / METRICS_FILE
+def _read_metrics(folder: Path) -> list[dict[str, Any]]:
+    path = folder / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -807,51 +992,3 @@ def _prepare_folder(config: TrainConfig, out: Path) -> None:
             raise LorsaSurgeryError(f"Cannot resume {out} with different settings: {', '.join(changed)}.")
     out.mkdir(parents=True, exist_ok=True)
     files.write_json(saved, config.to_dict())
-
-
-class _Evaluator:
-    """Held-out explained variance, the linear baseline and the LM loss with and without the module."""
-
-    def __init__(self, config, acc, model, lorsa, source, eval_seqs, baseline, norms):
-        self.config, self.acc, self.model, self.lorsa, self.source = config, acc, model, lorsa, source
-        self.baseline, self.norms = baseline, norms
-        # Each process scores its share of the held-out sequences; sums are reduced across processes.
-        self.mine = eval_seqs[acc.process_index :: acc.num_processes]
-        n_lm = config.lm_loss_tokens // config.context
-        self.lm_mine = eval_seqs[:n_lm][acc.process_index :: acc.num_processes]
-        self.batches: list[dict[str, torch.Tensor]] | None = None
-        self.lm_original: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def __call__(self, step: int, tokens: int) -> dict[str, Any]:
-        acc, lorsa, d = self.acc, self.lorsa, self.lorsa.cfg.d_model
-        if self.batches is None:
-            size = max(1, self.config.batch_size // acc.num_processes)
-            self.batches = [self.source.get(self.mine[i : i + size]) for i in range(0, len(self.mine), size)]
-        xtx = acc.reduce(self.baseline.xtx.clone(), "sum")
-        xty = acc.reduce(self.baseline.xty.clone(), "sum")
-        global_baseline = LinearBaseline(d, device=xtx.device)
-        global_baseline.xtx, global_baseline.xty = xtx, xty
-        weights = global_baseline.solve()
-        sums = torch.zeros(3 + d, dtype=torch.float64, device=acc.device)
-        linear = torch.zeros_like(sums)
-        for b in self.batches:
-            mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
-            # Explained variance does not depend on the scale: compare in the scaled coordinates trained in.
-            pred = lorsa(b["x"] * math.sqrt(d) / self.norms["in"], b["position_ids"], mask)
-            sums += _ev_sums(pred, b["y"] * math.sqrt(d) / self.norms["out"], b["loss_mask"])
-            linear += _ev_sums(global_baseline.predict(b["x"], weights), b["y"], b["loss_mask"])
-        sums, linear = acc.reduce(sums, "sum"), acc.reduce(linear, "sum")
-        result: dict[str, Any] = {"kind": "eval", "step": step, "tokens": tokens, "ev": _ev_from_sums(sums),
-                                  "linear_ev": _ev_from_sums(linear), "eval_tokens": int(sums[1])}
-        if self.config.lm_loss_tokens:
-            ids, mask = self.source.input_ids[self.lm_mine], self.source.attention_mask[self.lm_mine]
-            if self.lm_original is None:
-                self.lm_original = acc.reduce(_lm_loss_sums(self.model, ids, mask).to(acc.device), "sum")
-            folded = copy.deepcopy(lorsa)
-            fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
-            with splice(self.model, {self.config.layer: folded}):
-                spliced = acc.reduce(_lm_loss_sums(self.model, ids, mask).to(acc.device), "sum")
-            result.update(lm_loss_original=float(self.lm_original[0] / self.lm_original[1]),
-                          lm_loss_spliced=float(spliced[0] / spliced[1]), lm_loss_tokens=int(spliced[1]))
-        return result

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pydoc_data.topics
 import pytest
 import torch
@@ -61,7 +62,7 @@ def text(tmp_path_factory) -> Path:
 
 
 def tiny_config(host: Path, text: Path, out: Path, **changes) -> TrainConfig:
-    settings = dict(model=str(host), layer=1, out=str(out), n_heads=32, k=4, tokens=4 * 32 * 12, batch_size=4, context=32,
+    settings = dict(model=str(host), layers=(1,), out=str(out), n_heads=32, k=4, tokens=4 * 32 * 12, batch_size=4, context=32,
                     texts=(str(text),), eval_tokens=128, lm_loss_tokens=64, lr=3e-3, log_every=2, checkpoint_every=4)
     return TrainConfig(**{**settings, **changes})
 
@@ -183,7 +184,7 @@ class Kill(Exception):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(host, text, tmp_path, one_thread):
-    whole = train(tiny_config(host, text, tmp_path / "whole", k_anneal=0.5, eval_every=6))
+    whole = train(tiny_config(host, text, tmp_path / "whole", k_anneal=0.5, eval_every=6))[1]
 
     def die_at_6(step, record):
         if step == 6:  # the last checkpoint was at step 4: steps 5 and 6 are replayed
@@ -192,9 +193,9 @@ def test_killed_run_resumes_to_the_same_weights(host, text, tmp_path, one_thread
     with pytest.raises(Kill):
         train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6), on_step=die_at_6)
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text()) == {"step": 4}
-    resumed = train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6, resume=True))
+    resumed = train(tiny_config(host, text, tmp_path / "cut", k_anneal=0.5, eval_every=6, resume=True))[1]
     assert_same_weights(state(whole), state(resumed))
-    steps = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())]
+    steps = [(r["kind"], r["step"]) for r in map(json.loads, (tmp_path / "cut" / "L1" / "metrics.jsonl").read_text().splitlines())]
     assert len(steps) == len(set(steps)) and ("eval", 12) in steps
     for key in ("explained_variance", "linear_baseline_ev", "lm_loss_spliced", "dead_heads_fraction"):
         assert whole.training_info[key] == resumed.training_info[key]
@@ -207,15 +208,15 @@ def test_activation_cache_is_reused(host, tmp_path, one_thread, monkeypatch):
     text = tmp_path / "short.jsonl"  # about 40 sequences, all of them seen by the first run
     text.write_text("".join(json.dumps({"text": BUILTIN_TEXT[i:i + 600]}) + "\n" for i in range(0, 2400, 600)))
     cache = tmp_path / "cache"
-    first = train(tiny_config(host, text, tmp_path / "one", cache_dir=str(cache), tokens=4 * 32 * 16))
+    first = train(tiny_config(host, text, tmp_path / "one", cache_dir=str(cache), tokens=4 * 32 * 16))[1]
     shards = sorted(cache.glob("*/shard-*.safetensors"))
     assert shards
 
     def no_host(*args, **kwargs):
         raise AssertionError("the host model ran although every activation was cached")
 
-    monkeypatch.setattr(training, "capture", no_host)
-    again = train(tiny_config(host, text, tmp_path / "two", cache_dir=str(cache), tokens=4 * 32 * 16))
+    monkeypatch.setattr(training, "capture_layers", no_host)
+    again = train(tiny_config(host, text, tmp_path / "two", cache_dir=str(cache), tokens=4 * 32 * 16))[1]
     assert_same_weights(state(first), state(again))
     # Another seed and batch size read the same shards: new order, new held-out split, same cache.
     train(tiny_config(host, text, tmp_path / "three", cache_dir=str(cache), seed=1, batch_size=2))
@@ -231,14 +232,14 @@ def test_cli_train(host, text, tmp_path, one_thread):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "held-out explained variance" in result.output
-    lorsa = Lorsa.from_pretrained(out)
+    lorsa = Lorsa.from_pretrained(out / "L1")
     assert (lorsa.cfg.n_ov_heads, lorsa.cfg.n_qk_heads, lorsa.cfg.top_k) == (32, 2, 4)
     assert (lorsa.cfg.host_layer, lorsa.cfg.input_space, lorsa.cfg.host_model) == (1, "hf", host.name)
     info = lorsa.training_info
     assert info["tokens"] == 1024 and info["steps"] == 8
     assert {"linear_baseline_ev", "lm_loss_original", "lm_loss_spliced", "dead_heads_fraction", "tokens_per_s"} <= info.keys()
-    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "L1" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "L1" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [("train", 8), ("eval", 8)]
     final = records[-1]  # the module's record is the held-out evaluation, not the training batches
     assert (info["explained_variance"], info["linear_baseline_ev"], info["lm_loss_spliced"]) == (
@@ -275,9 +276,9 @@ def test_two_processes_match_one(host, text, tmp_path, one_thread):
               str(cli), "train", str(host), "--out", str(tmp_path / "two"), *options]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = Lorsa.from_pretrained(tmp_path / "two")
+    two = Lorsa.from_pretrained(tmp_path / "two" / "L1")
     assert two.training_info["processes"] == 2
-    one = train(tiny_config(host, text, tmp_path / "one", tokens=1024, checkpoint_every=100))
+    one = train(tiny_config(host, text, tmp_path / "one", tokens=1024, checkpoint_every=100))[1]
     # Same global batch, split over two processes: equal up to float summation order.
     assert_same_weights(state(one), state(two), atol=1e-4)
     assert two.training_info["explained_variance"] == pytest.approx(one.training_info["explained_variance"], abs=1e-3)
@@ -297,10 +298,10 @@ def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
     docs = tmp_path / "python-docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(pydoc_data.topics.topics.items())))
     config = TrainConfig(
-        model="smollm2", layer=3, out=str(tmp_path / "run"), init="attention", k=32, tokens=32 * 1024, batch_size=8,
+        model="smollm2", layers=3, out=str(tmp_path / "run"), init="attention", k=32, tokens=32 * 1024, batch_size=8,
         context=128, texts=(str(docs),), eval_tokens=2048, lm_loss_tokens=512, lr=1e-3, checkpoint_every=0,
     )
-    info = train(config, model=model, tokenizer=tokenizer).training_info
+    info = train(config, model=model, tokenizer=tokenizer)[3].training_info
     print(f"\nSmolLM2 layer 3, {info['tokens']} tokens: held-out explained variance {info['explained_variance']:.4f}, "
           f"best linear map {info['linear_baseline_ev']:.4f}; LM loss {info['lm_loss_original']:.4f} -> "
           f"{info['lm_loss_spliced']:.4f}; dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s")
@@ -312,3 +313,88 @@ def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
 def test_a_run_too_short_for_warm_up_and_cool_down_has_a_flat_schedule(host, text, tmp_path):
     factor = training._schedule(tiny_config(host, text, tmp_path), steps=2)  # 5% and 20% of 2 steps round to none
     assert [factor(step) for step in range(3)] == [1.0, 1.0, 1.0]
+
+
+# ---- the host initialisation, several layers at once, the generated CLI ----------------------------------
+
+
+def _inputs(host: Path):
+    model = tf.AutoModelForCausalLM.from_pretrained(host)
+    torch.manual_seed(1)
+    ids = torch.randint(4, model.config.vocab_size, (3, 20))
+    x, y = capture(model, 1, ids)
+    return model, ids, x, y
+
+
+def test_host_subspaces_at_the_exact_size_reproduce_the_layer(host):
+    from lorsa_surgery.arch import from_host_subspaces
+
+    model, ids, x, y = _inputs(host)
+    H, hd = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    lorsa = from_host_subspaces(model, 1, H, 2 * H * hd, x)  # all heads fire (relu): the rotation loses nothing
+    assert torch.allclose(lorsa(x), y, atol=1e-5), (lorsa(x) - y).abs().max()
+
+
+def test_host_subspaces_order_heads_by_the_variance_they_carry(host):
+    """Within each QK group, rank-1 parts come in signed pairs by falling output variance; a group bigger than its
+    head's 2 x hd parts is filled with more directions in the same subspace."""
+    from lorsa_surgery.arch import from_host_subspaces
+
+    model, ids, x, y = _inputs(host)
+    H, hd = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    lorsa = from_host_subspaces(model, 1, H, 4 * H * hd, x)
+    group = 4 * hd
+    z = lorsa.hidden_pre(x)
+    for g in range(H):
+        heads = torch.arange(g * group, (g + 1) * group)
+        part = (z[..., heads[: 2 * hd : 2]].reshape(-1, hd) ** 2).mean(0)  # the positive copy of each part
+        assert (part[:-1] >= part[1:] - 1e-6).all()  # principal axes: uncorrelated and by falling variance
+        assert torch.allclose(lorsa.W_V[heads[1]], -lorsa.W_V[heads[0]]) and torch.allclose(lorsa.W_O[heads[1]], -lorsa.W_O[heads[0]])
+        out = lorsa.W_O[heads[2 * hd :]]  # the extra directions lie in the head's own output subspace
+        basis = torch.linalg.qr(lorsa.W_O[heads[: 2 * hd : 2]].T).Q
+        assert torch.allclose(out @ basis @ basis.T, out, atol=1e-5)
+    # Fewer heads than the copy: each group keeps its head's strongest parts, and top-K of them beats random ones.
+    small = from_host_subspaces(model, 1, H, H * 8, x)
+    assert small.cfg.n_ov_heads == H * 8
+
+
+@pytest.mark.slow
+def test_layers_trained_in_one_pass_equal_layers_trained_alone(host, text, tmp_path, one_thread):
+    together = train(tiny_config(host, text, tmp_path / "together", layers=(0, 2), checkpoint_every=0))
+    assert sorted(together) == [0, 2]
+    for layer in (0, 2):
+        alone = train(tiny_config(host, text, tmp_path / f"alone{layer}", layers=(layer,), checkpoint_every=0))[layer]
+        assert_same_weights(state(alone), state(together[layer]), atol=1e-6)
+        saved = Lorsa.from_pretrained(tmp_path / "together" / f"L{layer}")
+        assert saved.cfg.host_layer == layer and saved.training_info["trained_with"] == [0, 2]
+        info = together[layer].training_info
+        assert {"ood_explained_variance", "ood_linear_baseline_ev", "ood_lm_loss_spliced"} <= info.keys()
+        assert info["ood_eval_tokens"] > 1000  # the built-in prose sample
+
+
+@pytest.mark.slow
+def test_several_layers_resume_after_a_kill_to_the_same_weights(host, text, tmp_path, one_thread):
+    settings = dict(layers=(0, 1, 2), k_anneal=0.5, eval_every=6)
+    whole = train(tiny_config(host, text, tmp_path / "whole", **settings))
+
+    def die_at_7(step, records):
+        if step == 7:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(tiny_config(host, text, tmp_path / "cut", **settings), on_step=die_at_7)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_0000004").iterdir()) == [
+        "L0.safetensors", "L1.safetensors", "L2.safetensors", "rng.safetensors", "state.json"]
+    resumed = train(tiny_config(host, text, tmp_path / "cut", resume=True, **settings))
+    for layer in (0, 1, 2):
+        assert_same_weights(state(whole[layer]), state(resumed[layer]))
+        assert whole[layer].training_info["explained_variance"] == resumed[layer].training_info["explained_variance"]
+
+
+def test_every_config_field_is_a_cli_option():
+    from lorsa_surgery.cli.train import train as command
+
+    names = {p.name for p in command.params}
+    assert {f.name for f in training.dataclasses.fields(TrainConfig)} <= names
+    helps = {p.name: p.help for p in command.params if isinstance(p, click.Option)}
+    assert helps["lr"] and helps["init"].startswith("host:")  # help comes from the docstring under the field

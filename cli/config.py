@@ -1,0 +1,92 @@
+"""Command-line options generated from a config dataclass: one option per field, named after it (or its
+`flags` metadata), typed from its annotation, with the docstring under the field as its help."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any, Callable
+
+import click
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, whitespace collapsed."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(getattr(after, "value", None), ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _unwrap(annotation) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+class _IntList(click.ParamType):
+    """Integers, repeated or comma-separated: `--layer 3 --layer 17` or `--layers 3,17`."""
+
+    name = "INT[,INT...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return [value]
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+def config_options(cls: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """A decorator adding an argument per `positional` field and an option per other field of `cls`; the command
+    receives them under the field names (lists of integers flattened into tuples)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        kind, optional = _unwrap(hints[f.name])
+        if f.name in positional:
+            params.append(click.Argument([f.name]))
+            continue
+        flags = list(f.metadata.get("flags", ())) or ["--" + f.name.replace("_", "-")]
+        has_default = f.default is not dataclasses.MISSING
+        default = f.default if has_default else None
+        settings: dict[str, Any] = {"help": docs.get(f.name, ""), "required": not has_default,
+                                    "show_default": has_default and default not in (None, ())}
+        if kind is bool:
+            stem = flags[0][2:]
+            params.append(click.Option([f"--{stem}/--no-{stem}", f.name], default=default, **settings))
+            continue
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            settings.update(multiple=True, default=(), type=_IntList() if item is int else click.STRING)
+        elif typing.get_origin(kind) is typing.Literal:
+            settings.update(type=click.Choice([str(c) for c in typing.get_args(kind)]), default=default)
+        else:
+            settings.update(type=kind, default=default)
+        params.append(click.Option([*flags, f.name], **settings))
+
+    def decorate(command: Callable) -> Callable:
+        def flatten(**values):
+            for f in dataclasses.fields(cls):
+                value = values.get(f.name)
+                if isinstance(value, tuple) and value and isinstance(value[0], list):
+                    values[f.name] = tuple(v for part in value for v in part)
+            return command(**values)
+
+        flatten.__name__, flatten.__doc__ = command.__name__, command.__doc__
+        flatten.__click_params__ = list(reversed(params)) + getattr(command, "__click_params__", [])
+        return flatten
+
+    return decorate
