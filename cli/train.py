@@ -13,7 +13,7 @@ def train(threads: int | None, **options) -> None:
     """Train one Lorsa module per --layer of MODEL (Hub id, folder or .gguf; "smollm2"), all from one host pass.
 
     The defaults are the measured best of docs/training.md: OV heads started from each host head's principal
-    output directions (init host), lr 1e-3. Each module lands in OUT/L<layer>. Run data-parallel with
+    output directions (init host), lr 5e-4. Each module lands in OUT/L<layer>. Run data-parallel with
     `accelerate launch --num_processes N $(which lorsa-surgery) train ...`.
     """
     if threads:

@@ -31,10 +31,11 @@ SETTINGS = {
     "qk lr 1e-3": {"init": "qk", "lr": 1e-3},
     "random lr 1e-3": {"init": "random", "lr": 1e-3},
     "host lr 2e-4": {"init": "host", "lr": 2e-4},
+    "host lr 5e-4": {"init": "host", "lr": 5e-4},
     "host lr 1e-3": {"init": "host", "lr": 1e-3},
     "host lr 3e-3": {"init": "host", "lr": 3e-3},
-    "host lr 1e-3, K annealed over 25%": {"init": "host", "lr": 1e-3, "k_anneal": 0.25},
-    "host lr 1e-3, no cool-down": {"init": "host", "lr": 1e-3, "cooldown": 0.0},
+    "host lr 1e-3 K annealed over 25%": {"init": "host", "lr": 1e-3, "k_anneal": 0.25},
+    "host lr 1e-3 no cool-down": {"init": "host", "lr": 1e-3, "cooldown": 0.0},
     "new": {},  # TrainConfig's defaults as they stand
 }
 
@@ -60,7 +61,7 @@ def main() -> None:
     results = []
     for name in names:
         config = TrainConfig(
-            model="smollm2", layers=args.layer, out=str(args.out / name.replace(" ", "_").replace(",", "")),
+            model="smollm2", layers=args.layer, out=str(args.out / name.replace(" ", "_")),
             expansion=0.5 if args.fast else args.expansion, k=8 if args.fast else args.k,
             tokens=2048 if args.fast else args.tokens, context=128 if args.fast else 256, eval_tokens=1024 if args.fast else 8192,
             lm_loss_tokens=256 if args.fast else 2048, checkpoint_every=0, cache_dir=str(args.out / "activations"),

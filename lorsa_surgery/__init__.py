@@ -28,7 +28,7 @@ _EXPORTS = {
     "interventions": ["Ablate", "Steer", "Patch", "InterventionSet", "Recorder", "HeadCache"],
     "patching": ["cache_run", "sweep", "effect", "LogitDiff", "Probability", "Loss", "SweepResult"],
     "metrics": ["splice_report", "explained_variance", "lm_loss"],
-    "training": ["train", "TrainConfig", "capture"],
+    "training": ["train", "Trainer", "TrainConfig", "capture"],
     "corpus": ["load_texts", "python_documentation"],
     "analysis": ["scan_heads", "mean_activations", "z_pattern", "logit_attribution", "dashboard"],
     "positional": ["head_scores", "head_geometry", "classify"],

@@ -109,8 +109,8 @@ class TrainConfig:
     """host: Q/K copied from the host heads and OV heads along each head's principal output directions, any
     size (`arch.from_host_subspaces`); attention: the exact host copy made sparse (fixes the head counts);
     qk: Q/K copied, random OV heads; random: all weights random."""
-    lr: float = 2e-4
-    """Peak Adam learning rate."""
+    lr: float = 5e-4
+    """Peak Adam learning rate (with init host, 5e-4 beat 2e-4, 1e-3 and 3e-3; docs/training.md)."""
     warmup: float = 0.05
     """Fraction of the steps for the linear learning-rate warm-up."""
     cooldown: float = 0.2

@@ -263,8 +263,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(host, text, tmp_path, one_thread):
-    options = ["--layer", "1", "--heads", "32", "--k", "4", "--tokens", "1024", "--text", str(text), "--batch-size", "4",
+def test_two_processes_match_one_for_several_layers(host, text, tmp_path, one_thread):
+    options = ["--layers", "0,1", "--heads", "32", "--k", "4", "--tokens", "1024", "--text", str(text), "--batch-size", "4",
                "--context", "32", "--eval-tokens", "128", "--lm-loss-tokens", "64", "--lr", "3e-3", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = tmp_path / "cli.py"  # the console script, wherever the package is installed
@@ -276,12 +276,13 @@ def test_two_processes_match_one(host, text, tmp_path, one_thread):
               str(cli), "train", str(host), "--out", str(tmp_path / "two"), *options]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = Lorsa.from_pretrained(tmp_path / "two" / "L1")
-    assert two.training_info["processes"] == 2
-    one = train(tiny_config(host, text, tmp_path / "one", tokens=1024, checkpoint_every=100))[1]
-    # Same global batch, split over two processes: equal up to float summation order.
-    assert_same_weights(state(one), state(two), atol=1e-4)
-    assert two.training_info["explained_variance"] == pytest.approx(one.training_info["explained_variance"], abs=1e-3)
+    ones = train(tiny_config(host, text, tmp_path / "one", layers=(0, 1), tokens=1024, checkpoint_every=100))
+    for layer in (0, 1):  # several layers in one pass, under DDP
+        two, one = Lorsa.from_pretrained(tmp_path / "two" / f"L{layer}"), ones[layer]
+        assert two.training_info["processes"] == 2
+        # Same global batch, split over two processes: equal up to float summation order.
+        assert_same_weights(state(one), state(two), atol=1e-4)
+        assert two.training_info["explained_variance"] == pytest.approx(one.training_info["explained_variance"], abs=1e-3)
 
 
 # ---- the real model ------------------------------------------------------------------------------------
@@ -289,25 +290,24 @@ def test_two_processes_match_one(host, text, tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_smollm2_layer3_beats_the_best_linear_map(smollm2, tmp_path):
-    """A CI-sized run on real SmolLM2-135M layer 3: held-out explained variance well above the best linear map.
-
-    Measured on a 2-core machine: 0.61 against 0.41 (32k tokens, from the exact copy of the layer made sparse); LM loss
-    3.208 -> 3.230 on 512 held-out tokens.
-    """
+    """A CI-sized run on real SmolLM2-135M layer 3 with the default recipe: held-out explained variance well above
+    the best linear map, in the training domain and on the built-in prose of other domains (docs/training.md)."""
     model, tokenizer = smollm2
     docs = tmp_path / "python-docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(pydoc_data.topics.topics.items())))
     config = TrainConfig(
-        model="smollm2", layers=3, out=str(tmp_path / "run"), init="attention", k=32, tokens=32 * 1024, batch_size=8,
-        context=128, texts=(str(docs),), eval_tokens=2048, lm_loss_tokens=512, lr=1e-3, checkpoint_every=0,
+        model="smollm2", layers=3, out=str(tmp_path / "run"), n_heads=1152, k=32, tokens=32 * 1024, batch_size=8,
+        context=128, texts=(str(docs),), eval_tokens=2048, lm_loss_tokens=512, checkpoint_every=0,
     )
     info = train(config, model=model, tokenizer=tokenizer)[3].training_info
     print(f"\nSmolLM2 layer 3, {info['tokens']} tokens: held-out explained variance {info['explained_variance']:.4f}, "
-          f"best linear map {info['linear_baseline_ev']:.4f}; LM loss {info['lm_loss_original']:.4f} -> "
-          f"{info['lm_loss_spliced']:.4f}; dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s")
-    assert (info["n_heads"], info["n_qk_heads"]) == (1152, 9)
+          f"best linear map {info['linear_baseline_ev']:.4f}; other domain {info['ood_explained_variance']:.4f} "
+          f"({info['ood_linear_baseline_ev']:.4f}); LM loss {info['lm_loss_original']:.4f} -> {info['lm_loss_spliced']:.4f}; "
+          f"dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s")
+    assert (info["n_heads"], info["n_qk_heads"], info["init"]) == (1152, 9, "host")
     assert info["explained_variance"] > info["linear_baseline_ev"] + 0.1
-    assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.05  # measured 0.022
+    assert info["ood_explained_variance"] > max(info["ood_linear_baseline_ev"], 0.0) + 0.1
+    assert abs(info["lm_loss_spliced"] - info["lm_loss_original"]) < 0.05
 
 
 def test_a_run_too_short_for_warm_up_and_cool_down_has_a_flat_schedule(host, text, tmp_path):
@@ -364,7 +364,7 @@ def test_layers_trained_in_one_pass_equal_layers_trained_alone(host, text, tmp_p
     assert sorted(together) == [0, 2]
     for layer in (0, 2):
         alone = train(tiny_config(host, text, tmp_path / f"alone{layer}", layers=(layer,), checkpoint_every=0))[layer]
-        assert_same_weights(state(alone), state(together[layer]), atol=1e-6)
+        assert_same_weights(state(alone), state(together[layer]))  # the same arithmetic: bit-equal
         saved = Lorsa.from_pretrained(tmp_path / "together" / f"L{layer}")
         assert saved.cfg.host_layer == layer and saved.training_info["trained_with"] == [0, 2]
         info = together[layer].training_info
@@ -398,3 +398,14 @@ def test_every_config_field_is_a_cli_option():
     assert {f.name for f in training.dataclasses.fields(TrainConfig)} <= names
     helps = {p.name: p.help for p in command.params if isinstance(p, click.Option)}
     assert helps["lr"] and helps["init"].startswith("host:")  # help comes from the docstring under the field
+
+
+@pytest.mark.slow
+def test_training_sweep_example_runs_in_fast_mode(smollm2_gguf, tmp_path):
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "training_sweep.py"), "--fast",
+                           "--out", str(tmp_path), "--threads", "1"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| old") or line.startswith("| new")]
+    assert len(rows) == 2
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["init"] for r in results] == ["qk", "host"] and all(r["ood_eval_tokens"] > 1000 for r in results)
