@@ -7,7 +7,7 @@ import click
 
 from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
-from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, placement_options
+from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, parse_layer_specs, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef
 
@@ -282,3 +282,120 @@ def _columns(stores, head_spec: str):
         return store.n_heads, catalog
 
     return [(by_layer[ref.layer], by_layer[ref.layer].column(ref.index)) for ref in resolve_in(head_spec, module)]
+
+
+# ---- head families -------------------------------------------------------------------------------------------
+
+
+@heads.command("detect")
+@click.argument("model")
+@click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
+              help="Score the heads of this Lorsa module (folder, Hub id, 'default' or 'from-attention'). Repeatable.")
+@click.option("--layer", "mhsa_layers", multiple=True, type=int, help="Score the MHSA heads of this layer. Repeatable.")
+@click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(
+    ["previous_token", "duplicate_token", "induction", "attention_sink", "successor", "name_mover", "arithmetic",
+     "thematic_anchor"]) + ".")
+@click.option("-n", "--prompts", "n", default=16, show_default=True, help="Prompts per probe (IOI and arithmetic: 4x).")
+@click.option("--top", "n_top", default=5, show_default=True, help="Heads listed per family.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: every head's score per family.")
+@click.option("--write-catalog", is_flag=True,
+              help="Label the heads that reach a family's threshold in each module's head catalog (its folder), so "
+                   "`L23:induction` names them and model cards list them.")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only).")
+@placement_options
+def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, write_catalog, revision, allow_pickle,
+           placement):
+    """Find head families (induction, previous-token, sink, successor, name mover, arithmetic, thematic anchor)
+    among the heads of Lorsa modules and of MHSA layers of MODEL, on probes built offline from its tokenizer."""
+    from lorsa_surgery.cli.loading import load_host
+    from lorsa_surgery.arch import provenance
+    from lorsa_surgery.families import FAMILIES, catalog_entries, detect as run_detect
+    from lorsa_surgery.formats import NATIVE_CONFIG
+
+    names = families.split(",") if families else list(FAMILIES)
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown:
+        raise LorsaSurgeryError(f"Unknown head families: {', '.join(unknown)} (known: {', '.join(FAMILIES)}).")
+    specs = parse_layer_specs(lorsa_specs)
+    if not specs and not mhsa_layers:
+        raise LorsaSurgeryError("Name what to score: --lorsa LAYER=PATH for a module's heads, --layer L for MHSA heads.")
+    host, tokenizer, modules = load_host(model, specs, revision, allow_pickle, placement)
+    targets = [(layer, modules[layer], f"L{layer}.H") for layer in sorted(modules)]
+    targets += [(layer, None, f"L{layer}.A") for layer in mhsa_layers]
+    report, spread = [], {}
+    for layer, lorsa, prefix in targets:
+        results = run_detect(host, tokenizer, layer, lorsa, names, n_prompts=n, seed=seed)
+        report.append((layer, lorsa, prefix, results))
+        if lorsa is not None:
+            spread[layer] = provenance(host, layer, lorsa)["output"]
+        if write_catalog and lorsa is not None:
+            folder = Path(lorsa.origin.get("path", ""))
+            if not (folder / NATIVE_CONFIG).is_file():
+                raise LorsaSurgeryError(f"Layer {layer}'s module is not a native Lorsa folder; only those carry a head catalog.")
+            lorsa.catalog = {**{h: e for h, e in lorsa.catalog.items() if not e.get("note", "").startswith("detected:")},
+                             **catalog_entries(results)}
+            lorsa.save_pretrained(folder)
+    if as_json:
+        click.echo(json.dumps({f"{prefix[:-2]}": {
+            **{name: {"threshold": fs.threshold, "queries": fs.queries, "members": [f"{prefix}{h}" for h in fs.members()],
+                      "scores": [round(float(s), 4) for s in fs.scores], "counted": fs.counted.tolist()}
+               for name, fs in results.items()},
+            **({"provenance": {"main_mhsa_head": spread[layer].argmax(1).tolist(),
+                               "main_share": [round(float(v), 4) for v in spread[layer].max(1).values]}}
+               if layer in spread and lorsa is not None else {}),
+        } for layer, lorsa, prefix, results in report}, indent=2))
+        return
+    for layer, lorsa, prefix, results in report:
+        kind = f"Lorsa module, {lorsa.cfg.n_ov_heads} heads" if lorsa is not None else "MHSA heads"
+        click.echo(f"layer {layer} ({kind})")
+        click.echo(f"  {'family':<17}{'threshold':>10}{'members':>9}  top heads (score)")
+        for name, fs in results.items():
+            top = fs.scores.argsort(descending=True)[:n_top].tolist()
+            shown = ", ".join(f"{prefix}{h} {float(fs.scores[h]):.2f}" for h in top if fs.scores[h] > 0) or "-"
+            click.echo(f"  {name:<17}{fs.threshold:>10.2f}{len(fs.members()):>9}  {shown}")
+        if lorsa is not None:
+            top = spread[layer].max(1).values
+            click.echo(f"  provenance: the main MHSA head holds a median {float(top.median()):.2f} of a head's output "
+                       f"direction; {float((top < 0.9).float().mean()):.1%} of heads draw on more than one MHSA head "
+                       f"(main share under 0.9), {float((top < 0.5).float().mean()):.1%} on no single one (under 0.5)")
+        if write_catalog and lorsa is not None:
+            click.echo(f"  labelled {len(catalog_entries(results))} heads in {lorsa.origin['path']}")
+
+
+@heads.command("causal")
+@_model_options
+@click.option("--family", type=click.Choice(["induction", "name_mover", "successor"]), required=True)
+@click.option("--heads", "head_spec", default=None,
+              help="The family's heads (`L23:induction`, `L23.H5,L23.H9`) [default: the family's label in the catalog].")
+@click.option("-n", "--prompts", "n", default=32, show_default=True, help="Prompts (fresh ones, not the detector's).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, as_json):
+    """Ablate a family's heads and measure its behaviour against a matched random control (95% intervals over
+    prompts), then patch the heads back."""
+    import dataclasses
+
+    from lorsa_surgery.causal import causal_check
+    from lorsa_surgery.heads import by_layer, resolve_heads
+
+    specs = parse_layer_specs(lorsa_specs) if lorsa_specs else {}
+    spec = head_spec or ",".join(f"L{layer}:{family}" for layer in specs)
+    if not spec:
+        raise LorsaSurgeryError("Name the heads with --heads, or pass --lorsa so the family's catalog label names them.")
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=spec.split(","))
+    groups = by_layer(resolve_heads(spec.split(","), handle))
+    if len(groups) != 1:
+        raise LorsaSurgeryError("A causal check ablates heads of one layer at a time.")
+    (layer, heads), = groups.items()
+    check = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n, seed=seed)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(check), indent=2))
+        return
+    click.echo(f"{family}: {check.behaviour}; {len(check.heads)} heads of layer {layer}, {check.prompts} prompts, mean [95% CI]")
+    for label, value in (("clean", check.clean), ("family ablated", check.ablated),
+                         ("matched random heads ablated", check.control_ablated),
+                         ("family ablated, patched back", check.restored), ("effect of the family", check.effect),
+                         ("effect of the control", check.control_effect)):
+        click.echo(f"  {label:<30}{value}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from lorsa_surgery import files
+from lorsa_surgery.arch import arch_for
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions import splice_of
@@ -222,21 +223,31 @@ class LogitAttribution:
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 
 
-@torch.no_grad()
-def logit_scores(target: Splice | nn.Module, layer: int, heads: Sequence[int]) -> torch.Tensor:
-    """[len(heads), vocab] direct logit attribution of each head's output direction W_O[head]: through the final
-    norm's gain (centred first for LayerNorm) and the unembedding, ignoring the norm's data-dependent scale."""
-    handle = splice_of(target)
-    model = handle.model
-    norm = next((getattr(model.base_model, n) for n in _FINAL_NORMS if isinstance(getattr(model.base_model, n, None), nn.Module)), None)
+def unembedding(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """directions [..., d] -> direct logit effects [..., vocab]: through the final norm's gain (centred first for a
+    LayerNorm) and the unembedding, ignoring the norm's data-dependent scale."""
+    base = getattr(model, "base_model", model)
+    norm = next((getattr(base, n) for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     if norm is None:
         raise LorsaSurgeryError(f"Cannot find the final norm of {type(model).__name__} (looked for {', '.join(_FINAL_NORMS)}).")
-    unembed = model.get_output_embeddings().weight
-    directions = handle[layer].lorsa.W_O[torch.as_tensor(list(heads), dtype=torch.long)].float().to(unembed.device)
-    if isinstance(norm, nn.LayerNorm):
-        directions = directions - directions.mean(-1, keepdim=True)
-    gain, _ = handle.arch.norm_gain(norm)
-    return (directions * gain.to(directions.device)) @ unembed.float().T
+    weight = model.get_output_embeddings().weight
+    gain, _ = arch_for(model).norm_gain(norm)
+    centre = isinstance(norm, nn.LayerNorm)
+
+    def logits(directions: torch.Tensor) -> torch.Tensor:
+        directions = directions.float().to(weight.device)
+        if centre:
+            directions = directions - directions.mean(-1, keepdim=True)
+        return (directions * gain.to(directions.device)) @ weight.float().T
+
+    return logits
+
+
+@torch.no_grad()
+def logit_scores(target: Splice | nn.Module, layer: int, heads: Sequence[int]) -> torch.Tensor:
+    """[len(heads), vocab] direct logit attribution of each head's output direction W_O[head] (`unembedding`)."""
+    handle = splice_of(target)
+    return unembedding(handle.model)(handle[layer].lorsa.W_O[torch.as_tensor(list(heads), dtype=torch.long)])
 
 
 def logit_attribution(target: Splice | nn.Module, head: HeadSpec, k: int = 10) -> LogitAttribution:

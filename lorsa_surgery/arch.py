@@ -418,3 +418,28 @@ def from_host_subspaces(model: nn.Module, layer: int, n_qk_heads: int, n_ov_head
                 if i < group:
                     W_V[g, i], W_O[g, i], b_V[g, i] = sign * reads[p], sign * directions[p], sign * biases[p]
     return lorsa
+
+
+@torch.no_grad()
+def provenance(model: nn.Module, layer: int, lorsa: Lorsa) -> dict[str, torch.Tensor]:
+    """How each Lorsa head's OV circuit spreads over the host layer's MHSA heads.
+
+    A head's output direction W_O[i] is written as a sum of parts, one in each MHSA head's output subspace (rows of
+    its W_O), by least squares over all the heads' rows together; "output" [n, H] is each part's share of the summed
+    squared norms. "value" [n, Hkv] does the same for the value direction W_V[i] over the key-value heads' value
+    subspaces (grouped-query heads share theirs). Both rows sum to 1. In HF input coordinates."""
+    arch = arch_for(model)
+    attention = getattr(arch.layer_list(model)[layer], arch.attention)
+    w = arch.attention_weights(getattr(attention, "original", attention), model.config)
+    module = lorsa.in_input_space("hf", *arch.norm_gain(getattr(arch.layer_list(model)[layer], arch.input_norm))) \
+        if lorsa.cfg.input_space != "hf" else lorsa
+
+    def shares(directions: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        n_blocks, width, d = blocks.shape
+        basis = blocks.reshape(-1, d).double()  # [n_blocks * width, d]
+        coef = torch.linalg.lstsq(basis.T, directions.double().T).solution.T  # [n, n_blocks * width]
+        parts = torch.einsum("nbk,bkd->nbd", coef.view(-1, n_blocks, width), blocks.double())
+        energy = parts.pow(2).sum(-1)
+        return (energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)).float()
+
+    return {"output": shares(module.W_O.detach().cpu(), w.o), "value": shares(module.W_V.detach().cpu(), w.v.transpose(1, 2))}

@@ -99,9 +99,9 @@ def test_training_on_a_dispatched_host_gives_the_same_module(tmp_path, one_torch
     _tokenizer().save_pretrained(host)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(i * 7) % 95}" for i in range(3000)))
-    one = ls.train(tiny_config(host, text, tmp_path / "one", n_heads=64, checkpoint_every=0))
+    one = ls.train(tiny_config(host, text, tmp_path / "one", n_heads=64, checkpoint_every=0))[1]
     spread = ls.train(tiny_config(host, text, tmp_path / "spread", n_heads=64, checkpoint_every=0, max_memory="cpu=100KB",
-                                  offload_dir=str(tmp_path / "offload")))
+                                  offload_dir=str(tmp_path / "offload")))[1]
     placed, _ = ls.load_model(str(host), max_memory="cpu=100KB", offload_dir=str(tmp_path / "offload"))  # as train loads it
     assert "disk" in placed.hf_device_map.values()
     assert_same_weights(state(one), state(spread), atol=1e-5)
