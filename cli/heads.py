@@ -19,7 +19,7 @@ from lorsa_surgery.tasks import train as training
 
 @click.group()
 def heads() -> None:
-    """Look at heads: classify, top activations, z-patterns, labels."""
+    """Look at heads: classify, detect families, causal checks, top activations, z-patterns, labels."""
 
 
 @heads.command()

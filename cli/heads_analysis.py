@@ -76,7 +76,7 @@ def label_head(path, head_spec, label, note):
 
     An empty LABEL removes the head from the catalog.
     """
-    from lorsa_surgery.formats import NATIVE_CONFIG
+    from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
     from lorsa_surgery.patched import is_patched_folder, read_root
 
     ref = HeadRef.parse(head_spec)
@@ -98,7 +98,7 @@ def label_head(path, head_spec, label, note):
         lorsa.catalog[index] = {"label": label, "note": note if note is not None else lorsa.catalog.get(index, {}).get("note", "")}
     else:
         lorsa.catalog.pop(index, None)
-    lorsa.save_pretrained(folder)
+    save_catalog(lorsa, folder)
     click.echo(f"{head_spec}: {label!r}" if label else f"{head_spec}: label removed")
 
 
@@ -312,7 +312,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     from lorsa_surgery.cli.loading import load_host
     from lorsa_surgery.arch import provenance
     from lorsa_surgery.families import FAMILIES, catalog_entries, detect as run_detect
-    from lorsa_surgery.formats import NATIVE_CONFIG
+    from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
 
     names = families.split(",") if families else list(FAMILIES)
     unknown = [f for f in names if f not in FAMILIES]
@@ -336,7 +336,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
                 raise LorsaSurgeryError(f"Layer {layer}'s module is not a native Lorsa folder; only those carry a head catalog.")
             lorsa.catalog = {**{h: e for h, e in lorsa.catalog.items() if not e.get("note", "").startswith("detected:")},
                              **catalog_entries(results)}
-            lorsa.save_pretrained(folder)
+            save_catalog(lorsa, folder)
     if as_json:
         click.echo(json.dumps({f"{prefix[:-2]}": {
             **{name: {"threshold": fs.threshold, "queries": fs.queries, "members": [f"{prefix}{h}" for h in fs.members()],

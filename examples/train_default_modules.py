@@ -4,7 +4,7 @@
   exact copy of the layer (init "attention", the size of `Lorsa.from_attention`), Adam lr 1e-3, 401k tokens.
 - `--layer 23` (`--lorsa 23=default`): the layer where `heads detect` finds the strongest MHSA induction heads
   (docs/heads.md); the toolkit's defaults at the paper's shape: 4608 heads (expansion 8) over 9 QK heads, K = 64,
-  init "host", lr 5e-4; 6M tokens (22 epochs of the corpus; 35 minutes on 2 cores here, the first epoch capturing).
+  init "host", lr 5e-4; 6M tokens (22 epochs of the corpus; about 30 minutes on 2 cores here, 4 of them for the first epoch, which runs the host).
 
 The text is the built-in offline corpus, what every Python installation carries (the language reference behind
 `help()` and the docstrings of well-documented standard modules), so the run needs no download. Activations are

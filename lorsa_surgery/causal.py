@@ -62,7 +62,8 @@ class CausalCheck:
     """clean - control_ablated, per prompt."""
 
 
-def _probe(family: str, tokenizer, n: int, seed: int) -> Probe:
+def behaviour_probe(family: str, tokenizer, n: int, seed: int) -> Probe:
+    """Prompts on which a family's behaviour is measured."""
     if family == "induction":
         return repeated_probe(tokenizer, n, 20, seed, "induction")
     if family == "name_mover":
@@ -123,7 +124,7 @@ def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list
     a matched random control and the family patched back from the clean run."""
     if not heads:
         raise LorsaSurgeryError(f"No heads to ablate for {family}.")
-    probe = _probe(family, tokenizer, n_prompts, seed + 1000)  # not the prompts the detector scored on
+    probe = behaviour_probe(family, tokenizer, n_prompts, seed + 1000)  # not the prompts the detector scored on
     refs = [f"L{layer}.H{h}" for h in heads]
     control = matched_control(handle, layer, heads, probe, seed)
     clean = behaviour(handle, family, probe)

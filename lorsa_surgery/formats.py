@@ -120,12 +120,17 @@ def describe(lorsa: Lorsa) -> dict[str, Any]:
 # ---- native -------------------------------------------------------------------------------------
 
 
+def save_catalog(lorsa: Lorsa, path: str | Path) -> None:
+    """Write only the head catalog of a native folder: relabelling leaves the weights (and their dtype) alone."""
+    files.write_json(Path(path) / NATIVE_CATALOG, {"heads": {str(k): v for k, v in sorted(lorsa.catalog.items())}})
+
+
 def save_native(lorsa: Lorsa, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for k, v in lorsa.state_dict().items()}
     files.write_safetensors(folder / NATIVE_WEIGHTS, tensors, {"format": NATIVE_FORMAT, "format_version": str(NATIVE_VERSION)})
-    files.write_json(folder / NATIVE_CATALOG, {"heads": {str(k): v for k, v in sorted(lorsa.catalog.items())}})
+    save_catalog(lorsa, folder)
     if lorsa.training_info:
         files.write_json(folder / NATIVE_TRAINING, lorsa.training_info)
     # The config goes last: its presence marks a complete checkpoint.

@@ -161,3 +161,16 @@ def test_provenance_of_host_started_heads_lies_in_one_mhsa_head_and_of_random_he
         assert shares["output"].max(1).values.min() > 0.999 and shares["value"].max(1).values.min() > 0.999
     spread = provenance(model, 1, Lorsa(LorsaConfig(d_model=64, n_qk_heads=4, d_qk_head=16, n_ov_heads=96)))["output"]
     assert (spread.max(1).values < 0.9).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_head_families_example_runs_in_fast_mode(smollm2_gguf, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "examples" / "head_families.py"), "--fast",
+                           "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| L3 Lorsa | 1152 |" in done.stdout and "causal checks" in done.stdout
+    assert (tmp_path / "head_families.json").exists()

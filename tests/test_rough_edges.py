@@ -139,7 +139,8 @@ def test_sweeps_show_tokens_warn_when_heads_never_fire_and_plot_noise_as_zero(fo
 def test_the_training_example_writes_only_under_its_out(tmp_path):
     shipped = ROOT / "lorsa_surgery" / "default_modules" / "smollm2-L3"
     before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_smollm2_layer3.py"), "--fast", "--out", str(tmp_path / "run")],
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_default_modules.py"), "--layer", "3", "--fast",
+                           "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before

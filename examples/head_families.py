@@ -1,0 +1,110 @@
+"""The figures of docs/heads.md: head families in both shipped SmolLM2 modules and in MHSA layers, their causal
+effects against matched random controls, and where the Lorsa heads' OV circuits come from.
+
+    python examples/head_families.py                 # both shipped modules, MHSA layers 3, 17, 18 and 23 (a few minutes)
+    python examples/head_families.py --fast          # fewer prompts, layer 3 only (for tests)
+
+Prints Markdown tables; with --out, also writes every score as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import lorsa_surgery as ls
+from lorsa_surgery.analysis import token_text, unembedding
+from lorsa_surgery.causal import BEHAVIOURS, behaviour, behaviour_probe, causal_check
+from lorsa_surgery.families import FAMILIES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="Layer 3 only, few prompts (for tests).")
+    parser.add_argument("--prompts", type=int, default=16, help="Prompts per detector probe.")
+    parser.add_argument("--causal-prompts", type=int, default=64, help="Prompts per causal check.")
+    parser.add_argument("--out", type=Path, default=None, help="Write all scores here as JSON.")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, n_causal = (4, 8) if args.fast else (args.prompts, args.causal_prompts)
+    shipped = [3] if args.fast else [3, 23]
+    mhsa = [3] if args.fast else [3, 17, 18, 23]
+
+    model, tokenizer = ls.load_model("smollm2")
+    logits = unembedding(model)
+    record: dict[str, dict] = {}
+    print("| layer | heads | " + " | ".join(FAMILIES) + " |")
+    print("|---|---|" + "---|" * len(FAMILIES))
+    found = {}
+    for layer in shipped:
+        lorsa = ls.module_for(model, layer, "default")
+        found[layer] = ls.detect(model, tokenizer, layer, lorsa, n_prompts=n)
+        print(f"| L{layer} Lorsa | {lorsa.cfg.n_ov_heads} | " + " | ".join(str(len(fs.members())) for fs in found[layer].values()) + " |")
+        record[f"L{layer}"] = {name: fs.scores.tolist() for name, fs in found[layer].items()}
+    for layer in mhsa:
+        result = ls.detect(model, tokenizer, layer, None, n_prompts=n)
+        best = [f"{len(fs.members())} (A{int(fs.scores.argmax())} {float(fs.scores.max()):.2f})" for fs in result.values()]
+        print(f"| L{layer} MHSA | {len(next(iter(result.values())).scores)} | " + " | ".join(best) + " |")
+        record[f"L{layer}-mhsa"] = {name: fs.scores.tolist() for name, fs in result.items()}
+
+    for layer in shipped:
+        lorsa = ls.module_for(model, layer, "default")
+        effects = logits(lorsa.W_O)
+        print(f"\nLayer {layer}, top heads per family (score; probe positions where it fired; tokens its output promotes most)")
+        print("| family | head | score | fired | promotes |")
+        print("|---|---|---|---|---|")
+        for name, fs in found[layer].items():
+            for h in fs.scores.argsort(descending=True)[:3].tolist():
+                if fs.scores[h] <= 0:
+                    continue
+                promotes = ", ".join(repr(token_text(tokenizer, int(t))) for t in effects[h].topk(3).indices)
+                print(f"| {name} | L{layer}.H{h} | {float(fs.scores[h]):.2f} | {int(fs.counted[h])} | {promotes} |")
+        top = ls.provenance(model, layer, lorsa)["output"].max(1).values
+        print(f"\nLayer {layer} provenance: median main-MHSA-head share {float(top.median()):.2f}; "
+              f"{float((top < 0.9).float().mean()):.1%} of heads under 0.9, {float((top < 0.5).float().mean()):.1%} under 0.5")
+
+        handle = ls.splice(model, {layer: lorsa})
+        print(f"\nLayer {layer}, causal checks ({n_causal} fresh prompts; mean [95% bootstrap CI])")
+        print("| family | heads | behaviour | clean | family ablated | matched control ablated | patched back | effect | control effect |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for family in BEHAVIOURS:
+            heads = found[layer][family].members()
+            if not heads:
+                print(f"| {family} | 0 | {BEHAVIOURS[family]} | no heads found | | | | | |")
+                continue
+            c = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n_causal)
+            print(f"| {family} | {len(heads)} | {c.behaviour} | {c.clean} | {c.ablated} | {c.control_ablated} | {c.restored} "
+                  f"| {c.effect} | {c.control_effect} |")
+            record[f"L{layer}-causal-{family}"] = {"heads": c.heads, "control": c.control, "clean": c.clean.mean,
+                                                   "ablated": c.ablated.mean, "control_ablated": c.control_ablated.mean,
+                                                   "restored": c.restored.mean}
+        if family_heads := [h for h in found[layer]["induction"].scores.argsort(descending=True).tolist()
+                            if found[layer]["induction"].scores[h] > 0]:
+            print(f"\nLayer {layer}, induction ablation by detector threshold (the family's threshold is "
+                  f"{FAMILIES['induction'].threshold}; all heads = the whole layer's attention)")
+            print("| heads ablated | count | family ablated | matched control ablated | effect | control effect |")
+            print("|---|---|---|---|---|---|")
+            scores = found[layer]["induction"].scores
+            for label, heads in ((f"score >= {t}", [h for h in family_heads if scores[h] >= t]) for t in (0.1, 0.05)):
+                if not heads:
+                    print(f"| {label} | 0 | | | | |")
+                    continue
+                c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal)
+                print(f"| {label} | {len(heads)} | {c.ablated} | {c.control_ablated} | {c.effect} | {c.control_effect} |")
+            probe = behaviour_probe("induction", tokenizer, n_causal, 1000)  # the prompts causal_check uses (seed 0)
+            clean = behaviour(handle, "induction", probe).mean()
+            with ls.InterventionSet([ls.Ablate(f"L{layer}.H0-{lorsa.cfg.n_ov_heads - 1}")]).applied(handle):
+                whole = behaviour(handle, "induction", probe).mean()
+            print(f"| all heads | {lorsa.cfg.n_ov_heads} | {float(whole):.3f} (clean {float(clean):.3f}) | | | |")
+        ls.unsplice(model)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "head_families.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
