@@ -10,7 +10,7 @@ the host model.
     nice python examples/training_sweep.py --out runs/sweep                        # expansion 4, K 32, 100k tokens
     nice python examples/training_sweep.py --out runs/sweep-paper --expansion 8 --k 64 --tokens 400000 \
         --settings old,new
-    python examples/training_sweep.py --out /tmp/sweep --fast                      # two tiny runs (for tests)
+    python examples/training_sweep.py --out runs/sweep-fast --fast                 # two tiny runs (for tests)
 """
 
 from __future__ import annotations
