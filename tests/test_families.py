@@ -174,3 +174,20 @@ def test_head_families_example_runs_in_fast_mode(smollm2_gguf, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| L3 Lorsa | 1152 |" in done.stdout and "causal checks" in done.stdout
     assert (tmp_path / "head_families.json").exists()
+
+
+@pytest.mark.slow
+def test_the_layer23_module_ships_with_detected_labels_that_name_heads_and_reach_the_card(smollm2, tmp_path):
+    import lorsa_surgery as ls
+
+    model, _ = smollm2
+    lorsa = ls.module_for(model, 23, "default")
+    induction = sorted(h for h, e in lorsa.catalog.items() if e["label"] == "induction")
+    assert len(induction) >= 20 and all(lorsa.catalog[h]["note"].startswith("detected: ") for h in induction)
+    handle = ls.splice(model, {23: lorsa})
+    try:
+        assert [r.index for r in ls.resolve_heads("L23:induction", handle)] == induction
+        card = (ls.save_patched(handle, tmp_path / "patched", base=ls.base_record("smollm2")) / "README.md").read_text()
+    finally:
+        ls.unsplice(model)
+    assert f"L23.H{induction[0]}" in card and "induction" in card
