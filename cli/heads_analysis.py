@@ -9,6 +9,8 @@ from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
 from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, parse_layer_specs, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.causal import BEHAVIOURS
+from lorsa_surgery.families import FAMILIES
 from lorsa_surgery.heads import HeadRef
 
 
@@ -292,9 +294,7 @@ def _columns(stores, head_spec: str):
 @click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
               help="Score the heads of this Lorsa module (folder, Hub id, 'default' or 'from-attention'). Repeatable.")
 @click.option("--layer", "mhsa_layers", multiple=True, type=int, help="Score the MHSA heads of this layer. Repeatable.")
-@click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(
-    ["previous_token", "duplicate_token", "induction", "attention_sink", "successor", "name_mover", "arithmetic",
-     "thematic_anchor"]) + ".")
+@click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(FAMILIES) + ".")
 @click.option("-n", "--prompts", "n", default=16, show_default=True, help="Prompts per probe (IOI and arithmetic: 4x).")
 @click.option("--top", "n_top", default=5, show_default=True, help="Heads listed per family.")
 @click.option("--seed", default=0, show_default=True)
@@ -311,7 +311,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     among the heads of Lorsa modules and of MHSA layers of MODEL, on probes built offline from its tokenizer."""
     from lorsa_surgery.cli.loading import load_host
     from lorsa_surgery.arch import provenance
-    from lorsa_surgery.families import FAMILIES, catalog_entries, detect as run_detect
+    from lorsa_surgery.families import catalog_entries, detect as run_detect
     from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
 
     names = families.split(",") if families else list(FAMILIES)
@@ -366,7 +366,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
 
 @heads.command("causal")
 @_model_options
-@click.option("--family", type=click.Choice(["induction", "name_mover", "successor"]), required=True)
+@click.option("--family", type=click.Choice(list(BEHAVIOURS)), required=True)
 @click.option("--heads", "head_spec", default=None,
               help="The family's heads (`L23:induction`, `L23.H5,L23.H9`) [default: the family's label in the catalog].")
 @click.option("-n", "--prompts", "n", default=32, show_default=True, help="Prompts (fresh ones, not the detector's).")

@@ -39,9 +39,8 @@ def main() -> None:
     record: dict[str, dict] = {}
     print("| layer | heads | " + " | ".join(FAMILIES) + " |")
     print("|---|---|" + "---|" * len(FAMILIES))
-    found = {}
-    for layer in shipped:
-        lorsa = ls.module_for(model, layer, "default")
+    found, modules = {}, {layer: ls.module_for(model, layer, "default") for layer in shipped}
+    for layer, lorsa in modules.items():
         found[layer] = ls.detect(model, tokenizer, layer, lorsa, n_prompts=n)
         print(f"| L{layer} Lorsa | {lorsa.cfg.n_ov_heads} | " + " | ".join(str(len(fs.members())) for fs in found[layer].values()) + " |")
         record[f"L{layer}"] = {name: fs.scores.tolist() for name, fs in found[layer].items()}
@@ -51,8 +50,7 @@ def main() -> None:
         print(f"| L{layer} MHSA | {len(next(iter(result.values())).scores)} | " + " | ".join(best) + " |")
         record[f"L{layer}-mhsa"] = {name: fs.scores.tolist() for name, fs in result.items()}
 
-    for layer in shipped:
-        lorsa = ls.module_for(model, layer, "default")
+    for layer, lorsa in modules.items():
         effects = logits(lorsa.W_O)
         print(f"\nLayer {layer}, top heads per family (score; probe positions where it fired; tokens its output promotes most)")
         print("| family | head | score | fired | promotes |")

@@ -104,9 +104,8 @@ def matched_control(handle: Splice, layer: int, heads: list[int], probe: Probe, 
     """For each head, a different head outside the list that fires on about as many probe tokens (nearest firing
     frequency, ties broken at random)."""
     n = handle[layer].lorsa.cfg.n_ov_heads
-    cache = cache_run(handle, probe.input_ids, f"L{layer}.H0-{n - 1}", probe.attention_mask)
-    real = probe.attention_mask.bool()
-    frequency = (cache.dense()[..., :n] != 0)[real[:, : cache.dense().shape[1]]].float().mean(0)
+    acts = cache_run(handle, probe.input_ids, f"L{layer}.H0-{n - 1}", probe.attention_mask).dense()
+    frequency = (acts != 0)[probe.attention_mask.bool()[:, : acts.shape[1]]].float().mean(0)
     rng = random.Random(seed)
     pool = [h for h in range(n) if h not in set(heads)]
     rng.shuffle(pool)

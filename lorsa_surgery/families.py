@@ -20,6 +20,7 @@ A head belongs to a family when its score reaches the family's threshold (`FAMIL
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ def _single_tokens(tokenizer, words: list[str]) -> dict[str, int]:
     return out
 
 
+@functools.lru_cache(maxsize=4)  # decoding a whole vocabulary takes a while; four probes of one detect share it
 def word_tokens(tokenizer, n: int = 4000) -> list[int]:
     """Token ids of whole lowercase words with a leading space (at least three letters): material for random text."""
     found = []
@@ -291,11 +293,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 # ---- scoring -----------------------------------------------------------------------------------------------------
 
 
+def _top_cut(logits: torch.Tensor) -> torch.Tensor:
+    """The smallest logit [...] still in the top TOP_SHARE of logits [..., V]."""
+    return logits.topk(max(1, round(TOP_SHARE * logits.shape[-1])), dim=-1).values[..., -1]
+
+
 def _promoted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 where target [...] is in the top TOP_SHARE of logits [..., V]."""
-    k = max(1, round(TOP_SHARE * logits.shape[-1]))
-    cut = logits.topk(k, dim=-1).values[..., -1]
-    return (logits.gather(-1, target.clamp_min(0)[..., None])[..., 0] >= cut).float()
+    return (logits.gather(-1, target.clamp_min(0)[..., None])[..., 0] >= _top_cut(logits)).float()
 
 
 @dataclass
@@ -337,8 +342,8 @@ def score_heads(lorsa: Lorsa, x: torch.Tensor, probe: Probe, logits: Callable[[t
         promote = torch.ones_like(mass)
         if effects is not None:
             effect = effects[heads]  # [h, V]: a Lorsa head promotes the same tokens wherever it fires
-            cut = effect.topk(max(1, round(TOP_SHARE * effect.shape[-1])), dim=-1).values[:, -1]
-            promote = (effect[:, probe.target.to(device).clamp_min(0)] >= cut[:, None, None]).float().permute(1, 0, 2)
+            promote = (effect[:, probe.target.to(device).clamp_min(0)] >= _top_cut(effect)[:, None, None]).float()
+            promote = promote.permute(1, 0, 2)
         fired = (weight > 0).sum((0, 2))
         score = (weight * mass * promote).sum((0, 2)) / weight.sum((0, 2)).clamp_min(1e-12)
         scores.append(torch.where(fired >= MIN_FIRINGS, score, torch.zeros_like(score)))
