@@ -36,7 +36,7 @@ def main(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from lorsa_surgery.cli import checkpoint, heal, hub, interventions, run, train
+    from lorsa_surgery.cli import checkpoint, demo, heal, hub, interventions, run, train
 
     main.add_command(checkpoint.inspect)
     main.add_command(hub.push)
@@ -48,6 +48,7 @@ def _register() -> None:
     main.add_command(interventions.ablate)
     main.add_command(interventions.steer)
     main.add_command(interventions.patch)
+    main.add_command(demo.demo)
 
     from lorsa_surgery.cli import heads, heads_analysis, tasks
 

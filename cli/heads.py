@@ -10,7 +10,7 @@ import click
 
 from lorsa_surgery import positional
 from lorsa_surgery.cli.loading import load_host, parse_layer_specs, placement_options
-from lorsa_surgery.cli.tasks import int_list
+from lorsa_surgery.cli.tasks import int_list, outside_model_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.patched import module_for
 from lorsa_surgery.tasks import multihop
@@ -41,24 +41,28 @@ def heads() -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the (s_pos, s_sym) scatter as PNG.")
+@outside_model_options
 @placement_options
 def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gamma, tau, seed, revision, allow_pickle,
-             as_json, plot, placement) -> None:
-    """Positional/symbolic scores and class of every head of MODEL (a Hub id, folder, .gguf, 'smollm2', or a
-    checkpoint of `tasks train`), at the last token of each prompt."""
+             as_json, plot, task, token_map, placement) -> None:
+    """Positional/symbolic scores and class of every head of MODEL (a Hub id, folder, .gguf, 'smollm2', a
+    checkpoint of `tasks train`, or a multi-hop model trained elsewhere with --task and --token-map), at the last
+    token of each prompt."""
     specs = parse_layer_specs(lorsa_specs)
-    if (Path(model) / "trainer.json").is_file():
-        host, record = training.load_checkpoint(model)
-        task, tokenizer = record["task"], None
+    mapping = None
+    if (Path(model) / "trainer.json").is_file() or token_map:
+        host, task, mapping = training.load_task_model(model, task, token_map)
+        tokenizer = None
         modules = {layer: module_for(host, layer, spec, allow_pickle=allow_pickle) for layer, spec in specs.items()}
     else:
+        if task:
+            raise LorsaSurgeryError("--task goes with --token-map (or a checkpoint of `tasks train`, which names its task).")
         host, tokenizer, modules = load_host(model, specs, revision, allow_pickle, placement)
-        task = None
     prompt_kind = prompt_kind or ("task" if task else "match")
     if prompt_kind == "task":
         if not task:
             raise LorsaSurgeryError("--prompts task needs a checkpoint written by `lorsa-surgery tasks train`.")
-        ids, _ = multihop.TaskTokenizer(task).encode_examples(multihop.generate(task, n, seed=seed))
+        ids, _ = multihop.TaskTokenizer(task, mapping).encode_examples(multihop.generate(task, n, seed=seed))
         source = f"{n} {task}-task prompts"
     else:
         if tokenizer is None:
@@ -91,10 +95,13 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
 
 def _table(scores: positional.HeadScores, gamma: float, name) -> None:
     labels = scores.labels(gamma)
-    click.echo(f"  {'head':<28} {'s_pos':>6} {'s_sym':>6} {'entropy':>8}  class")
+    borderline = scores.borderline(gamma) if scores.prompts > 1 else None
+    click.echo(f"  {'head':<28} {'s_pos':>6} {'+-':>5} {'s_sym':>6} {'+-':>5} {'entropy':>8}  class"
+               + ("  (+-: spread over prompts; borderline: the class moves within two standard errors)" if borderline else ""))
     for row, layer in enumerate(scores.layers):
         for h in range(scores.positional.shape[1]):
             click.echo(
-                f"  {name(layer, h):<28} {scores.positional[row, h]:6.3f} {scores.symbolic[row, h]:6.3f} "
-                f"{scores.entropy[row, h]:8.3f}  {labels[row][h]}"
+                f"  {name(layer, h):<28} {scores.positional[row, h]:6.3f} {scores.positional_spread[row, h]:5.3f} "
+                f"{scores.symbolic[row, h]:6.3f} {scores.symbolic_spread[row, h]:5.3f} {scores.entropy[row, h]:8.3f}  "
+                f"{labels[row][h]}" + (" (borderline)" if borderline and borderline[row][h] else "")
             )

@@ -9,7 +9,7 @@ from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
 from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, parse_layer_specs, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.causal import BEHAVIOURS
+from lorsa_surgery.causal import BEHAVIOURS, WORDS
 from lorsa_surgery.families import FAMILIES
 from lorsa_surgery.heads import HeadRef
 
@@ -371,8 +371,10 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
               help="The family's heads (`L23:induction`, `L23.H5,L23.H9`) [default: the family's label in the catalog].")
 @click.option("-n", "--prompts", "n", default=32, show_default=True, help="Prompts (fresh ones, not the detector's).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--words", type=click.Choice(WORDS), default="random", show_default=True,
+              help="Induction prompts: random words, or the words the family's heads promote.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, as_json):
+def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, words, as_json):
     """Ablate a family's heads and measure its behaviour against a matched random control (95% intervals over
     prompts), then patch the heads back."""
     import dataclasses
@@ -389,7 +391,7 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
     if len(groups) != 1:
         raise LorsaSurgeryError("A causal check ablates heads of one layer at a time.")
     (layer, heads), = groups.items()
-    check = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n, seed=seed)
+    check = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n, seed=seed, words=words)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(check), indent=2))
         return

@@ -59,6 +59,14 @@ def train(task, out_dir, preset_name, steps, lr, n_layer, n_head, n_embd, batch_
     click.echo(f"step {last['step']}: accuracy {last['accuracy']:.3f} ({per_hop}); checkpoints in {out_dir}")
 
 
+def outside_model_options(f):
+    """--task and --token-map: evaluate a causal LM trained outside the toolkit (no trainer.json)."""
+    f = click.option("--token-map", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="JSON: each task symbol as the task writes it (a, dp, 12, c4, ab) -> the model's token id; "
+                          "for models trained outside the toolkit.")(f)
+    return click.option("--task", "task", type=TASK, help="The task of a model trained outside the toolkit.")(f)
+
+
 @tasks.command("eval")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Examples file from `tasks make`.")
@@ -66,15 +74,18 @@ def train(task, out_dir, preset_name, steps, lr, n_layer, n_head, n_embd, batch_
 @click.option("--seed", default="eval", show_default=True)
 @click.option("--extra", default=0, show_default=True, help="Extra window tokens (fresh examples only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def evaluate(checkpoint: Path, data: Path | None, n: int, seed: str, extra: int, as_json: bool) -> None:
-    """Accuracy of a checkpoint, overall and per hop count."""
-    model, record = training.load_checkpoint(checkpoint)
-    examples = multihop.load_examples(data) if data else multihop.generate(record["task"], n, seed=seed, extra=extra)
-    result = training.evaluate(model, record["task"], examples)
+@outside_model_options
+def evaluate(checkpoint: Path, data: Path | None, n: int, seed: str, extra: int, as_json: bool, task: str | None,
+             token_map: Path | None) -> None:
+    """Accuracy of a checkpoint of `tasks train`, or of any causal LM folder with --task and --token-map, overall
+    and per hop count."""
+    model, task, mapping = training.load_task_model(checkpoint, task, token_map)
+    examples = multihop.load_examples(data) if data else multihop.generate(task, n, seed=seed, extra=extra)
+    result = training.evaluate(model, task, examples, token_map=mapping)
     if as_json:
-        click.echo(json.dumps({"task": record["task"], "step": record["step"], **result}, indent=2))
+        click.echo(json.dumps({"task": task, "model": str(checkpoint), **result}, indent=2))
         return
-    click.echo(f"{record['task']} model at step {record['step']}: accuracy {result['accuracy']:.3f} on {len(examples)} examples")
+    click.echo(f"{task} model {checkpoint}: accuracy {result['accuracy']:.3f} on {len(examples)} examples")
     for hops, acc in result["per_hop"].items():
         click.echo(f"  {hops} hops  {acc:.3f}")
 
@@ -85,13 +96,17 @@ def evaluate(checkpoint: Path, data: Path | None, n: int, seed: str, extra: int,
 @click.option("-n", "--n", "n", default=512, show_default=True, help="Examples per length.")
 @click.option("--seed", default="length", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for length.json and length.png.")
-def extrapolate(checkpoints: tuple[Path, ...], extras: str, n: int, seed: str, out: Path | None) -> None:
-    """Accuracy of each checkpoint as extra window tokens lengthen the input."""
+@outside_model_options
+def extrapolate(checkpoints: tuple[Path, ...], extras: str, n: int, seed: str, out: Path | None, task: str | None,
+                token_map: Path | None) -> None:
+    """Accuracy of each checkpoint (or causal LM folder, with --task and --token-map) as extra window tokens
+    lengthen the input."""
     sweeps = {}
     for path in checkpoints:
-        model, record = training.load_checkpoint(path)
-        name = f"{record['task']} ({path.name})"
-        sweeps[name] = training.length_sweep(model, record["task"], int_list(extras, "--extras"), n=n, seed=seed)
+        model, model_task, mapping = training.load_task_model(path, task, token_map)
+        name = f"{model_task} ({path.name})"
+        sweeps[name] = training.length_sweep(model, model_task, int_list(extras, "--extras"), n=n, seed=seed,
+                                             token_map=mapping)
         click.echo(name)
         for length, result in sweeps[name].items():
             click.echo(f"  {length:5d} tokens  accuracy {result['accuracy']:.3f}")

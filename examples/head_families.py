@@ -17,7 +17,7 @@ import torch
 
 import lorsa_surgery as ls
 from lorsa_surgery.analysis import token_text, unembedding
-from lorsa_surgery.causal import BEHAVIOURS, behaviour, behaviour_probe, causal_check
+from lorsa_surgery.causal import BEHAVIOURS, WORDS, behaviour, behaviour_probe, causal_check
 from lorsa_surgery.families import FAMILIES
 
 
@@ -84,20 +84,23 @@ def main() -> None:
                             if found[layer]["induction"].scores[h] > 0]:
             print(f"\nLayer {layer}, induction ablation by detector threshold (the family's threshold is "
                   f"{FAMILIES['induction'].threshold}; all heads = the whole layer's attention)")
-            print("| heads ablated | count | family ablated | matched control ablated | effect | control effect |")
-            print("|---|---|---|---|---|---|")
+            print("| heads ablated | count | words | clean | family ablated | matched control ablated | effect | control effect |")
+            print("|---|---|---|---|---|---|---|---|")
             scores = found[layer]["induction"].scores
-            for label, heads in ((f"score >= {t}", [h for h in family_heads if scores[h] >= t]) for t in (0.1, 0.05)):
-                if not heads:
-                    print(f"| {label} | 0 | | | | |")
-                    continue
-                c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal)
-                print(f"| {label} | {len(heads)} | {c.ablated} | {c.control_ablated} | {c.effect} | {c.control_effect} |")
+            for t in (FAMILIES["induction"].threshold, 0.1, 0.05):
+                heads = [h for h in family_heads if scores[h] >= t]
+                for words in WORDS:
+                    if len(heads) < 8:  # too few heads promote the 20 distinct words a family-word prompt needs
+                        print(f"| score >= {t} | {len(heads)} | {words} | | | | | |")
+                        continue
+                    c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal, words=words)
+                    print(f"| score >= {t} | {len(heads)} | {words} | {c.clean} | {c.ablated} | {c.control_ablated} "
+                          f"| {c.effect} | {c.control_effect} |")
             probe = behaviour_probe("induction", tokenizer, n_causal, 1000)  # the prompts causal_check uses (seed 0)
             clean = behaviour(handle, "induction", probe).mean()
             with ls.InterventionSet([ls.Ablate(f"L{layer}.H0-{lorsa.cfg.n_ov_heads - 1}")]).applied(handle):
                 whole = behaviour(handle, "induction", probe).mean()
-            print(f"| all heads | {lorsa.cfg.n_ov_heads} | {float(whole):.3f} (clean {float(clean):.3f}) | | | |")
+            print(f"| all heads | {lorsa.cfg.n_ov_heads} | random | {float(clean):.3f} | {float(whole):.3f} | | | |")
         ls.unsplice(model)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
 5. SmolLM2-135M: classify the heads of a few layers on the 1-hop probe; probe accuracy as the input grows.
 
     python examples/multihop_reproduction.py --out out/multihop          # about half an hour on 2 cores
+    python examples/multihop_reproduction.py --fast --out out/fast       # a few steps of everything (for tests)
 
 Writes PNG plots and results.json into --out; rerunning resumes the training runs.
 """
@@ -187,7 +188,11 @@ def main() -> None:
     parser.add_argument("--llm-prompts", type=int, default=16)
     parser.add_argument("--llm-probe-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fast", action="store_true", help="A few steps and prompts of everything (for tests).")
     args = parser.parse_args()
+    if args.fast:
+        args.steps, args.prompts, args.length_prompts, args.lorsa_steps = 20, 8, 16, 20
+        args.llm_layers, args.llm_prompts, args.llm_probe_prompts = "0,3", 2, 4
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -37,6 +37,7 @@ _EXPORTS = {
     "hub": ["push_folder", "pull"],
     "placement": ["infer_device_map", "input_device"],
     "healing": ["heal", "HealConfig", "add_lora", "load_adapter"],
+    "demo": ["run_demo"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -3,7 +3,8 @@ against as many randomly chosen heads that fire as often (a matched control), wi
 prompts; then patch the family's clean activations back into the ablated run to show the behaviour returns.
 
 Behaviours (higher is better for all three):
-- induction: accuracy of predicting the next token in the second half of repeated random word sequences;
+- induction: accuracy of predicting the next token in the second half of repeated random word sequences, the words
+  drawn from the whole vocabulary or (`words="family"`) from the words the family's heads promote;
 - name_mover: IOI logit difference, indirect object minus subject, at the last token;
 - successor: minus the mean rank of the next item of an ordinal sequence (0 is best).
 """
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lorsa_surgery.analysis import logit_scores
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.families import Probe, ioi_probe, repeated_probe, successor_probe
+from lorsa_surgery.families import Probe, ioi_probe, repeated_probe, successor_probe, word_tokens
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch
 from lorsa_surgery.patching import cache_run, forward
 from lorsa_surgery.splicing import Splice
@@ -62,15 +64,37 @@ class CausalCheck:
     """clean - control_ablated, per prompt."""
 
 
-def behaviour_probe(family: str, tokenizer, n: int, seed: int) -> Probe:
-    """Prompts on which a family's behaviour is measured."""
+INDUCTION_LENGTH = 20
+"""Words in each half of an induction behaviour prompt."""
+
+
+@torch.no_grad()
+def family_words(handle: Splice, layer: int, heads: list[int], tokenizer, k: int = 3) -> list[int]:
+    """The whole-word tokens (`word_tokens`) each head's output direction promotes most, k per head, pooled: material
+    for repeated sequences on which a rank-1 induction head has something of its own to copy."""
+    vocabulary = torch.tensor(word_tokens(tokenizer, len(tokenizer)))
+    scores = logit_scores(handle, layer, heads)[:, vocabulary]
+    pooled = sorted(set(vocabulary[scores.topk(k, dim=-1).indices].flatten().tolist()))
+    if len(pooled) < INDUCTION_LENGTH:
+        raise LorsaSurgeryError(f"The {len(heads)} heads promote {len(pooled)} distinct words; a repeated sequence needs "
+                                f"{INDUCTION_LENGTH}. Pass more heads or a larger k.")
+    return pooled
+
+
+def behaviour_probe(family: str, tokenizer, n: int, seed: int, words: list[int] | None = None) -> Probe:
+    """Prompts on which a family's behaviour is measured; `words` (token ids) replaces the induction prompts' random
+    words."""
     if family == "induction":
-        return repeated_probe(tokenizer, n, 20, seed, "induction")
+        return repeated_probe(tokenizer, n, INDUCTION_LENGTH, seed, "induction", words)
     if family == "name_mover":
         return ioi_probe(tokenizer, n, seed)
     if family == "successor":
         return successor_probe(tokenizer, n, seed)
     raise LorsaSurgeryError(f"No causal check for {family!r}; there is one for {', '.join(BEHAVIOURS)}.")
+
+
+WORDS = ("random", "family")
+"""Where induction prompts take their words: the whole vocabulary, or the family's promoted words (`family_words`)."""
 
 
 @torch.no_grad()
@@ -118,12 +142,18 @@ def matched_control(handle: Splice, layer: int, heads: list[int], probe: Probe, 
 
 
 def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list[int], n_prompts: int = 32,
-                 seed: int = 0) -> CausalCheck:
+                 seed: int = 0, words: str = "random") -> CausalCheck:
     """Ablate `heads` (zero) of the module spliced at `layer` and measure `family`'s behaviour on fresh prompts, beside
-    a matched random control and the family patched back from the clean run."""
+    a matched random control and the family patched back from the clean run. `words` (induction only, one of `WORDS`)
+    says where the repeated sequences take their words."""
     if not heads:
         raise LorsaSurgeryError(f"No heads to ablate for {family}.")
-    probe = behaviour_probe(family, tokenizer, n_prompts, seed + 1000)  # not the prompts the detector scored on
+    if words not in WORDS:
+        raise LorsaSurgeryError(f"words must be one of {', '.join(WORDS)}, not {words!r}.")
+    if words == "family" and family != "induction":
+        raise LorsaSurgeryError("Only the induction check draws its prompts from the family's words.")
+    pool = family_words(handle, layer, heads, tokenizer) if words == "family" else None
+    probe = behaviour_probe(family, tokenizer, n_prompts, seed + 1000, pool)  # not the prompts the detector scored on
     refs = [f"L{layer}.H{h}" for h in heads]
     control = matched_control(handle, layer, heads, probe, seed)
     clean = behaviour(handle, family, probe)
@@ -133,8 +163,9 @@ def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list
                           ("restored", [Ablate(refs), Patch(refs, source)])):
         with InterventionSet(records).applied(handle):
             runs[name] = behaviour(handle, family, probe)
+    described = BEHAVIOURS[family] + (f", the words drawn from the {len(pool)} the family promotes" if pool else "")
     return CausalCheck(
-        family, BEHAVIOURS[family], refs, [f"L{layer}.H{h}" for h in control], len(clean), _estimate(clean, seed),
+        family, described, refs, [f"L{layer}.H{h}" for h in control], len(clean), _estimate(clean, seed),
         _estimate(runs["ablated"], seed), _estimate(runs["control"], seed), _estimate(runs["restored"], seed),
         _estimate(clean - runs["ablated"], seed), _estimate(clean - runs["control"], seed),
     )

@@ -37,13 +37,15 @@ def push_folder(
     create_pr: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
+    endpoint: str | None = None,
 ) -> CommitInfo:
     """Upload every file of `folder` to the model repo `repo_id` as one commit; return its commit info.
 
     Creates the repo if needed (`private` applies only then) and the branch `revision` from main if it
     does not exist. With `create_pr`, the commit opens a pull request (`refs/pr/N`, see
     `CommitInfo.pr_revision`) instead of moving the branch. Files are added or replaced; remote files
-    absent from the folder are kept. `token` defaults to the usual `huggingface_hub` token.
+    absent from the folder are kept. `token` defaults to the usual `huggingface_hub` token, `endpoint` to
+    $HF_ENDPOINT as `huggingface_hub` read it on import.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -59,7 +61,7 @@ def push_folder(
     ]
     if not operations:
         raise LorsaSurgeryError(f"Cannot push '{folder}': it holds no files.")
-    api = HfApi(token=token)
+    api = HfApi(token=token, endpoint=endpoint)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not revision.startswith("refs/"):

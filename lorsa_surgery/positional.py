@@ -215,29 +215,53 @@ class HeadScores:
     """s_sym, [len(layers), heads]."""
     entropy: torch.Tensor
     """Entropy (nats) of the query's attention row, [len(layers), heads]."""
+    positional_spread: torch.Tensor | None = None
+    """Standard deviation of s_pos over the prompts, [len(layers), heads]."""
+    symbolic_spread: torch.Tensor | None = None
+    """Standard deviation of s_sym over the prompts, [len(layers), heads]."""
+    prompts: int = 0
+    """How many prompts the scores average."""
 
     def labels(self, gamma: float = 0.1) -> list[list[str]]:
         """"positional", "symbolic" or "mixed" for every head."""
         return classify(self.positional, self.symbolic, gamma)
 
+    def borderline(self, gamma: float = 0.1) -> list[list[bool]]:
+        """Heads whose label changes when either mean score moves by two standard errors (spread / sqrt(prompts)):
+        the prompts do not settle their class."""
+        if self.positional_spread is None or self.prompts < 2:
+            raise LorsaSurgeryError("Borderline heads need the spread of the scores over at least two prompts.")
+        se_pos, se_sym = (2 * s / self.prompts**0.5 for s in (self.positional_spread, self.symbolic_spread))
+        centre = self.labels(gamma)
+        moved = [classify((self.positional + a * se_pos).clamp(0, 1), (self.symbolic + b * se_sym).clamp(0, 1), gamma)
+                 for a in (-1, 1) for b in (-1, 1)]
+        return [[any(m[r][h] != centre[r][h] for m in moved) for h in range(len(centre[r]))] for r in range(len(centre))]
+
     def expand(self, group_size: int) -> HeadScores:
         """Per OV head of a Lorsa module: OV head i inherits the scores of QK head i // group_size."""
+        spread = lambda t: None if t is None else t.repeat_interleave(group_size, -1)
         return HeadScores(
             self.layers,
             self.positional.repeat_interleave(group_size, -1),
             self.symbolic.repeat_interleave(group_size, -1),
             self.entropy.repeat_interleave(group_size, -1),
+            spread(self.positional_spread), spread(self.symbolic_spread), self.prompts,
         )
 
     def to_dict(self, gamma: float = 0.1) -> dict:
-        return {
+        out = {
             "layers": self.layers,
             "positional": self.positional.tolist(),
             "symbolic": self.symbolic.tolist(),
             "entropy": self.entropy.tolist(),
             "labels": self.labels(gamma),
             "gamma": gamma,
+            "prompts": self.prompts,
         }
+        if self.positional_spread is not None and self.prompts >= 2:
+            out.update(positional_spread=self.positional_spread.tolist(), symbolic_spread=self.symbolic_spread.tolist(),
+                       borderline=self.borderline(gamma))
+        return out
 
 
 def classify(s_pos: torch.Tensor, s_sym: torch.Tensor, gamma: float = 0.1) -> list:
@@ -277,7 +301,7 @@ def head_scores(
     prompts = _as_prompts(input_ids)
     layers = sorted(lorsa) if lorsa else _layer_list(model, layers)
     lorsa = _in_host_space(model, lorsa) if lorsa else None
-    totals = None
+    per_prompt = []
     with eager_eval(model), torch.no_grad():
         for ids in tqdm(prompts, desc="head scores", disable=not progress):
             inputs = capture_attention_inputs(model, ids, layers)
@@ -290,10 +314,11 @@ def head_scores(
                 else:
                     pattern = inp.mhsa_pattern
                 per_layer.append(torch.stack(swap_scores(pattern, inp.x, block, skip, tau, chunk)))
-            stacked = torch.stack(per_layer)  # [L, 3, H]
-            totals = stacked if totals is None else totals + stacked
-    mean = totals / len(prompts)
-    return HeadScores(layers, mean[:, 0], mean[:, 1], mean[:, 2])
+            per_prompt.append(torch.stack(per_layer))  # [L, 3, H]
+    stacked = torch.stack(per_prompt)  # [N, L, 3, H]
+    mean = stacked.mean(0)
+    spread = stacked.std(0) if len(prompts) > 1 else torch.zeros_like(mean)
+    return HeadScores(layers, mean[:, 0], mean[:, 1], mean[:, 2], spread[:, 0], spread[:, 1], len(prompts))
 
 
 # ---- RoPE frequency use and discrepancy ---------------------------------------------------------------

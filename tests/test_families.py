@@ -144,6 +144,23 @@ def test_detect_writes_the_catalog_and_causal_ablates_a_labelled_family(smollm2_
     for key in ("clean", "ablated", "control_ablated", "effect"):
         assert check[key]["low"] <= check[key]["mean"] <= check[key]["high"]
 
+    from lorsa_surgery.causal import family_words
+    from lorsa_surgery.families import word_tokens
+
+    out = CliRunner().invoke(main, ["heads", "causal", "smollm2", "--lorsa", f"3={folder}", "--family", "induction",
+                                    "--heads", "L3:previous_token", "-n", "4", "--words", "family", "--json"])
+    assert out.exit_code == 0, out.output
+    check = json.loads(out.output[out.output.index("{"):])
+    pool = int(check["behaviour"].split("drawn from the ")[1].split()[0])
+    assert pool >= 20 and check["restored"]["mean"] == pytest.approx(check["clean"]["mean"], abs=0.02)
+    model, tok = lorsa_surgery.load_model("smollm2")
+    handle = lorsa_surgery.splice(model, {3: Lorsa.from_pretrained(folder)})
+    heads = [int(h.split(".H")[1]) for h in check["heads"]]
+    words = family_words(handle, 3, heads, tok)
+    assert len(words) == pool and set(words) <= set(word_tokens(tok, len(tok)))
+    scores = lorsa_surgery.analysis.logit_scores(handle, 3, heads[:1])[0]
+    assert max(word_tokens(tok, len(tok)), key=lambda t: float(scores[t])) in words  # each head's best word is in
+
 
 def test_provenance_of_host_started_heads_lies_in_one_mhsa_head_and_of_random_heads_does_not():
     import transformers as tf
@@ -191,3 +208,13 @@ def test_the_layer23_module_ships_with_detected_labels_that_name_heads_and_reach
     finally:
         ls.unsplice(model)
     assert f"L23.H{induction[0]}" in card and "induction" in card
+
+
+def test_causal_check_refuses_unknown_word_sources_before_running():
+    from lorsa_surgery import LorsaSurgeryError
+    from lorsa_surgery.causal import causal_check
+
+    with pytest.raises(LorsaSurgeryError, match="words must be one of random, family"):
+        causal_check(None, None, 3, "induction", [1], words="names")
+    with pytest.raises(LorsaSurgeryError, match="Only the induction check"):
+        causal_check(None, None, 3, "name_mover", [1], words="family")

@@ -269,3 +269,15 @@ def test_a_processed_space_module_is_scored_on_the_inputs_it_was_trained_for():
     g_mhsa = P.head_geometry(model, ids, layers=[1], progress=False)
     g_lorsa = P.head_geometry(model, ids, lorsa={1: processed}, progress=False)
     torch.testing.assert_close(g_lorsa.discrepancy, g_mhsa.discrepancy, atol=1e-4, rtol=1e-4)
+
+
+def test_borderline_heads_are_those_whose_class_the_prompts_do_not_settle():
+    from lorsa_surgery.positional import HeadScores
+
+    pos, sym = torch.tensor([[0.99, 0.93, 0.5]]), torch.tensor([[0.0, 0.02, 0.5]])
+    scores = HeadScores([0], pos, sym, torch.zeros(1, 3), torch.tensor([[0.01, 0.2, 0.01]]), torch.tensor([[0.01, 0.01, 0.01]]), 16)
+    assert scores.labels() == [["positional", "positional", "mixed"]]
+    assert scores.borderline() == [[False, True, False]]  # 0.93 - 2 * 0.2 / 4 = 0.83 falls under 1 - gamma
+    assert scores.to_dict()["borderline"] == [[False, True, False]] and scores.expand(2).borderline()[0] == [False, False, True, True, False, False]
+    with pytest.raises(LorsaSurgeryError, match="at least two prompts"):
+        HeadScores([0], pos, sym, torch.zeros(1, 3)).borderline()

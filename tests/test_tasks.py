@@ -180,7 +180,7 @@ def test_cli(tiny_run, tmp_path):
     result = cli.invoke(main, ["tasks", "make", "letter", str(data), "-n", "40", "--extra", "3"])
     assert result.exit_code == 0 and len(M.load_examples(data)) == 40
     result = cli.invoke(main, ["tasks", "eval", str(run / "step_000040"), "--data", str(data), "--json"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["step"] == 40
+    assert result.exit_code == 0 and json.loads(result.stdout)["task"] == "letter"
     direct = TR.evaluate(TR.load_checkpoint(run / "step_000040")[0], "letter", M.load_examples(data))
     assert json.loads(result.stdout)["accuracy"] == pytest.approx(direct["accuracy"])
     result = cli.invoke(main, ["tasks", "extrapolate", str(run / "step_000040"), "--extras", "0,4", "-n", "16",
@@ -196,6 +196,76 @@ def test_cli(tiny_run, tmp_path):
     result = cli.invoke(main, ["tasks", "train", "letter", str(tmp_path / "t"), "--preset", "small", "--n-layer", "1",
                                "--steps", "3", "--checkpoint-steps", "x"])
     assert result.exit_code == 2 and "--checkpoint-steps" in result.output
+
+
+@pytest.fixture(scope="module")
+def outside_model(tmp_path_factory):
+    """A 2-layer GPT-J trained here, outside the toolkit's trainer, on the letter task in a vocabulary of its own
+    (200 ids, the task's symbols at shuffled places among them), saved as a plain Hugging Face folder with its map."""
+    import random
+
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    folder = tmp_path_factory.mktemp("outside") / "model"
+    symbols = M.task_symbols("letter")
+    ids = random.Random(3).sample(range(200), len(symbols))
+    token_map = dict(zip(symbols, ids))
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=200, n_positions=128, n_embd=64, n_layer=2, n_head=1, rotary_dim=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                                       bos_token_id=None, eos_token_id=None))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    encode = lambda examples: (torch.tensor([[token_map[t] for t in e.tokens] for e in examples]),
+                               torch.tensor([token_map[e.answer] for e in examples]))
+    for step in range(250):
+        x, y = encode(M.generate("letter", 64, seed=f"outside-{step}"))
+        loss = torch.nn.functional.cross_entropy(model(x, use_cache=False).logits[:, -1], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    (folder.parent / "map.json").write_text(json.dumps(token_map))
+    return folder, folder.parent / "map.json", model.eval(), encode
+
+
+def test_a_model_trained_outside_the_toolkit_is_evaluated_through_a_token_map(outside_model, tmp_path):
+    folder, map_path, model, encode = outside_model
+    assert not (folder / "trainer.json").exists()
+    examples = M.generate("letter", 256, seed="outside-eval")
+    x, y = encode(examples)
+    with torch.no_grad():
+        predicted = model(x, use_cache=False).logits[:, -1].argmax(-1)
+    direct = float((predicted == y).float().mean())
+    assert direct > 0.05 and len(set(predicted.tolist())) > 20  # it learned something and answers vary with the input
+    data = tmp_path / "eval.jsonl"
+    M.save_examples(examples, data)
+    cli = CliRunner()
+    result = cli.invoke(main, ["tasks", "eval", str(folder), "--task", "letter", "--token-map", str(map_path),
+                               "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(direct, abs=1e-9)
+    mapping = json.loads(map_path.read_text())
+    rotated = tmp_path / "rotated.json"  # every symbol given its neighbour's id: the map is what decides
+    rotated.write_text(json.dumps(dict(zip(mapping, list(mapping.values())[1:] + list(mapping.values())[:1]))))
+    result = cli.invoke(main, ["tasks", "eval", str(folder), "--task", "letter", "--token-map", str(rotated),
+                               "--data", str(data), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["accuracy"] != pytest.approx(direct, abs=1e-3)
+    result = cli.invoke(main, ["tasks", "extrapolate", str(folder), "--task", "letter", "--token-map", str(map_path),
+                               "--extras", "0,8", "-n", "16"])
+    assert result.exit_code == 0 and "25 tokens" in result.output, result.output
+    result = cli.invoke(main, ["heads", "classify", str(folder), "--task", "letter", "--token-map", str(map_path),
+                               "-n", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["mhsa"]
+    assert len(scores["labels"]) == 2 and 0 <= scores["positional"][0][0] <= 1
+    assert scores["prompts"] == 4 and len(scores["positional_spread"]) == len(scores["borderline"]) == 2
+
+    incomplete = tmp_path / "short.json"
+    incomplete.write_text(json.dumps(dict(list(json.loads(map_path.read_text()).items())[:-3])))
+    result = cli.invoke(main, ["tasks", "eval", str(folder), "--task", "letter", "--token-map", str(incomplete)])
+    assert result.exit_code == 1 and "lacks 3 of the letter task's" in result.output
+    result = cli.invoke(main, ["tasks", "eval", str(folder)])
+    assert result.exit_code == 1 and "--token-map" in result.output
 
 
 def test_a_malformed_checkpoint_record_is_one_line(tmp_path):

@@ -60,14 +60,31 @@ class Example:
     """Index of the answer in `tokens`."""
 
 
-class TaskTokenizer:
-    """Maps the task's token strings to ids and back (one id per token string, no specials)."""
+def task_symbols(task: str) -> list[str]:
+    """Every token string the task writes, in the order of the toolkit's own vocabulary (id = index)."""
+    _check_task(task)
+    return SYMBOLS + INTEGERS if task == "number" else LETTER_DIGITS + LETTER_LETTERS
 
-    def __init__(self, task: str):
-        _check_task(task)
+
+class TaskTokenizer:
+    """Maps the task's token strings to ids and back (one id per token string, no specials): the toolkit's own
+    vocabulary, or with `token_map` ({symbol: id}, every symbol of the task) the vocabulary of a model trained
+    elsewhere."""
+
+    def __init__(self, task: str, token_map: dict[str, int] | None = None):
         self.task = task
-        self.vocab = SYMBOLS + INTEGERS if task == "number" else LETTER_DIGITS + LETTER_LETTERS
-        self._ids = {t: i for i, t in enumerate(self.vocab)}
+        self.vocab = task_symbols(task)
+        if token_map is None:
+            self._ids = {t: i for i, t in enumerate(self.vocab)}
+        else:
+            missing = [t for t in self.vocab if t not in token_map]
+            if missing:
+                raise LorsaSurgeryError(f"The token map lacks {len(missing)} of the {task} task's {len(self.vocab)} "
+                                        f"symbols, e.g. {', '.join(map(repr, missing[:5]))}.")
+            self._ids = {t: int(token_map[t]) for t in self.vocab}
+            if len(set(self._ids.values())) < len(self._ids):
+                raise LorsaSurgeryError("The token map gives two task symbols the same token id.")
+        self._symbols = {i: t for t, i in self._ids.items()}
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -79,7 +96,7 @@ class TaskTokenizer:
             raise LorsaSurgeryError(f"Token {e.args[0]!r} is not in the {self.task} task's vocabulary.") from None
 
     def decode(self, ids: list[int] | torch.Tensor) -> list[str]:
-        return [self.vocab[int(i)] for i in ids]
+        return [self._symbols[int(i)] for i in ids]
 
     def encode_examples(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Input ids [N, T] and answer ids [N]; all examples must have the same length."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -137,13 +138,16 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GPTJForCausalLM, task: str, examples: list[Example], batch_size: int = 256) -> dict:
-    """Accuracy of the answer predicted at the query, overall and per hop count: {"accuracy", "per_hop"}."""
+def evaluate(model: nn.Module, task: str, examples: list[Example], batch_size: int = 256,
+             token_map: dict[str, int] | None = None) -> dict:
+    """Accuracy of the answer predicted at the query (argmax over the model's whole vocabulary), overall and per hop
+    count: {"accuracy", "per_hop"}. `token_map` gives the ids of a model trained outside the toolkit."""
     if not examples:
         raise LorsaSurgeryError("No examples to evaluate.")
-    if max(len(e.tokens) for e in examples) > model.config.n_positions:
-        raise LorsaSurgeryError(f"The model accepts at most {model.config.n_positions} tokens.")
-    ids, answers = TaskTokenizer(task).encode_examples(examples)
+    longest = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if longest and max(len(e.tokens) for e in examples) > longest:
+        raise LorsaSurgeryError(f"The model accepts at most {longest} tokens.")
+    ids, answers = TaskTokenizer(task, token_map).encode_examples(examples)
     was_training = model.training
     model.eval()
     correct = torch.cat(
@@ -159,13 +163,15 @@ def evaluate(model: GPTJForCausalLM, task: str, examples: list[Example], batch_s
 
 
 def length_sweep(
-    model: GPTJForCausalLM, task: str, extras: list[int], n: int = 512, seed: int | str = "length", progress: bool = True
+    model: nn.Module, task: str, extras: list[int], n: int = 512, seed: int | str = "length", progress: bool = True,
+    token_map: dict[str, int] | None = None,
 ) -> dict[int, dict]:
     """Accuracy with `extra` window tokens inserted before the answer window, keyed by input length."""
     out = {}
     for extra in tqdm(extras, desc=f"{task} length sweep", disable=not progress):
         examples = generate(task, n, seed=seed, extra=extra)
-        out[TRAIN_LENGTH + extra] = evaluate(model, task, examples, batch_size=max(8, 8192 // (TRAIN_LENGTH + extra)))
+        out[TRAIN_LENGTH + extra] = evaluate(model, task, examples, batch_size=max(8, 8192 // (TRAIN_LENGTH + extra)),
+                                             token_map=token_map)
     return out
 
 
@@ -188,6 +194,32 @@ def _save_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig, step:
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def load_task_model(path: str | Path, task: str | None = None, token_map: str | Path | dict | None = None
+                    ) -> tuple[nn.Module, str, dict[str, int] | None]:
+    """(model in eval mode, task, token map) of a multi-hop model: a checkpoint of `train` (its trainer.json names
+    the task; no map), or any causal LM folder trained elsewhere, with `task` and `token_map` (a dict or a JSON file
+    mapping each task symbol as the task writes it, `a`, `dp`, `12`, `c4`, `ab`, to the model's token id)."""
+    path = Path(path)
+    if (path / "trainer.json").is_file() and token_map is None:
+        model, record = load_checkpoint(path)
+        if task not in (None, record["task"]):
+            raise LorsaSurgeryError(f"{path} was trained on the {record['task']} task, not {task}.")
+        return model, record["task"], None
+    if task is None or token_map is None:
+        raise LorsaSurgeryError(f"{path} has no trainer.json: name its task and its token map (--task, --token-map).")
+    if not isinstance(token_map, dict):
+        token_map = files.read_json(token_map)
+    TaskTokenizer(task, token_map)  # checks the map before the model loads
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    too_big = [t for t, i in token_map.items() if not 0 <= int(i) < model.config.vocab_size]
+    if too_big:
+        raise LorsaSurgeryError(f"The token map names ids outside the model's vocabulary of {model.config.vocab_size}, "
+                                f"e.g. {too_big[0]!r}: {token_map[too_big[0]]}.")
+    return model.eval(), task, {t: int(i) for t, i in token_map.items()}
 
 
 def load_checkpoint(path: str | Path) -> tuple[GPTJForCausalLM, dict]:

@@ -1,4 +1,5 @@
-"""A small Hugging Face Hub for tests, in standard-library Python.
+"""A small Hugging Face Hub in standard-library Python: for the tests, and for `lorsa-surgery demo` when no Hub is
+configured.
 
 The real `huggingface_hub` client and `transformers` talk to it on 127.0.0.1; the facts it respects
 are the routes `_Handler` answers below. Model repos only. Everything lives in memory with every commit kept, so
@@ -6,7 +7,7 @@ an old commit stays downloadable after later pushes. Every request is logged (`r
 fault switches make the server refuse the next commit, cut LFS uploads partway, or refuse the token.
 
 In-process: `hub = HubServer().start()`, then `hub.url`, ..., `hub.stop()`.
-As a separate process: `python tests/hub_server.py [PORT]` prints its URL on the first line and
+As a separate process: `python -m lorsa_surgery.hub_server [PORT]` prints its URL on the first line and
 serves until killed.
 """
 

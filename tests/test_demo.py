@@ -1,0 +1,85 @@
+"""`lorsa-surgery demo --fast` end to end on the embedded SmolLM2: the report holds every measured part of the story,
+reuses its cached steps on a second run, pushes to a configured Hub or to one it starts itself, and renders in
+headless Chromium with every image loaded and no console error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_analysis import CHROMIUM, _chromium
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(out: Path, *extra: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    done = subprocess.run([Path(sys.executable).with_name("lorsa-surgery"), "demo", "--fast", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def demo_run(smollm2_gguf, tmp_path_factory):
+    """One fresh fast demo with no Hub configured, caching its steps in the session's cache."""
+    root = tmp_path_factory.mktemp("demo")
+    done = _demo(root / "out", "--fresh")
+    return root, Path(os.environ["LORSA_SURGERY_CACHE"]), done
+
+
+def test_demo_reports_every_measured_part_and_pushes_to_a_hub_it_starts(demo_run):
+    root, cache, done = demo_run
+    results = json.loads((root / "out" / "results.json").read_text())
+    splice = results["splice"]
+    assert set(splice["layers"]) == {"3", "23"} and all(0 < r["explained_variance"] <= 1 for r in splice["layers"].values())
+    assert splice["lm_loss"]["spliced"] > 0 and splice["lm_loss"]["original"] > 0
+    ablation = results["interventions"]["ablation"]
+    assert ablation["control"] and not set(ablation["control"]) & set(ablation["heads"])
+    assert ablation["restored"]["mean"] == pytest.approx(ablation["clean"]["mean"], abs=1e-6)  # patched back exactly
+    assert ablation["effect"]["mean"] == pytest.approx(ablation["clean"]["mean"] - ablation["ablated"]["mean"], abs=1e-6)
+    steer = results["interventions"]["steer"]
+    assert steer["steered"] != steer["plain"]  # the clamped head changes the greedy text
+    patch = results["interventions"]["patch"]
+    assert patch["clean"] > 0 > patch["corrupt"] and patch["patched"]["all heads"]["restored"] > 0.5
+    for task in ("number", "letter"):
+        labels = results["positional"]["tasks"][task]["labels"]
+        assert len(labels) == results["size"]["task_layers"] and all(l in ("positional", "symbolic", "mixed") for row in labels for l in row)
+    push = results["publish"]
+    assert push["where"].startswith("a local Hub server") and push["all_pushed"] and "README.md" in push["files"]
+    report = (root / "out" / "report.md").read_text()
+    for shown in ("explained variance", "LM loss", "matched control", "steered:", "labels by layer", "Pushed to"):
+        assert shown in report
+    assert report in done.stdout  # the command prints the summary
+    html = (root / "out" / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') >= 3 and "srcdoc=" in html  # plots and dashboard inside
+    assert "http://" not in html.replace(push["where"], "")  # nothing to fetch: it opens from disk
+
+
+def test_second_demo_run_reuses_cached_steps_and_pushes_to_the_configured_hub(demo_run, hub):
+    root, cache, _ = demo_run
+    before = {p: p.stat().st_mtime_ns for p in cache.glob("demo/fast/*/result.json")}
+    assert len(before) == 4
+    _demo(root / "again", endpoint=hub.url)
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("demo/fast/*/result.json")} == before
+    push = json.loads((root / "again" / "results.json").read_text())["publish"]
+    assert push["where"] == f"the configured Hub ({hub.url})" and push["all_pushed"]
+    assert "model.safetensors" not in push["files"] and "lorsa-tester/lorsa-demo-smollm2" in hub.repos
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for headless rendering (apt-get install -y chromium)")
+def test_demo_report_renders_in_headless_chromium_with_every_image(demo_run, tmp_path):
+    root, _, _ = demo_run
+    page = (root / "out" / "report.html").as_uri()
+    dumped = _chromium(tmp_path, page, "--dump-dom", "--virtual-time-budget=5000").stdout  # and no console error
+    images = dumped.split('data-images="')[1].split('"')[0]
+    loaded, total = map(int, images.split("/"))
+    assert total >= 4 and loaded == total
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, page, f"--screenshot={shot}", "--window-size=1100,4000")
+    assert shot.stat().st_size > 50_000

@@ -1,0 +1,63 @@
+"""Every script in examples/ runs in its fast mode: here, or in the test file of the part it shows."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def _run(script: str, *args: str, env: dict | None = None, timeout: int = 900) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_example_is_run_by_a_test():
+    tests = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    ran = set(re.findall(r'"([a-z0-9_]+\.py)"', tests))
+    assert EXAMPLES and sorted(p.name for p in EXAMPLES if p.name not in ran) == []
+
+
+@pytest.mark.slow
+def test_ablate_and_steer_finds_induction_heads_and_steers(smollm2_gguf, tmp_path):
+    out = _run("ablate_and_steer.py", "--out", str(tmp_path))
+    assert "steering" in out and any(p.suffix == ".html" for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.slow
+def test_patching_sweep_restores_part_of_the_logit_difference(smollm2_gguf, tmp_path):
+    out = _run("patching_sweep.py", "--fast", "--out", str(tmp_path))
+    clean, corrupt = map(float, re.search(r"clean (-?[\d.]+), corrupted (-?[\d.]+)", out).groups())
+    assert clean > 0 > corrupt
+    rows = [line for line in out.splitlines() if line.startswith("| L23.H")]
+    assert len(rows) == 10 and float(rows[0].split("|")[4]) > corrupt  # the best single patch moves towards clean
+    assert (tmp_path / "ioi_sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_placement_offloads_part_of_the_model_and_computes_the_same(smollm2_gguf):
+    out = _run("placement.py", "--fast")
+    assert re.search(r"parts on disk", out) and re.search(r"parts on cpu", out)
+    gaps = [float(g) for g in re.findall(r"between the placements ([\d.e+-]+)", out)]
+    assert len(gaps) == 2 and max(gaps) < 1e-4
+
+
+@pytest.mark.slow
+def test_publish_example_pushes_to_the_hub(smollm2_gguf, tmp_path, hub):
+    out = _run("publish.py", "--repo-id", "lorsa-tester/example-publish", "--out", str(tmp_path / "patched"))
+    repo = hub.repos["lorsa-tester/example-publish"]
+    assert "Pushed:" in out and "README.md" in repo.commits[repo.refs["main"]]
+
+
+@pytest.mark.slow
+def test_multihop_reproduction_runs_in_fast_mode(smollm2_gguf, tmp_path):
+    out = _run("multihop_reproduction.py", "--fast", "--out", str(tmp_path))
+    assert "letter: accuracy" in out and "number: accuracy" in out and "head classes" in out
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "accuracy_vs_length.png").is_file()
