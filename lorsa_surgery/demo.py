@@ -110,6 +110,7 @@ def _splice_step(model, tokenizer, modules, size: DemoSize) -> Callable[[Path], 
 
 def _families_step(model, tokenizer, lorsa, layer: int, size: DemoSize) -> Callable[[Path], dict]:
     from lorsa_surgery.analysis import dashboard, logit_attribution, plot_logit_attribution, plot_z_pattern, token_text, z_pattern
+    from lorsa_surgery.causal import INDUCTION_LENGTH, family_words
     from lorsa_surgery.families import FAMILIES, detect, repeated_probe
     from lorsa_surgery.metrics import token_windows
     from lorsa_surgery.splicing import splice
@@ -119,12 +120,18 @@ def _families_step(model, tokenizer, lorsa, layer: int, size: DemoSize) -> Calla
         induction = found["induction"]
         best = int(induction.scores.argmax())
         ref = f"L{layer}.H{best}"
-        probe = repeated_probe(tokenizer, 1, 12, 7, "induction")
         with splice(model, {layer: lorsa}) as handle:
+            # A rank-1 head copies its own few tokens: show it on a repeated sequence of the words its family promotes,
+            # at the repeated token where it fires most.
+            words = family_words(handle, layer, induction.members() or [best], tokenizer, k=max(3, -(-20 // max(1, len(induction.members())))))
+            probe = repeated_probe(tokenizer, 1, INDUCTION_LENGTH, 7, "induction", words)
+            queries = probe.query[0].nonzero().flatten().tolist()
+            zp = z_pattern(handle, ref, probe.input_ids.repeat(len(queries), 1), position=queries)
+            row = int(zp.activation.argmax()) if zp.activation.max() > 0 else int(zp.z.argmax())
+            plot_z_pattern(zp, tokenizer, where / "z_pattern.png", row=row)
+            at, source = queries[row], int(zp.contributions[row].argmax())
             windows = list(token_windows(tokenizer, corpus.prose()[: size.texts], size.max_length))
             page = dashboard(handle, tokenizer, ref, windows + [probe.input_ids], where / "dashboard.html", progress=False)
-            zp = z_pattern(handle, ref, probe.input_ids, position=int(probe.query[0].nonzero()[-1]))
-            plot_z_pattern(zp, tokenizer, where / "z_pattern.png")
             attribution = logit_attribution(handle, ref, k=8)
             plot_logit_attribution(attribution, tokenizer, where / "logit_attribution.png")
         ablated = [int(h) for h in (induction.scores >= INDUCTION_CUT).nonzero().flatten()]
@@ -137,7 +144,10 @@ def _families_step(model, tokenizer, lorsa, layer: int, size: DemoSize) -> Calla
             "ablated": {"cut": INDUCTION_CUT, "heads": ablated or [best]},
             "best_induction": {"head": ref, "score": float(induction.scores[best]),
                                "promotes": [token_text(tokenizer, t) for t, _ in attribution.promoted],
-                               "z": float(zp.z[0]), "activation": float(zp.activation[0]),
+                               "z": float(zp.z[row]), "activation": float(zp.activation[row]), "position": at,
+                               "token": token_text(tokenizer, int(probe.input_ids[0, at])), "source": source,
+                               "source_token": token_text(tokenizer, int(probe.input_ids[0, source])),
+                               "source_is_induction": source == at - INDUCTION_LENGTH + 1,
                                "dashboard": page.name},
         }
 
