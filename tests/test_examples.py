@@ -61,3 +61,14 @@ def test_multihop_reproduction_runs_in_fast_mode(smollm2_gguf, tmp_path):
     out = _run("multihop_reproduction.py", "--fast", "--out", str(tmp_path))
     assert "letter: accuracy" in out and "number: accuracy" in out and "head classes" in out
     assert (tmp_path / "results.json").is_file() and (tmp_path / "accuracy_vs_length.png").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_trains_splices_detects_steers_and_pushes(smollm2_gguf, tmp_path, hub):
+    out = _run("smollm2_end_to_end.py", "--repo-id", "lorsa-tester/example-e2e", "--fast", "--out", str(tmp_path))
+    assert re.search(r"trained L3: 1152 heads, held-out explained variance 0\.\d+", out)
+    assert "head families: previous_token" in out and "LM loss on prose" in out
+    texts = dict(line.split(": ", 1) for line in out.splitlines() if line.startswith(("spliced:", "every head ablated:")))
+    assert texts["spliced:"[:-1]] != texts["every head ablated"]  # ablating the whole layer changes the text
+    repo = hub.repos["lorsa-tester/example-e2e"]
+    assert "Pushed:" in out and "layer_3/lorsa.safetensors" in repo.commits[repo.refs["main"]]
