@@ -281,6 +281,8 @@ def run_demo(out: str | Path = "lorsa-demo", fast: bool = False, fresh: bool = F
 
     size = SIZES["fast" if fast else "full"]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LorsaSurgeryError(f"The demo writes a folder of files; {out} is a file.")
     cache = cache_dir() / "demo" / ("fast" if fast else "full")
     steps = tqdm(total=5, desc="demo", disable=not progress, unit="step")
     steps.set_postfix_str("loading SmolLM2")

@@ -12,9 +12,6 @@ import pytest
 
 from test_analysis import CHROMIUM, _chromium
 
-pytestmark = pytest.mark.slow
-
-
 def _demo(out: Path, *extra: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"}
     if endpoint:
@@ -33,6 +30,7 @@ def demo_run(smollm2_gguf, tmp_path_factory):
     return root, Path(os.environ["LORSA_SURGERY_CACHE"]), done
 
 
+@pytest.mark.slow
 def test_demo_reports_every_measured_part_and_pushes_to_a_hub_it_starts(demo_run):
     root, cache, done = demo_run
     results = json.loads((root / "out" / "results.json").read_text())
@@ -61,6 +59,7 @@ def test_demo_reports_every_measured_part_and_pushes_to_a_hub_it_starts(demo_run
     assert "http://" not in html.replace(push["where"], "")  # nothing to fetch: it opens from disk
 
 
+@pytest.mark.slow
 def test_second_demo_run_reuses_cached_steps_and_pushes_to_the_configured_hub(demo_run, hub):
     root, cache, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in cache.glob("demo/fast/*/result.json")}
@@ -72,6 +71,7 @@ def test_second_demo_run_reuses_cached_steps_and_pushes_to_the_configured_hub(de
     assert "model.safetensors" not in push["files"] and "lorsa-tester/lorsa-demo-smollm2" in hub.repos
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for headless rendering (apt-get install -y chromium)")
 def test_demo_report_renders_in_headless_chromium_with_every_image(demo_run, tmp_path):
     root, _, _ = demo_run
@@ -83,3 +83,13 @@ def test_demo_report_renders_in_headless_chromium_with_every_image(demo_run, tmp
     shot = tmp_path / "report.png"
     _chromium(tmp_path, page, f"--screenshot={shot}", "--window-size=1100,4000")
     assert shot.stat().st_size > 50_000
+
+
+def test_demo_refuses_a_file_for_its_output_folder_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from lorsa_surgery.cli import main
+
+    (tmp_path / "report").write_text("not a folder")
+    result = CliRunner().invoke(main, ["demo", "--fast", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 1 and "is a file" in result.output
