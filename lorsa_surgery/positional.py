@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -335,11 +336,15 @@ class HeadGeometry:
     inv_freq: torch.Tensor
     """Rotation per position of each plane (radians), [planes]."""
     discrepancy: torch.Tensor
-    """Gap between the largest and next distinct query-key logit, in units of |q| * max|k|, [L, H]."""
+    """Gap between the largest and the second-largest query-key logit, in units of |q| * max|k|, [L, H]."""
     pairing: str
     """Which dimensions form a rotary plane: "interleaved" (0,1),(2,3)... or "halves" (i, i + r/2)."""
     head_letter: str = "A"
     """How its heads are named: "A" for MHSA heads (L3.A2), "QK" for the QK heads of Lorsa modules (L3.QK2)."""
+    prompt_discrepancy: torch.Tensor | None = None
+    """The discrepancy on each prompt, [P, L, H] (what the bounds speak of: a head's margin on one input)."""
+    prompt_offset: torch.Tensor | None = None
+    """How many tokens back from the query each head's most attended key is, on each prompt, [P, L, H]."""
 
     def dominant_frequency(self) -> torch.Tensor:
         """Per head, the rotation per position (radians) of its most used plane, [L, H]."""
@@ -398,12 +403,15 @@ def plane_norms(x: torch.Tensor, n_planes: int, pairing: str) -> torch.Tensor:
     return (a.square() + b.square()).sqrt()
 
 
-def logit_gap(row: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
-    """Gap between the largest and the next distinct logit of attention rows [..., S] (from log-weights)."""
-    logits = row.double().clamp_min(1e-300).log()
-    top = logits.max(-1, keepdim=True).values
-    nxt = logits.masked_fill(logits >= top - tol, -math.inf).max(-1).values
-    return torch.where(torch.isinf(nxt), torch.zeros_like(nxt), top[..., 0] - nxt)
+def logit_gap(row: torch.Tensor) -> torch.Tensor:
+    """Gap between the largest and the second-largest logit of attention rows [..., S] (from log-weights).
+
+    Two keys tied at the top give 0, not the gap to the next lower logit: such a head cannot single out one key,
+    and the bounds are about exactly that (a positional head whose rotation comes back to the same angle ties)."""
+    if row.shape[-1] < 2:
+        return torch.zeros(row.shape[:-1], dtype=torch.float64)
+    top2 = row.double().clamp_min(1e-300).log().topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
 
 
 def head_geometry(
@@ -422,11 +430,12 @@ def head_geometry(
     prompts = _as_prompts(input_ids)
     layers = sorted(lorsa) if lorsa else _layer_list(model, layers)
     lorsa = _in_host_space(model, lorsa) if lorsa else None
-    use_sum, gap_sum, inv_freq, used_pairing = 0.0, 0.0, None, pairing
+    use_sum, inv_freq, used_pairing = 0.0, None, pairing
+    prompt_gaps, prompt_offsets = [], []
     with eager_eval(model), torch.no_grad():
         for ids in tqdm(prompts, desc="head geometry", disable=not progress):
             inputs = capture_attention_inputs(model, ids, layers)
-            uses, gaps = [], []
+            uses, gaps, offsets = [], [], []
             for layer in layers:
                 inp = inputs[layer]
                 if lorsa:
@@ -442,21 +451,85 @@ def head_geometry(
                 uses.append(use / use.sum(-1, keepdim=True).clamp_min(1e-30))
                 unit = qk.scale * qk.q[:, -1].norm(dim=-1) * qk.k.norm(dim=-1).max(-1).values
                 gaps.append(logit_gap(row.float()).float().cpu() / unit.cpu())
+                offsets.append(row.shape[-1] - 1 - row.argmax(-1).cpu())
             use_sum = use_sum + torch.stack(uses).cpu()
-            gap_sum = gap_sum + torch.stack(gaps)
-    return HeadGeometry(layers, use_sum / len(prompts), inv_freq, gap_sum / len(prompts), used_pairing, "QK" if lorsa else "A")
+            prompt_gaps.append(torch.stack(gaps))
+            prompt_offsets.append(torch.stack(offsets))
+    prompt_gaps = torch.stack(prompt_gaps)
+    return HeadGeometry(layers, use_sum / len(prompts), inv_freq, prompt_gaps.mean(0), used_pairing, "QK" if lorsa else "A",
+                        prompt_gaps, torch.stack(prompt_offsets))
 
 
-def positional_bound(n: int | torch.Tensor, theta: float | torch.Tensor) -> torch.Tensor:
-    """Largest discrepancy an index-style (positional) RoPE head at frequency theta can keep over n keys."""
-    n, theta = torch.as_tensor(n, dtype=torch.float64), torch.as_tensor(theta, dtype=torch.float64)
-    return torch.minimum(1 - torch.cos(theta), 2 * math.pi**2 / n**2)
+def positional_bound(n: int | torch.Tensor, theta: float | torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    """Upper bound on the discrepancy of an index-style (positional) head over n tokens: its query and its
+    content-independent keys unit vectors in one rotary plane turning theta per position, attending `offset`
+    tokens back from the query. min(1 - cos theta, 1 - cos(2 pi / (N + 1))), N = max(offset, n - 1 - offset):
+    the key next to the target is only theta away, and by Dirichlet's theorem one of the offsets 1..N on the
+    longer side comes back within 2 pi / (N + 1) of the target's angle. It falls as 2 pi^2 / N^2."""
+    n, theta, offset = (torch.as_tensor(v, dtype=torch.float64) for v in (n, theta, offset))
+    run = torch.maximum(offset, n - 1 - offset)
+    bound = torch.minimum(1 - torch.cos(theta), 1 - torch.cos(2 * math.pi / (run + 1)))
+    return torch.where(run >= 1, bound, torch.zeros_like(bound))
 
 
 def symbolic_bound(n: int | torch.Tensor, theta: float | torch.Tensor, alphabet_size: int) -> torch.Tensor:
-    """Discrepancy of a retrieval-style (symbolic) RoPE head at frequency theta over n keys: 1 - cos(omega - n theta)."""
+    """Lower bound on the discrepancy of a retrieval-style (symbolic) head over n tokens, on every input with one
+    match: the keys of symbol b unit vectors at angle b * omega in one rotary plane turning theta per position,
+    omega = 2 pi / alphabet_size, the query at its target's angle. With x = (n - 1) theta the match keeps a logit
+    of at least cos x and every other key at most cos(omega - x), so the margin is at least
+    cos x - cos(omega - x), which holds while x < omega / 2; past that nothing is guaranteed (0)."""
     n, theta = torch.as_tensor(n, dtype=torch.float64), torch.as_tensor(theta, dtype=torch.float64)
-    return 1 - torch.cos(2 * math.pi / alphabet_size - n * theta)
+    omega = 2 * math.pi / alphabet_size
+    x = (n - 1) * theta
+    margin = torch.cos(x) - torch.cos(omega - x)
+    return torch.where(x < omega / 2, margin, torch.zeros_like(margin))
+
+
+def single_frequency_model(kind: str, theta: float, alphabet_size: int = 8, offset: int = 0, peak_logit: float = 4.0) -> nn.Module:
+    """A one-layer Llama whose one head is built by hand as the single-frequency construction the bounds are
+    about, for checking them (token ids are the alphabet's symbols 0..alphabet_size-1):
+
+    - "positional": every token has the same key; the query is turned back by offset * theta, so the head
+      attends `offset` tokens back from the query whatever the tokens are;
+    - "symbolic": symbol b's key lies at angle b * omega (omega = 2 pi / alphabet_size) and the query at the
+      angle of the symbol after its own, so the head attends to the next symbol of the alphabet wherever it is.
+
+    Queries and keys use only the second rotary plane of a 4-dim head, whose rotation rope_theta ** -0.5 is set
+    to theta; their logits are peak_logit * cos(angle between them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if kind not in ("positional", "symbolic"):
+        raise LorsaSurgeryError(f"kind must be positional or symbolic, got {kind!r}.")
+    if theta <= 0:
+        raise LorsaSurgeryError(f"theta must be positive, got {theta}.")
+    config = LlamaConfig(vocab_size=alphabet_size, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=4, rope_theta=theta**-2.0,
+                         max_position_embeddings=1 << 16, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    omega = 2 * math.pi / alphabet_size
+    angles = torch.arange(alphabet_size, dtype=torch.float64) * omega
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.layers[0].input_layernorm.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        # Embedding rows of norm sqrt(8) (unit RMS, so the input norm leaves them as they are): dims 0-1 carry
+        # the symbol's angle, dims 2-3 the same vector for every token.
+        emb = model.model.embed_tokens.weight
+        emb[:, 0], emb[:, 1], emb[:, 2] = 2 * torch.cos(angles), 2 * torch.sin(angles), 2.0
+        attn = model.model.layers[0].self_attn
+        amp = math.sqrt(peak_logit / 2)  # q and k have norm 2 * amp; logits are q.k / sqrt(head_dim = 4)
+        # Head dims 1 and 3 form the plane that turns theta per position (Llama pairs dim i with i + 2).
+        if kind == "positional":
+            attn.k_proj.weight[1, 2] = amp
+            turn = torch.tensor(-offset * theta, dtype=torch.float64)
+            attn.q_proj.weight[1, 2], attn.q_proj.weight[3, 2] = amp * torch.cos(turn), amp * torch.sin(turn)
+        else:
+            attn.k_proj.weight[1, 0] = attn.k_proj.weight[3, 1] = amp
+            c, s = math.cos(omega), math.sin(omega)  # the query is its own angle turned by omega
+            attn.q_proj.weight[1, 0], attn.q_proj.weight[1, 1] = amp * c, -amp * s
+            attn.q_proj.weight[3, 0], attn.q_proj.weight[3, 1] = amp * s, amp * c
+    return model
 
 
 # ---- the 1-hop natural-language probe -------------------------------------------------------------------
@@ -588,6 +661,7 @@ def plot_discrepancy(curves: dict[str, tuple[list, list]], bounds: dict[str, tup
     for name, (n, values) in bounds.items():
         ax.plot(n, values, ls="--", label=name)
     ax.set(xlabel="input tokens", ylabel="discrepancy", xscale="log", yscale="log", title=title)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis labels minor ticks too, over each other
     if curves or bounds:
         ax.legend(fontsize=7)
     return files.write_figure(path, fig)

@@ -60,6 +60,7 @@ def test_publish_example_pushes_to_the_hub(smollm2_gguf, tmp_path, hub):
 def test_multihop_reproduction_runs_in_fast_mode(smollm2_gguf, tmp_path):
     out = _run("multihop_reproduction.py", "--fast", "--out", str(tmp_path))
     assert "letter: accuracy" in out and "number: accuracy" in out and "head classes" in out
+    assert "hand-built symbolic head" in out
     assert (tmp_path / "results.json").is_file() and (tmp_path / "accuracy_vs_length.png").is_file()
 
 

@@ -17,6 +17,7 @@ from transformers import (
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery import positional as P
+from lorsa_surgery.tasks import multihop
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -188,17 +189,81 @@ def test_discrepancy_is_in_units_of_the_query_key_norms():
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-3)
 
 
-def test_logit_gap_skips_ties():
+def test_logit_gap_counts_a_tie_at_the_top_as_no_margin():
     row = torch.tensor([3.0, 3.0, 1.0, 0.0]).softmax(-1)
-    assert P.logit_gap(row).item() == pytest.approx(2.0, abs=1e-5)
+    assert P.logit_gap(row).item() == pytest.approx(0.0, abs=1e-6)
+    assert P.logit_gap(torch.tensor([3.0, 1.0, 0.0]).softmax(-1)).item() == pytest.approx(2.0, abs=1e-5)
     assert P.logit_gap(torch.full((5,), 0.2)).item() == 0.0
+    assert P.logit_gap(torch.ones(1)).item() == 0.0
 
 
-def test_bounds():
+def test_bound_formulas():
     assert P.positional_bound(4, 0.1).item() == pytest.approx(1 - math.cos(0.1))
-    assert P.positional_bound(1000, 1.0).item() == pytest.approx(2 * math.pi**2 / 1000**2)
-    assert P.symbolic_bound(0, 0.3, 8).item() == pytest.approx(1 - math.cos(2 * math.pi / 8))
-    assert P.symbolic_bound(10, 2 * math.pi / 80, 8).item() == pytest.approx(0.0, abs=1e-12)
+    assert P.positional_bound(1000, 1.0).item() == pytest.approx(1 - math.cos(2 * math.pi / 1000))
+    assert P.positional_bound(1000, 1.0).item() <= 2 * math.pi**2 / 1000**2
+    assert P.positional_bound(11, 2.0, offset=5).item() == pytest.approx(1 - math.cos(2 * math.pi / 6))
+    assert P.positional_bound(1, 1.0).item() == 0.0  # no other key
+    assert P.symbolic_bound(1, 0.3, 8).item() == pytest.approx(1 - math.cos(2 * math.pi / 8))
+    assert P.symbolic_bound(11, 0.01, 8).item() == pytest.approx(math.cos(0.1) - math.cos(2 * math.pi / 8 - 0.1))
+    assert P.symbolic_bound(11, 2 * math.pi / 160, 8).item() == 0.0  # (n - 1) theta reached omega / 2
+    assert len(multihop.lookup_alphabet("letter")) == 8 and len(multihop.lookup_alphabet("number")) == 120
+    with pytest.raises(LorsaSurgeryError, match="positional or symbolic"):
+        P.single_frequency_model("mixed", 0.1)
+
+
+def _prompt_with_one_match(rng: torch.Generator, n: int, alphabet: int, match_at: int | None = None,
+                           rival_at: int | None = None) -> torch.Tensor:
+    """n symbols ending in a query a, with exactly one a + 1 before it; `rival_at` puts a + 2 (the symbol the
+    rotation brings closest to the query's angle) there."""
+    query = int(torch.randint(alphabet, (1,), generator=rng))
+    match, rival = (query + 1) % alphabet, (query + 2) % alphabet
+    others = torch.tensor([b for b in range(alphabet) if b != match])
+    ids = others[torch.randint(len(others), (n,), generator=rng)]
+    ids[-1] = query
+    ids[int(torch.randint(n - 1, (1,), generator=rng)) if match_at is None else match_at] = match
+    if rival_at is not None:
+        ids[rival_at] = rival
+    return ids
+
+
+@pytest.mark.parametrize("theta", [0.05, 0.3, 1.0, 2 * math.pi * 0.618034, math.pi])
+def test_hand_built_positional_head_stays_under_its_bound(theta):
+    rng = torch.Generator().manual_seed(0)
+    for offset in (0, 3, 10):
+        model = P.single_frequency_model("positional", theta, offset=offset)
+        for n in (12, 33, 120):
+            ids = [torch.randint(8, (n,), generator=rng) for _ in range(3)]
+            g = P.head_geometry(model, ids, progress=False)
+            gap, bound = g.prompt_discrepancy[:, 0, 0].double(), P.positional_bound(n, theta, offset).item()
+            assert (gap <= bound + 1e-5).all(), (offset, n, gap, bound)
+            run = max(offset, n - 1 - offset)
+            if run * theta <= math.pi:  # no offset turns back towards the target: the neighbour is the runner-up
+                torch.testing.assert_close(gap, torch.full_like(gap, 1 - math.cos(theta)), atol=1e-5, rtol=0)
+            if gap.min() > 1e-4:
+                assert (g.prompt_offset[:, 0, 0] == offset).all()  # the construction attends where it was built to
+
+
+@pytest.mark.parametrize("theta", [1e-3, 5e-3, 2e-2])
+def test_hand_built_symbolic_head_keeps_its_guaranteed_margin(theta):
+    rng = torch.Generator().manual_seed(1)
+    omega = 2 * math.pi / 8
+    model = P.single_frequency_model("symbolic", theta, alphabet_size=8)
+    for n in (12, 33, 120):
+        bound = P.symbolic_bound(n, theta, 8).item()
+        ids = [_prompt_with_one_match(rng, n, 8) for _ in range(6)]
+        ids.append(_prompt_with_one_match(rng, n, 8, match_at=0, rival_at=1))  # the worst place for both
+        g = P.head_geometry(model, ids, progress=False)
+        gap = g.prompt_discrepancy[:, 0, 0].double()
+        assert (gap >= bound - 1e-5).all(), (n, gap, bound)
+        worst = math.cos((n - 1) * theta) - math.cos(omega - (n - 2) * theta)
+        assert worst - bound <= theta + 1e-9  # the bound is within one step of rotation of what is reached
+        if worst > 0:
+            assert gap[-1].item() == pytest.approx(worst, abs=1e-5)
+        else:  # past the guarantee another key beats the match on the worst prompt
+            assert bound == 0 and g.prompt_offset[-1, 0, 0].item() != n - 1
+        if bound > 0:
+            matches = [n - 1 - int((p[:-1] == (p[-1] + 1) % 8).nonzero()) for p in ids]
+            assert g.prompt_offset[:, 0, 0].tolist() == matches
 
 
 def test_probe_prompts_hold_their_answers():

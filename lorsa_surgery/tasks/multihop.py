@@ -60,6 +60,14 @@ class Example:
     """Index of the answer in `tokens`."""
 
 
+def lookup_alphabet(task: str) -> list[str]:
+    """The symbols a symbolic head of the task has to tell apart: the letters a..h that the letter task's hops
+    match, the window symbols that the number task copies its answer from. Their count sets
+    omega = 2 pi / count in `positional.symbolic_bound`."""
+    _check_task(task)
+    return SYMBOLS if task == "number" else PAIR_LETTERS
+
+
 def task_symbols(task: str) -> list[str]:
     """Every token string the task writes, in the order of the toolkit's own vocabulary (id = index)."""
     _check_task(task)
