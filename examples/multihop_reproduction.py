@@ -133,7 +133,7 @@ def multihop_part(task: str, args, out: Path, results: dict) -> None:
         "steps_to_95": next((h["step"] for h in history if h["accuracy"] >= 0.95), None),
         "scores": scores.to_dict(),
         "scores_over_training": records,
-        "dominant_frequency": geometry.dominant_frequency().tolist(),
+        "dominant_frequency": theta.tolist(),
         "frequency_use": geometry.frequency_use.tolist(),
         "length_sweep": sweep,
         "pure_heads": [f"L{scores.layers[r]}.A{h}" for r, h, _ in pure],

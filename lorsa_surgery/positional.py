@@ -467,9 +467,8 @@ def positional_bound(n: int | torch.Tensor, theta: float | torch.Tensor, offset:
     the key next to the target is only theta away, and by Dirichlet's theorem one of the offsets 1..N on the
     longer side comes back within 2 pi / (N + 1) of the target's angle. It falls as 2 pi^2 / N^2."""
     n, theta, offset = (torch.as_tensor(v, dtype=torch.float64) for v in (n, theta, offset))
-    run = torch.maximum(offset, n - 1 - offset)
-    bound = torch.minimum(1 - torch.cos(theta), 1 - torch.cos(2 * math.pi / (run + 1)))
-    return torch.where(run >= 1, bound, torch.zeros_like(bound))
+    run = torch.maximum(offset, n - 1 - offset)  # 0 when there is no other key: 1 - cos(2 pi) = 0
+    return torch.minimum(1 - torch.cos(theta), 1 - torch.cos(2 * math.pi / (run + 1)))
 
 
 def symbolic_bound(n: int | torch.Tensor, theta: float | torch.Tensor, alphabet_size: int) -> torch.Tensor:
