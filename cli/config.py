@@ -34,35 +34,41 @@ def _unwrap(annotation) -> tuple[Any, bool]:
     return annotation, False
 
 
-class _IntList(click.ParamType):
-    """Integers, repeated or comma-separated: `--layer 3 --layer 17` or `--layers 3,17`."""
+class _ListOf(click.ParamType):
+    """Numbers, repeated or comma-separated: `--layer 3 --layer 17` or `--layers 3,17`."""
 
-    name = "INT[,INT...]"
+    def __init__(self, item: type):
+        self.item, self.name = item, f"{item.__name__.upper()}[,{item.__name__.upper()}...]"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
+        if isinstance(value, (int, float)):
             return [value]
         try:
-            return [int(v) for v in str(value).split(",") if v.strip()]
+            return [self.item(v) for v in str(value).split(",") if v.strip()]
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__}s", param, ctx)
 
 
-def config_options(cls: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """A decorator adding an argument per `positional` field and an option per other field of `cls`; the command
-    receives them under the field names (lists of integers flattened into tuples)."""
+def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                   overrides: bool = False) -> Callable[[Callable], Callable]:
+    """A decorator adding an argument per `positional` field and an option per other field of `cls` but those in
+    `exclude`; the command receives them under the field names (lists of numbers flattened into tuples). With
+    `overrides`, every option defaults to None (an empty tuple for lists): the command overrides only what was
+    given, e.g. on a named preset."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     params = []
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         kind, optional = _unwrap(hints[f.name])
         if f.name in positional:
             params.append(click.Argument([f.name]))
             continue
         flags = list(f.metadata.get("flags", ())) or ["--" + f.name.replace("_", "-")]
-        has_default = f.default is not dataclasses.MISSING
+        has_default = f.default is not dataclasses.MISSING and not overrides
         default = f.default if has_default else None
-        settings: dict[str, Any] = {"help": docs.get(f.name, ""), "required": not has_default,
+        settings: dict[str, Any] = {"help": docs.get(f.name, ""), "required": not has_default and not overrides,
                                     "show_default": has_default and default not in (None, ())}
         if kind is bool:
             stem = flags[0][2:]
@@ -70,7 +76,7 @@ def config_options(cls: type, positional: tuple[str, ...] = ()) -> Callable[[Cal
             continue
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
-            settings.update(multiple=True, default=(), type=_IntList() if item is int else click.STRING)
+            settings.update(multiple=True, default=(), type=_ListOf(item) if item in (int, float) else click.STRING)
         elif typing.get_origin(kind) is typing.Literal:
             settings.update(type=click.Choice([str(c) for c in typing.get_args(kind)]), default=default)
         else:

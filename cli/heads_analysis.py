@@ -373,8 +373,12 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
 @click.option("--seed", default=0, show_default=True)
 @click.option("--words", type=click.Choice(WORDS), default="random", show_default=True,
               help="Induction prompts: random words, or the words the family's heads promote.")
+@click.option("--also-ablate", "also_spec", default="",
+              help="Heads of other spliced layers ablated in every run, the clean one included (`L18.H768-1023`: MHSA "
+                   "heads A6-A7 of an exact copy, 2 x head width rank-1 heads each), to measure the family without them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, words, as_json):
+def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, words, also_spec,
+           as_json):
     """Ablate a family's heads and measure its behaviour against a matched random control (95% intervals over
     prompts), then patch the heads back."""
     import dataclasses
@@ -386,16 +390,18 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
     spec = head_spec or ",".join(f"L{layer}:{family}" for layer in specs)
     if not spec:
         raise LorsaSurgeryError("Name the heads with --heads, or pass --lorsa so the family's catalog label names them.")
-    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=spec.split(","))
+    also = [s for s in also_spec.split(",") if s.strip()]
+    tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=spec.split(",") + also)
     groups = by_layer(resolve_heads(spec.split(","), handle))
     if len(groups) != 1:
         raise LorsaSurgeryError("A causal check ablates heads of one layer at a time.")
     (layer, heads), = groups.items()
-    check = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n, seed=seed, words=words)
+    check = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n, seed=seed, words=words, also_ablate=also)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(check), indent=2))
         return
-    click.echo(f"{family}: {check.behaviour}; {len(check.heads)} heads of layer {layer}, {check.prompts} prompts, mean [95% CI]")
+    click.echo(f"{family}: {check.behaviour}; {len(check.heads)} heads of layer {layer}, {check.prompts} prompts, mean [95% CI]"
+               + (f"; {len(check.also_ablated)} heads of other layers ablated throughout" if also else ""))
     for label, value in (("clean", check.clean), ("family ablated", check.ablated),
                          ("matched random heads ablated", check.control_ablated),
                          ("family ablated, patched back", check.restored), ("effect of the family", check.effect),

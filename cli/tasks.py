@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from lorsa_surgery.cli.config import config_options
 from lorsa_surgery.tasks import multihop
 from lorsa_surgery.tasks import train as training
 
@@ -28,29 +29,18 @@ def make(task: str, out: Path, n: int, seed: str, extra: int) -> None:
     click.echo(f"wrote {n} {task} examples ({training.TRAIN_LENGTH + extra} input tokens each) to {out}")
 
 
-@tasks.command()
+@tasks.command(context_settings={"max_content_width": 120})
 @click.argument("task", type=TASK)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", "preset_name", type=click.Choice(list(training.PRESETS)), default="paper", show_default=True,
-              help="paper: the paper's 12-layer recipe; small: 6 layers, learns in minutes on a CPU.")
-@click.option("--steps", type=int, help="Override: optimiser steps.")
-@click.option("--lr", type=float, help="Override: peak learning rate.")
-@click.option("--n-layer", type=int, help="Override: layers.")
-@click.option("--n-head", type=int, help="Override: heads per layer.")
-@click.option("--n-embd", type=int, help="Override: model width.")
-@click.option("--batch-size", type=int, help="Override: prompts per step.")
-@click.option("--warmup-steps", type=int, help="Override: warm-up steps.")
-@click.option("--checkpoint-steps", help="Override: comma-separated steps to checkpoint at.")
-@click.option("--seed", type=int, help="Override: seed.")
+              help="paper: the paper's 12-layer recipe; small: 6 layers, learns in minutes on a CPU. Every other "
+                   "option overrides one of its settings.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming from OUT_DIR's last checkpoint.")
-def train(task, out_dir, preset_name, steps, lr, n_layer, n_head, n_embd, batch_size, warmup_steps,
-          checkpoint_steps, seed, threads, fresh) -> None:
+@config_options(training.TrainConfig, exclude=("task",), overrides=True)
+def train(task: str, out_dir: Path, preset_name: str, threads: int | None, fresh: bool, **settings) -> None:
     """Train a GPT-J from scratch on TASK, writing checkpoints and history.json into OUT_DIR."""
-    overrides = {k: v for k, v in dict(steps=steps, lr=lr, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                       batch_size=batch_size, warmup_steps=warmup_steps, seed=seed).items() if v is not None}
-    if checkpoint_steps:
-        overrides["checkpoint_steps"] = tuple(int_list(checkpoint_steps, "--checkpoint-steps"))
+    overrides = {k: v for k, v in settings.items() if v not in (None, ())}
     config = training.preset(preset_name, task=task, **overrides)
     _set_threads(threads)
     history = training.train(config, out_dir, resume=not fresh)

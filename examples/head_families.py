@@ -101,10 +101,41 @@ def main() -> None:
             with ls.InterventionSet([ls.Ablate(f"L{layer}.H0-{lorsa.cfg.n_ov_heads - 1}")]).applied(handle):
                 whole = behaviour(handle, "induction", probe).mean()
             print(f"| all heads | {lorsa.cfg.n_ov_heads} | random | {float(clean):.3f} | {float(whole):.3f} | | | |")
+            ls.unsplice(model)
+            induction_without_other_layers(model, tokenizer, layer, lorsa, scores, family_heads, n, n_causal, record)
         ls.unsplice(model)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "head_families.json").write_text(json.dumps(record))
+
+
+def induction_without_other_layers(model, tokenizer, layer, lorsa, scores, ranked, n, n_causal, record) -> None:
+    """The induction check again with the two best MHSA induction heads of each of the six layers before `layer`
+    ablated in every run (through exact copies spliced there), so the family cannot lean on them."""
+    others = list(range(max(0, layer - 6), layer))
+    copies = {other: ls.Lorsa.from_attention(model, other) for other in others}
+    also = []
+    for other, copy in copies.items():
+        best = ls.detect(model, tokenizer, other, None, families=["induction"], n_prompts=n)["induction"].scores
+        width = copy.cfg.n_ov_heads // copy.cfg.n_qk_heads  # rank-1 heads per MHSA head in an exact copy
+        for a in best.argsort(descending=True)[:2].tolist():
+            also.append((f"L{other}.A{a} {float(best[a]):.2f}", f"L{other}.H{a * width}-{(a + 1) * width - 1}"))
+    handle = ls.splice(model, {layer: lorsa, **copies})
+    print(f"\nLayer {layer}, induction ablation with {len(also)} MHSA heads of layers {others[0]}-{others[-1]} ablated in "
+          f"every run ({', '.join(name for name, _ in also)})")
+    print("| heads ablated | count | clean | family ablated | matched control ablated | patched back | effect | control effect |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in (FAMILIES["induction"].threshold, 0.05):
+        heads = [h for h in ranked if scores[h] >= t]
+        if not heads:
+            continue
+        c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal,
+                         also_ablate=[ref for _, ref in also])
+        print(f"| score >= {t} | {len(heads)} | {c.clean} | {c.ablated} | {c.control_ablated} | {c.restored} "
+              f"| {c.effect} | {c.control_effect} |")
+        record[f"L{layer}-causal-induction-without-others-{t}"] = {"also_ablated": c.also_ablated, "clean": c.clean.mean,
+                                                                  "ablated": c.ablated.mean,
+                                                                  "control_ablated": c.control_ablated.mean}
 
 
 if __name__ == "__main__":

@@ -165,21 +165,18 @@ def discrepancy_plot(results: dict, out: Path) -> None:
 
 def constructions_part(out: Path, results: dict) -> None:
     """The bounds checked on heads built by hand (positional.single_frequency_model): the largest discrepancy
-    of a positional head over 16 prompts against its upper bound, the smallest of a symbolic head (one match,
-    anywhere) against its lower bound, at each length."""
+    of a positional head over 16 prompts against its upper bound, the smallest of a symbolic head (one match
+    anywhere on 15 prompts, and the worst prompt: match first, rival next) against its lower bound, at each length."""
     rows = []
     gen = torch.Generator().manual_seed(0)
     for kind, theta, offset in (("positional", 0.3, 2), ("positional", 2 * math.pi * 0.618034, 2), ("symbolic", 2e-3, 0)):
         model = positional.single_frequency_model(kind, theta, offset=offset)
         for n in (9, 17, 33, 65, 129, 257):
-            prompts = []
-            for _ in range(16):
-                ids = torch.randint(8, (n,), generator=gen)
-                if kind == "symbolic":  # exactly one symbol after the query's own, somewhere before it
-                    target = (ids[-1] + 1) % 8
-                    ids[:-1][ids[:-1] == target] = (target + 1) % 8
-                    ids[int(torch.randint(n - 1, (1,), generator=gen))] = target
-                prompts.append(ids)
+            if kind == "symbolic":  # one match anywhere, and the worst prompt for the bound
+                prompts = [positional.one_match_prompt(gen, n) for _ in range(15)]
+                prompts.append(positional.one_match_prompt(gen, n, match_at=0, rival_at=1))
+            else:
+                prompts = [torch.randint(8, (n,), generator=gen) for _ in range(16)]
             gap = positional.head_geometry(model, prompts, progress=False).prompt_discrepancy[:, 0, 0]
             if kind == "positional":
                 measured, bound = gap.max().item(), positional.positional_bound(n, theta, offset).item()
@@ -279,7 +276,8 @@ def main() -> None:
     parser.add_argument("--llm-prompts", type=int, default=16)
     parser.add_argument("--llm-probe-prompts", type=int, default=64)
     parser.add_argument("--parts", default="tasks,lorsa,llm",
-                        help="Which parts to run, comma-separated: tasks, lorsa (needs tasks' runs in --out), llm.")
+                        help="Which parts to run, comma-separated: tasks, lorsa (needs the tasks' runs and results in --out, "
+                             "from this or an earlier run), llm.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fast", action="store_true", help="A few steps and prompts of everything (for tests).")
     args = parser.parse_args()
@@ -290,9 +288,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     parts = set(args.parts.split(","))
-    if not parts <= {"tasks", "lorsa", "llm"} or ("lorsa" in parts and "tasks" not in parts):
-        parser.error("--parts takes tasks, lorsa and llm, and lorsa needs tasks.")
-    results: dict = {}
+    if not parts <= {"tasks", "lorsa", "llm"}:
+        parser.error("--parts takes tasks, lorsa and llm.")
+    earlier = args.out / "results.json"
+    results: dict = files.read_json(earlier) if earlier.is_file() and "tasks" not in parts else {}
+    if "lorsa" in parts and "tasks" not in parts and not {"letter", "number"} <= set(results):
+        parser.error(f"--parts lorsa needs the tasks part's results in {earlier}; run --parts tasks first.")
     if "tasks" in parts:
         for task in ("letter", "number"):
             multihop_part(task, args, args.out, results)

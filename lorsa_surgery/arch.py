@@ -264,7 +264,8 @@ def rotary_halves(config, layer: int) -> dict[str, Any]:
 def rotary_gptj(config, layer: int) -> dict[str, Any]:
     _, _, hd = _head_counts(config)
     return {
-        "positional_embedding_type": "rotary", "rotary_dim": config.rotary_dim or hd, "rotary_base": 10000.0,
+        "positional_embedding_type": "rotary", "rotary_dim": config.rotary_dim or hd,
+        "rotary_base": float(getattr(config, "rope_theta", 10000.0)),
         "rotary_adjacent_pairs": True, "attn_scale": float(hd) ** 0.5,
     }
 

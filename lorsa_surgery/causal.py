@@ -19,6 +19,7 @@ import torch
 from lorsa_surgery.analysis import logit_scores
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.families import Probe, ioi_probe, repeated_probe, successor_probe, word_tokens
+from lorsa_surgery.heads import by_layer, resolve_heads
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch
 from lorsa_surgery.patching import cache_run, forward
 from lorsa_surgery.splicing import Splice
@@ -62,6 +63,8 @@ class CausalCheck:
     """clean - ablated, per prompt."""
     control_effect: Estimate
     """clean - control_ablated, per prompt."""
+    also_ablated: list[str]
+    """Heads of other layers ablated in every run, clean included (none: the model as spliced)."""
 
 
 INDUCTION_LENGTH = 20
@@ -142,12 +145,17 @@ def matched_control(handle: Splice, layer: int, heads: list[int], probe: Probe, 
 
 
 def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list[int], n_prompts: int = 32,
-                 seed: int = 0, words: str = "random") -> CausalCheck:
+                 seed: int = 0, words: str = "random", also_ablate: list[str] = ()) -> CausalCheck:
     """Ablate `heads` (zero) of the module spliced at `layer` and measure `family`'s behaviour on fresh prompts, beside
     a matched random control and the family patched back from the clean run. `words` (induction only, one of `WORDS`)
-    says where the repeated sequences take their words."""
+    says where the repeated sequences take their words. `also_ablate` (head references of other spliced layers, e.g.
+    the exact copies' heads that carry the same behaviour) are ablated in every run, the clean one included, so the
+    check measures what the family does once those are gone."""
     if not heads:
         raise LorsaSurgeryError(f"No heads to ablate for {family}.")
+    also = [Ablate(list(also_ablate))] if also_ablate else []
+    if also and layer in by_layer(resolve_heads(list(also_ablate), handle)):
+        raise LorsaSurgeryError(f"also_ablate names heads of layer {layer}, the family's own; name other layers' heads.")
     if words not in WORDS:
         raise LorsaSurgeryError(f"words must be one of {', '.join(WORDS)}, not {words!r}.")
     if words == "family" and family != "induction":
@@ -155,17 +163,18 @@ def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list
     pool = family_words(handle, layer, heads, tokenizer) if words == "family" else None
     probe = behaviour_probe(family, tokenizer, n_prompts, seed + 1000, pool)  # not the prompts the detector scored on
     refs = [f"L{layer}.H{h}" for h in heads]
-    control = matched_control(handle, layer, heads, probe, seed)
-    clean = behaviour(handle, family, probe)
-    source = cache_run(handle, probe.input_ids, refs, probe.attention_mask)
+    with InterventionSet(also).applied(handle):
+        control = matched_control(handle, layer, heads, probe, seed)
+        clean = behaviour(handle, family, probe)
+        source = cache_run(handle, probe.input_ids, refs, probe.attention_mask)
     runs = {}
     for name, records in (("ablated", [Ablate(refs)]), ("control", [Ablate([f"L{layer}.H{h}" for h in control])]),
                           ("restored", [Ablate(refs), Patch(refs, source)])):
-        with InterventionSet(records).applied(handle):
+        with InterventionSet(also + records).applied(handle):
             runs[name] = behaviour(handle, family, probe)
     described = BEHAVIOURS[family] + (f", the words drawn from the {len(pool)} the family promotes" if pool else "")
     return CausalCheck(
         family, described, refs, [f"L{layer}.H{h}" for h in control], len(clean), _estimate(clean, seed),
         _estimate(runs["ablated"], seed), _estimate(runs["control"], seed), _estimate(runs["restored"], seed),
-        _estimate(clean - runs["ablated"], seed), _estimate(clean - runs["control"], seed),
+        _estimate(clean - runs["ablated"], seed), _estimate(clean - runs["control"], seed), list(also_ablate),
     )

@@ -531,6 +531,22 @@ def single_frequency_model(kind: str, theta: float, alphabet_size: int = 8, offs
     return model
 
 
+def one_match_prompt(generator: torch.Generator, n: int, alphabet_size: int = 8, match_at: int | None = None,
+                     rival_at: int | None = None) -> torch.Tensor:
+    """Token ids [n] for the symbolic construction: random symbols ending in a query a, with exactly one a + 1
+    (the symbol the head looks for) before it, at `match_at` or at random; `rival_at` puts a + 2 there, the
+    symbol whose key rotation brings closest to the query's angle (with match_at=0, rival_at=1: the worst prompt)."""
+    query = int(torch.randint(alphabet_size, (1,), generator=generator))
+    match, rival = (query + 1) % alphabet_size, (query + 2) % alphabet_size
+    others = torch.tensor([b for b in range(alphabet_size) if b != match])
+    ids = others[torch.randint(len(others), (n,), generator=generator)]
+    ids[-1] = query
+    ids[int(torch.randint(n - 1, (1,), generator=generator)) if match_at is None else match_at] = match
+    if rival_at is not None:
+        ids[rival_at] = rival
+    return ids
+
+
 # ---- the 1-hop natural-language probe -------------------------------------------------------------------
 
 PROBE_WORDS = """

@@ -64,6 +64,16 @@ def test_multihop_reproduction_runs_in_fast_mode(smollm2_gguf, tmp_path):
     assert (tmp_path / "results.json").is_file() and (tmp_path / "accuracy_vs_length.png").is_file()
 
 
+def test_multihop_sweep_trains_each_run_once_and_tabulates(tmp_path):
+    out = _run("multihop_sweep.py", "--fast", "--out", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith("| small") or line.startswith("| lr1e-4")]
+    assert len(rows) == 2 and "lr=0.0001" in rows[1] and (tmp_path / "lr1e-4" / "lengths.json").is_file()
+    stamp = (tmp_path / "small" / "lengths.json").stat().st_mtime_ns
+    again = _run("multihop_sweep.py", "--fast", "--out", str(tmp_path))
+    assert again.split("| run")[1] == out.split("| run")[1]
+    assert (tmp_path / "small" / "lengths.json").stat().st_mtime_ns == stamp  # measured runs are not redone
+
+
 @pytest.mark.slow
 def test_smollm2_end_to_end_trains_splices_detects_steers_and_pushes(smollm2_gguf, tmp_path, hub):
     out = _run("smollm2_end_to_end.py", "--repo-id", "lorsa-tester/example-e2e", "--fast", "--out", str(tmp_path))

@@ -210,6 +210,24 @@ def test_the_layer23_module_ships_with_detected_labels_that_name_heads_and_reach
     assert f"L23.H{induction[0]}" in card and "induction" in card
 
 
+@pytest.mark.slow
+def test_heads_ablated_throughout_shape_every_run_of_a_causal_check(smollm2_gguf):
+    import lorsa_surgery as ls
+    from lorsa_surgery import Lorsa
+    from lorsa_surgery.causal import causal_check
+
+    model, tok = ls.load_model("smollm2")
+    handle = ls.splice(model, {2: Lorsa.from_attention(model, 2), 3: ls.module_for(model, 3, "default")})
+    heads = list(range(0, 1152, 40))
+    plain = causal_check(handle, tok, 3, "induction", heads, n_prompts=4)
+    without_l2 = causal_check(handle, tok, 3, "induction", heads, n_prompts=4, also_ablate=["L2.H0-1151"])
+    assert plain.also_ablated == [] and without_l2.also_ablated == ["L2.H0-1151"]
+    assert without_l2.clean.mean != plain.clean.mean  # layer 2's attention is gone from the clean run too
+    assert without_l2.restored.mean == pytest.approx(without_l2.clean.mean, abs=0.02)
+    with pytest.raises(ls.LorsaSurgeryError, match="the family's own"):
+        causal_check(handle, tok, 3, "induction", heads, n_prompts=4, also_ablate=["L3.H5"])
+
+
 def test_causal_check_refuses_unknown_word_sources_before_running():
     from lorsa_surgery import LorsaSurgeryError
     from lorsa_surgery.causal import causal_check

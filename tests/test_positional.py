@@ -211,21 +211,6 @@ def test_bound_formulas():
         P.single_frequency_model("mixed", 0.1)
 
 
-def _prompt_with_one_match(rng: torch.Generator, n: int, alphabet: int, match_at: int | None = None,
-                           rival_at: int | None = None) -> torch.Tensor:
-    """n symbols ending in a query a, with exactly one a + 1 before it; `rival_at` puts a + 2 (the symbol the
-    rotation brings closest to the query's angle) there."""
-    query = int(torch.randint(alphabet, (1,), generator=rng))
-    match, rival = (query + 1) % alphabet, (query + 2) % alphabet
-    others = torch.tensor([b for b in range(alphabet) if b != match])
-    ids = others[torch.randint(len(others), (n,), generator=rng)]
-    ids[-1] = query
-    ids[int(torch.randint(n - 1, (1,), generator=rng)) if match_at is None else match_at] = match
-    if rival_at is not None:
-        ids[rival_at] = rival
-    return ids
-
-
 @pytest.mark.parametrize("theta", [0.05, 0.3, 1.0, 2 * math.pi * 0.618034, math.pi])
 def test_hand_built_positional_head_stays_under_its_bound(theta):
     rng = torch.Generator().manual_seed(0)
@@ -250,8 +235,8 @@ def test_hand_built_symbolic_head_keeps_its_guaranteed_margin(theta):
     model = P.single_frequency_model("symbolic", theta, alphabet_size=8)
     for n in (12, 33, 120):
         bound = P.symbolic_bound(n, theta, 8).item()
-        ids = [_prompt_with_one_match(rng, n, 8) for _ in range(6)]
-        ids.append(_prompt_with_one_match(rng, n, 8, match_at=0, rival_at=1))  # the worst place for both
+        ids = [P.one_match_prompt(rng, n, 8) for _ in range(6)]
+        ids.append(P.one_match_prompt(rng, n, 8, match_at=0, rival_at=1))  # the worst place for both
         g = P.head_geometry(model, ids, progress=False)
         gap = g.prompt_discrepancy[:, 0, 0].double()
         assert (gap >= bound - 1e-5).all(), (n, gap, bound)

@@ -106,6 +106,53 @@ def test_config_validation_and_presets():
         TR.TrainConfig(n_embd=30, n_head=4)
     with pytest.raises(LorsaSurgeryError):
         TR.preset("huge")
+    for bad in ({"hops": (0, 2)}, {"hops": ()}, {"rotary_base": 1.0}, {"train_extra": -1}, {"train_extra": 2000}):
+        with pytest.raises(LorsaSurgeryError):
+            TR.preset("small", **bad)
+
+
+def test_generate_draws_only_the_hop_counts_asked_for():
+    assert collections.Counter(e.hops for e in M.generate("number", 90, hops=(3, 4, 4))) == {3: 30, 4: 60}
+    assert M.generate("letter", 40, seed=5) == M.generate("letter", 40, seed=5, hops=(1, 2, 3, 4))
+    with pytest.raises(LorsaSurgeryError):
+        M.generate("letter", 4, hops=(5,))
+
+
+def test_every_training_setting_is_an_option_of_tasks_train_and_reaches_the_run(tmp_path, monkeypatch):
+    calls = []
+    real_generate = TR.generate
+    monkeypatch.setattr(TR, "generate", lambda *a, **k: calls.append(k) or real_generate(*a, **k))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "tasks", "train", "letter", str(run), "--preset", "small", "--n-layer", "1", "--n-embd", "16", "--steps", "6",
+        "--batch-size", "4", "--eval-examples", "8", "--eval-every", "6", "--checkpoint-steps", "6", "--dropout", "0",
+        "--weight-decay", "0.1", "--betas", "0.9,0.99", "--rotary-base", "500", "--train-extra", "8", "--hops", "3,4"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "step_000006" / "trainer.json").read_text())["config"]
+    assert config == {**json.loads(json.dumps(TR.asdict(TR.PRESETS["small"]))), "n_layer": 1, "n_embd": 16, "steps": 6,
+                      "batch_size": 4, "eval_examples": 8, "eval_every": 6, "checkpoint_steps": [6], "dropout": 0.0,
+                      "weight_decay": 0.1, "betas": [0.9, 0.99], "rotary_base": 500.0, "train_extra": 8, "hops": [3, 4]}
+    training_calls = [k for k in calls if k.get("seed", "").startswith("train-")]
+    assert len(training_calls) == 6 and all(k["hops"] == (3, 4) and 0 <= k["extra"] <= 8 for k in training_calls)
+    assert len({k["extra"] for k in training_calls}) > 1  # the window's distance varies from step to step
+
+
+def test_a_rotary_base_other_than_gptjs_is_built_and_survives_a_reload(tmp_path):
+    config = TR.preset("small", n_layer=1, n_embd=16, rotary_base=500.0)
+    model = TR.build_model(config)
+    table = model.transformer.rotary_emb.embed_positions
+    angles = torch.arange(table.shape[0], dtype=torch.float64)[:, None] * 500.0 ** (-torch.arange(8) / 8)
+    torch.testing.assert_close(table, torch.cat((angles.sin(), angles.cos()), -1).float())
+    default = TR.build_model(replace(config, rotary_base=10000.0)).transformer.rotary_emb.embed_positions
+    assert not torch.allclose(table, default)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "trainer.json").write_text(json.dumps({"task": "letter", "step": 0, "config": TR.asdict(config)}))
+    loaded, _ = TR.load_checkpoint(tmp_path)
+    assert torch.equal(loaded.transformer.rotary_emb.embed_positions, table)
+    assert loaded.config.rope_theta == 500.0
+    from lorsa_surgery.arch import arch_for
+
+    assert arch_for(loaded).rotary(loaded.config, 0)["rotary_base"] == 500.0
 
 
 TINY = TR.preset(

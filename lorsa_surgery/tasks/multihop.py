@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,20 +169,23 @@ def _letter_example(rng: random.Random, hops: int, answer: str, slot: int, extra
     return Example(tokens, answer, hops, answer_position)
 
 
-def generate(task: str, n: int, seed: int | str = 0, extra: int = 0) -> list[Example]:
-    """n examples of `task`, balanced over hop count (1-4), answer and answer slot, each checked by its solver.
+def generate(task: str, n: int, seed: int | str = 0, extra: int = 0,
+             hops: Sequence[int] = tuple(range(1, MAX_HOPS + 1))) -> list[Example]:
+    """n examples of `task`, balanced over hop count, answer and answer slot, each checked by its solver.
 
-    `extra` window tokens are inserted before the answer window (length tests); the same seed and extra
-    always give the same examples.
+    `extra` window tokens are inserted before the answer window (length tests); `hops` lists the hop counts
+    drawn in equal shares (repeat one to weight it). The same arguments always give the same examples.
     """
     _check_task(task)
     if n < 0 or extra < 0:
         raise LorsaSurgeryError("The number of examples and of extra tokens must be non-negative.")
+    if not hops or any(h not in range(1, MAX_HOPS + 1) for h in hops):
+        raise LorsaSurgeryError(f"Hop counts must be 1 to {MAX_HOPS}, got {list(hops)}.")
     rng = random.Random(f"{task}:{seed}:{extra}")
     answers = SYMBOLS if task == "number" else LETTER_DIGITS
     make = _number_example if task == "number" else _letter_example
     plan = zip(
-        _balanced(rng, list(range(1, MAX_HOPS + 1)), n),
+        _balanced(rng, list(hops), n),
         _balanced(rng, answers, n),
         _balanced(rng, list(range(WINDOW)), n),
     )

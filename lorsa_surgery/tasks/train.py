@@ -8,6 +8,7 @@ into the same folder resumes from the last checkpoint.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,6 +47,16 @@ class TrainConfig:
     """Dropout on embeddings, attention weights and residual branches."""
     n_positions: int = 1024
     """Longest input the model accepts (length tests go well past the 17 training tokens)."""
+    rotary_base: float = 10000.0
+    """RoPE base: plane i of a head of width d turns rotary_base ** (-2i/d) per token. GPT-J in transformers
+    builds its table with 10000 and does not save it; another base is kept in config.json as rope_theta and set
+    again by load_checkpoint, so load such models with it."""
+    train_extra: int = 0
+    """Each training step inserts a random number, 0 to train_extra, of extra window tokens before the answer
+    window, so the target window sits at varying distances from the query; 0 trains on 17 tokens only."""
+    hops: tuple[int, ...] = (1, 2, 3, 4)
+    """Hop counts of the training prompts, drawn in equal shares; repeat one to weight it (1,2,3,4,4). The
+    evaluation set always mixes 1 to 4 hops equally."""
     steps: int = 5000
     """Optimiser steps."""
     batch_size: int = 64
@@ -73,6 +84,7 @@ class TrainConfig:
         if self.task not in TASKS:
             raise LorsaSurgeryError(f"Unknown task {self.task!r}; choose number or letter.")
         self.betas = tuple(self.betas)
+        self.hops = tuple(self.hops)
         self.checkpoint_steps = tuple(sorted(set(self.checkpoint_steps)))
         for name in ("n_layer", "n_head", "n_embd", "steps", "batch_size", "eval_every", "eval_examples"):
             if getattr(self, name) <= 0:
@@ -83,8 +95,12 @@ class TrainConfig:
             raise LorsaSurgeryError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise LorsaSurgeryError("lr must be positive and warmup_steps non-negative.")
-        if self.n_positions < TRAIN_LENGTH:
-            raise LorsaSurgeryError(f"n_positions must be at least {TRAIN_LENGTH}.")
+        if self.n_positions < TRAIN_LENGTH + self.train_extra or self.train_extra < 0:
+            raise LorsaSurgeryError(f"n_positions must be at least {TRAIN_LENGTH} plus train_extra, which must be non-negative.")
+        if self.rotary_base <= 1:
+            raise LorsaSurgeryError(f"rotary_base must be above 1, got {self.rotary_base}.")
+        if not self.hops or any(h not in range(1, MAX_HOPS + 1) for h in self.hops):
+            raise LorsaSurgeryError(f"hops must be hop counts from 1 to {MAX_HOPS}, got {list(self.hops)}.")
 
 
 PRESETS = {
@@ -126,9 +142,25 @@ def build_model(config: TrainConfig) -> GPTJForCausalLM:
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,
+        rope_theta=config.rotary_base,
     )
     gptj._attn_implementation = "eager"
-    return GPTJForCausalLM(gptj)
+    return _use_rotary_base(GPTJForCausalLM(gptj))
+
+
+@torch.no_grad()
+def _use_rotary_base(model: GPTJForCausalLM) -> GPTJForCausalLM:
+    """Rebuild GPT-J's rotary tables (hard-wired to base 10000, never saved) from config.rope_theta."""
+    base = float(getattr(model.config, "rope_theta", 10000.0))
+    if base == 10000.0:
+        return model
+    for module in model.modules():
+        table = getattr(module, "embed_positions", None)
+        if isinstance(table, torch.Tensor):
+            half = table.shape[-1] // 2
+            angles = torch.arange(table.shape[0], dtype=torch.float64)[:, None] / base ** (torch.arange(half, dtype=torch.float64) / half)
+            table.copy_(torch.cat((angles.sin(), angles.cos()), -1))
+    return model
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -229,7 +261,7 @@ def load_checkpoint(path: str | Path) -> tuple[GPTJForCausalLM, dict]:
         raise LorsaSurgeryError(f"{path} is not a multi-hop checkpoint (no trainer.json).")
     record = files.read_json(path / "trainer.json")
     model = GPTJForCausalLM.from_pretrained(path, attn_implementation="eager")
-    return model.eval(), record
+    return _use_rotary_base(model).eval(), record
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> list[dict]:
@@ -248,7 +280,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
         if TrainConfig(**record["config"]) != config:
             raise LorsaSurgeryError(f"{out_dir} holds a run with other settings; use another folder or resume=False.")
         start = record["step"]
-    model = GPTJForCausalLM.from_pretrained(done[-1], attn_implementation="eager") if done else build_model(config)
+    model = load_checkpoint(done[-1])[0] if done else build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if done:
         moments = load_file(str(done[-1] / "optimizer.safetensors"))
@@ -274,7 +306,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
     losses = []
     bar = tqdm(range(start, config.steps), desc=f"train {config.task}", disable=not progress, initial=start, total=config.steps)
     for step in bar:
-        ids, answers = tok.encode_examples(generate(config.task, config.batch_size, seed=f"train-{config.seed}-{step}"))
+        extra = random.Random(f"extra-{config.seed}-{step}").randint(0, config.train_extra) if config.train_extra else 0
+        batch = generate(config.task, config.batch_size, seed=f"train-{config.seed}-{step}", extra=extra, hops=config.hops)
+        ids, answers = tok.encode_examples(batch)
         loss = F.cross_entropy(model(ids, use_cache=False).logits[:, -1], answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
