@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -109,21 +110,37 @@ def main() -> None:
         (args.out / "head_families.json").write_text(json.dumps(record))
 
 
+OTHER_INDUCTION = 0.1
+"""Induction score from which another layer's MHSA head counts as carrying induction (half the family threshold)."""
+
+
 def induction_without_other_layers(model, tokenizer, layer, lorsa, scores, ranked, n, n_causal, record) -> None:
-    """The induction check again with the two best MHSA induction heads of each of the six layers before `layer`
-    ablated in every run (through exact copies spliced there), so the family cannot lean on them."""
+    """The induction check again with the MHSA heads of the six layers before `layer` that score OTHER_INDUCTION or
+    more as induction heads ablated in every run (through exact copies spliced there), so the family cannot lean on
+    them."""
     others = list(range(max(0, layer - 6), layer))
     copies = {other: ls.Lorsa.from_attention(model, other) for other in others}
-    also = []
+    also, rest = [], []
     for other, copy in copies.items():
         best = ls.detect(model, tokenizer, other, None, families=["induction"], n_prompts=n)["induction"].scores
         width = copy.cfg.n_ov_heads // copy.cfg.n_qk_heads  # rank-1 heads per MHSA head in an exact copy
-        for a in best.argsort(descending=True)[:2].tolist():
-            also.append((f"L{other}.A{a} {float(best[a]):.2f}", f"L{other}.H{a * width}-{(a + 1) * width - 1}"))
+        for a in range(len(best)):
+            ref = (f"L{other}.A{a} {float(best[a]):.2f}", f"L{other}.H{a * width}-{(a + 1) * width - 1}")
+            (also if best[a] >= OTHER_INDUCTION else rest).append(ref)
+    if not also:
+        print(f"\nLayer {layer}: no MHSA head of layers {others[0]}-{others[-1]} scores {OTHER_INDUCTION} for induction")
+        return
     handle = ls.splice(model, {layer: lorsa, **copies})
     print(f"\nLayer {layer}, induction ablation with {len(also)} MHSA heads of layers {others[0]}-{others[-1]} ablated in "
           f"every run ({', '.join(name for name, _ in also)})")
-    print("| heads ablated | count | clean | family ablated | matched control ablated | patched back | effect | control effect |")
+    probe = behaviour_probe("induction", tokenizer, n_causal, 1000)  # the prompts causal_check uses (seed 0)
+    draws = [random.Random(i).sample(rest, len(also)) for i in range(3)]  # as many other heads of those layers
+    for refs in [[], also, *draws]:
+        with ls.InterventionSet([ls.Ablate([r for _, r in refs])] if refs else []).applied(handle):
+            accuracy = behaviour(handle, "induction", probe)
+        print(f"- repeated-token accuracy {accuracy.mean():.3f} with "
+              + (", ".join(name.split()[0] for name, _ in refs) if refs else "nothing") + " ablated")
+    print("\n| heads ablated | count | clean | family ablated | matched control ablated | patched back | effect | control effect |")
     print("|---|---|---|---|---|---|---|---|")
     for t in (FAMILIES["induction"].threshold, 0.05):
         heads = [h for h in ranked if scores[h] >= t]

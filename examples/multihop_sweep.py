@@ -20,8 +20,7 @@ from lorsa_surgery.tasks import train as training
 RUNS = {
     "small": {},
     "lr1e-4": {"lr": 1e-4},
-    "steps5000": {"steps": 5000},
-    "paper-schedule": {"lr": 1e-4, "warmup_steps": 500, "steps": 5000},
+    "paper-schedule": {"lr": 1e-4, "warmup_steps": 500, "steps": 5000, "checkpoint_steps": (1000, 2000, 3000, 4000, 5000)},
     "warmup0": {"warmup_steps": 0},
     "warmup500": {"warmup_steps": 500},
     "dropout0": {"dropout": 0.0},
@@ -67,7 +66,7 @@ def table(out: Path) -> str:
     lines = ["| run | changed setting | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
              "|---|---|" + "---|" * len(lengths)]
     for name, r in rows.items():
-        changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "none (the small preset)"
+        changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "checkpoint_steps") or "none (the small preset)"
         cells = [f"{r['by_length'][str(n)]:.3f}" if str(n) in r["by_length"] else "-" for n in lengths]
         lines.append(f"| {name} | {changed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
