@@ -102,9 +102,10 @@ def main() -> None:
             with ls.InterventionSet([ls.Ablate(f"L{layer}.H0-{lorsa.cfg.n_ov_heads - 1}")]).applied(handle):
                 whole = behaviour(handle, "induction", probe).mean()
             print(f"| all heads | {lorsa.cfg.n_ov_heads} | random | {float(clean):.3f} | {float(whole):.3f} | | | |")
-            ls.unsplice(model)
-            induction_without_other_layers(model, tokenizer, layer, lorsa, scores, family_heads, n, n_causal, record)
         ls.unsplice(model)
+        if family_heads:
+            induction_without_other_layers(model, tokenizer, layer, lorsa, found[layer]["induction"].scores, family_heads,
+                                           n, n_causal, record)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "head_families.json").write_text(json.dumps(record))
@@ -130,29 +131,29 @@ def induction_without_other_layers(model, tokenizer, layer, lorsa, scores, ranke
     if not also:
         print(f"\nLayer {layer}: no MHSA head of layers {others[0]}-{others[-1]} scores {OTHER_INDUCTION} for induction")
         return
-    handle = ls.splice(model, {layer: lorsa, **copies})
-    print(f"\nLayer {layer}, induction ablation with {len(also)} MHSA heads of layers {others[0]}-{others[-1]} ablated in "
-          f"every run ({', '.join(name for name, _ in also)})")
-    probe = behaviour_probe("induction", tokenizer, n_causal, 1000)  # the prompts causal_check uses (seed 0)
-    draws = [random.Random(i).sample(rest, len(also)) for i in range(3)]  # as many other heads of those layers
-    for refs in [[], also, *draws]:
-        with ls.InterventionSet([ls.Ablate([r for _, r in refs])] if refs else []).applied(handle):
-            accuracy = behaviour(handle, "induction", probe)
-        print(f"- repeated-token accuracy {accuracy.mean():.3f} with "
-              + (", ".join(name.split()[0] for name, _ in refs) if refs else "nothing") + " ablated")
-    print("\n| heads ablated | count | clean | family ablated | matched control ablated | patched back | effect | control effect |")
-    print("|---|---|---|---|---|---|---|---|")
-    for t in (FAMILIES["induction"].threshold, 0.05):
-        heads = [h for h in ranked if scores[h] >= t]
-        if not heads:
-            continue
-        c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal,
-                         also_ablate=[ref for _, ref in also])
-        print(f"| score >= {t} | {len(heads)} | {c.clean} | {c.ablated} | {c.control_ablated} | {c.restored} "
-              f"| {c.effect} | {c.control_effect} |")
-        record[f"L{layer}-causal-induction-without-others-{t}"] = {"also_ablated": c.also_ablated, "clean": c.clean.mean,
-                                                                  "ablated": c.ablated.mean,
-                                                                  "control_ablated": c.control_ablated.mean}
+    with ls.splice(model, {layer: lorsa, **copies}) as handle:
+        print(f"\nLayer {layer}, induction ablation with {len(also)} MHSA heads of layers {others[0]}-{others[-1]} ablated in "
+              f"every run ({', '.join(name for name, _ in also)})")
+        probe = behaviour_probe("induction", tokenizer, n_causal, 1000)  # the prompts causal_check uses (seed 0)
+        draws = [random.Random(i).sample(rest, len(also)) for i in range(3)]  # as many other heads of those layers
+        for refs in [[], also, *draws]:
+            with ls.InterventionSet([ls.Ablate([r for _, r in refs])] if refs else []).applied(handle):
+                accuracy = behaviour(handle, "induction", probe)
+            print(f"- repeated-token accuracy {accuracy.mean():.3f} with "
+                  + (", ".join(name.split()[0] for name, _ in refs) if refs else "nothing") + " ablated")
+        print("\n| heads ablated | count | clean | family ablated | matched control ablated | patched back | effect | control effect |")
+        print("|---|---|---|---|---|---|---|---|")
+        for t in (FAMILIES["induction"].threshold, 0.05):
+            heads = [h for h in ranked if scores[h] >= t]
+            if not heads:
+                continue
+            c = causal_check(handle, tokenizer, layer, "induction", heads, n_prompts=n_causal,
+                             also_ablate=[ref for _, ref in also])
+            print(f"| score >= {t} | {len(heads)} | {c.clean} | {c.ablated} | {c.control_ablated} | {c.restored} "
+                  f"| {c.effect} | {c.control_effect} |")
+            record[f"L{layer}-causal-induction-without-others-{t}"] = {"also_ablated": c.also_ablated, "clean": c.clean.mean,
+                                                                      "ablated": c.ablated.mean,
+                                                                      "control_ablated": c.control_ablated.mean}
 
 
 if __name__ == "__main__":

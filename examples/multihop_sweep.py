@@ -28,6 +28,7 @@ RUNS = {
     "wd0.1": {"weight_decay": 0.1},
     "base500": {"rotary_base": 500.0},
     "base1e6": {"rotary_base": 1e6},
+    "extra0-8": {"train_extra": 8},
     "extra0-32": {"train_extra": 32},
     "hops3-4": {"hops": (3, 4)},
     "seed1": {"seed": 1},
