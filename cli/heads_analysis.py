@@ -401,7 +401,7 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
         click.echo(json.dumps(dataclasses.asdict(check), indent=2))
         return
     click.echo(f"{family}: {check.behaviour}; {len(check.heads)} heads of layer {layer}, {check.prompts} prompts, mean [95% CI]"
-               + (f"; {len(check.also_ablated)} heads of other layers ablated throughout" if also else ""))
+               + (f"; ablated throughout: {', '.join(check.also_ablated)}" if also else ""))
     for label, value in (("clean", check.clean), ("family ablated", check.ablated),
                          ("matched random heads ablated", check.control_ablated),
                          ("family ablated, patched back", check.restored), ("effect of the family", check.effect),

@@ -12,6 +12,7 @@ Behaviours (higher is better for all three):
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,7 +146,7 @@ def matched_control(handle: Splice, layer: int, heads: list[int], probe: Probe, 
 
 
 def causal_check(handle: Splice, tokenizer, layer: int, family: str, heads: list[int], n_prompts: int = 32,
-                 seed: int = 0, words: str = "random", also_ablate: list[str] = ()) -> CausalCheck:
+                 seed: int = 0, words: str = "random", also_ablate: Sequence[str] = ()) -> CausalCheck:
     """Ablate `heads` (zero) of the module spliced at `layer` and measure `family`'s behaviour on fresh prompts, beside
     a matched random control and the family patched back from the clean run. `words` (induction only, one of `WORDS`)
     says where the repeated sequences take their words. `also_ablate` (head references of other spliced layers, e.g.

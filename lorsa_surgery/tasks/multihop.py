@@ -121,6 +121,12 @@ def _check_task(task: str) -> None:
         raise LorsaSurgeryError(f"Unknown task {task!r}; choose number or letter.")
 
 
+def check_hops(hops: Sequence[int]) -> None:
+    """Raise unless `hops` is a non-empty list of hop counts 1..MAX_HOPS."""
+    if not hops or any(h not in range(1, MAX_HOPS + 1) for h in hops):
+        raise LorsaSurgeryError(f"Hop counts must be 1 to {MAX_HOPS}, got {list(hops)}.")
+
+
 def _balanced(rng: random.Random, values: list, n: int) -> list:
     """n draws in which every value appears equally often (up to one), in random order."""
     out = values * (n // len(values)) + rng.sample(values, n % len(values))
@@ -179,8 +185,7 @@ def generate(task: str, n: int, seed: int | str = 0, extra: int = 0,
     _check_task(task)
     if n < 0 or extra < 0:
         raise LorsaSurgeryError("The number of examples and of extra tokens must be non-negative.")
-    if not hops or any(h not in range(1, MAX_HOPS + 1) for h in hops):
-        raise LorsaSurgeryError(f"Hop counts must be 1 to {MAX_HOPS}, got {list(hops)}.")
+    check_hops(hops)
     rng = random.Random(f"{task}:{seed}:{extra}")
     answers = SYMBOLS if task == "number" else LETTER_DIGITS
     make = _number_example if task == "number" else _letter_example

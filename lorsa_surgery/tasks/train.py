@@ -25,7 +25,8 @@ from transformers import GPTJConfig, GPTJForCausalLM
 from lorsa_surgery import files, positional
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.files import write_json
-from lorsa_surgery.tasks.multihop import MAX_HOPS, PRE_TARGET, TASKS, WINDOW, Example, TaskTokenizer, generate
+from lorsa_surgery.tasks.multihop import (MAX_HOPS, PRE_TARGET, TASKS, WINDOW, Example, TaskTokenizer, check_hops,
+                                          generate)
 
 TRAIN_LENGTH = WINDOW + PRE_TARGET + 1
 """Input tokens per training prompt (the answer is predicted at the last one)."""
@@ -99,8 +100,7 @@ class TrainConfig:
             raise LorsaSurgeryError(f"n_positions must be at least {TRAIN_LENGTH} plus train_extra, which must be non-negative.")
         if self.rotary_base <= 1:
             raise LorsaSurgeryError(f"rotary_base must be above 1, got {self.rotary_base}.")
-        if not self.hops or any(h not in range(1, MAX_HOPS + 1) for h in self.hops):
-            raise LorsaSurgeryError(f"hops must be hop counts from 1 to {MAX_HOPS}, got {list(self.hops)}.")
+        check_hops(self.hops)
 
 
 PRESETS = {
