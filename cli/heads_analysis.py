@@ -301,7 +301,8 @@ def _columns(stores, head_spec: str):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: every head's score per family.")
 @click.option("--write-catalog", is_flag=True,
               help="Label the heads that reach a family's threshold in each module's head catalog (its folder), so "
-                   "`L23:induction` names them and model cards list them.")
+                   "`L23:induction` names them and model cards list them; heads that only read like a family are "
+                   "labelled `<family>_attention`.")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only).")
 @placement_options
@@ -311,7 +312,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     among the heads of Lorsa modules and of MHSA layers of MODEL, on probes built offline from its tokenizer."""
     from lorsa_surgery.cli.loading import load_host
     from lorsa_surgery.arch import provenance
-    from lorsa_surgery.families import catalog_entries, detect as run_detect
+    from lorsa_surgery.families import ATTENTION_THRESHOLD, catalog_entries, detect as run_detect
     from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
 
     names = families.split(",") if families else list(FAMILIES)
@@ -340,7 +341,9 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     if as_json:
         click.echo(json.dumps({f"{prefix[:-2]}": {
             **{name: {"threshold": fs.threshold, "queries": fs.queries, "members": [f"{prefix}{h}" for h in fs.members()],
-                      "scores": [round(float(s), 4) for s in fs.scores], "counted": fs.counted.tolist()}
+                      "attending": [f"{prefix}{h}" for h in fs.attending()],
+                      "scores": [round(float(s), 4) for s in fs.scores],
+                      "attention": [round(float(s), 4) for s in fs.attention], "counted": fs.counted.tolist()}
                for name, fs in results.items()},
             **({"provenance": {"main_mhsa_head": spread[layer].argmax(1).tolist(),
                                "main_share": [round(float(v), 4) for v in spread[layer].max(1).values]}}
@@ -350,16 +353,18 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     for layer, lorsa, prefix, results in report:
         kind = f"Lorsa module, {lorsa.cfg.n_ov_heads} heads" if lorsa is not None else "MHSA heads"
         click.echo(f"layer {layer} ({kind})")
-        click.echo(f"  {'family':<17}{'threshold':>10}{'members':>9}  top heads (score)")
+        click.echo(f"  {'family':<17}{'threshold':>10}{'members':>9}{'attending':>11}  top heads (score)")
         for name, fs in results.items():
             top = fs.scores.argsort(descending=True)[:n_top].tolist()
             shown = ", ".join(f"{prefix}{h} {float(fs.scores[h]):.2f}" for h in top if fs.scores[h] > 0) or "-"
-            click.echo(f"  {name:<17}{fs.threshold:>10.2f}{len(fs.members()):>9}  {shown}")
+            click.echo(f"  {name:<17}{fs.threshold:>10.2f}{len(fs.members()):>9}{len(fs.attending()):>11}  {shown}")
         if lorsa is not None:
             top = spread[layer].max(1).values
             click.echo(f"  provenance: the main MHSA head holds a median {float(top.median()):.2f} of a head's output "
                        f"direction; {float((top < 0.9).float().mean()):.1%} of heads draw on more than one MHSA head "
                        f"(main share under 0.9), {float((top < 0.5).float().mean()):.1%} on no single one (under 0.5)")
+        click.echo(f"  attending: heads under the threshold whose attention part reaches {ATTENTION_THRESHOLD} (they read "
+                   "the target of a copying family without promoting it directly)")
         if write_catalog and lorsa is not None:
             click.echo(f"  labelled {len(catalog_entries(results))} heads in {lorsa.origin['path']}")
 

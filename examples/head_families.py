@@ -1,7 +1,7 @@
-"""The figures of docs/heads.md: head families in both shipped SmolLM2 modules and in MHSA layers, their causal
+"""The figures of docs/heads.md: head families in the three shipped SmolLM2 modules and in MHSA layers, their causal
 effects against matched random controls, and where the Lorsa heads' OV circuits come from.
 
-    python examples/head_families.py                 # both shipped modules, MHSA layers 3, 17, 18 and 23 (a few minutes)
+    python examples/head_families.py                 # shipped modules 3, 18, 23; MHSA layers 3, 17, 18, 23 (about 40 min)
     python examples/head_families.py --fast          # fewer prompts, layer 3 only (for tests)
 
 Prints Markdown tables; with --out, also writes every score as JSON.
@@ -19,7 +19,7 @@ import torch
 import lorsa_surgery as ls
 from lorsa_surgery.analysis import token_text, unembedding
 from lorsa_surgery.causal import BEHAVIOURS, WORDS, behaviour, behaviour_probe, causal_check
-from lorsa_surgery.families import FAMILIES
+from lorsa_surgery.families import FAMILIES, catalog_entries
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, n_causal = (4, 8) if args.fast else (args.prompts, args.causal_prompts)
-    shipped = [3] if args.fast else [3, 23]
+    shipped = [3] if args.fast else [3, 18, 23]
     mhsa = [3] if args.fast else [3, 17, 18, 23]
 
     model, tokenizer = ls.load_model("smollm2")
@@ -68,19 +68,23 @@ def main() -> None:
 
         handle = ls.splice(model, {layer: lorsa})
         print(f"\nLayer {layer}, causal checks ({n_causal} fresh prompts; mean [95% bootstrap CI])")
-        print("| family | heads | behaviour | clean | family ablated | matched control ablated | patched back | effect | control effect |")
+        print("| label | heads | behaviour | clean | family ablated | matched control ablated | patched back | effect | control effect |")
         print("|---|---|---|---|---|---|---|---|---|")
+        labels = catalog_entries(found[layer])  # what `heads detect --write-catalog` writes
         for family in BEHAVIOURS:
-            heads = found[layer][family].members()
-            if not heads:
-                print(f"| {family} | 0 | {BEHAVIOURS[family]} | no heads found | | | | | |")
-                continue
-            c = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n_causal)
-            print(f"| {family} | {len(heads)} | {c.behaviour} | {c.clean} | {c.ablated} | {c.control_ablated} | {c.restored} "
-                  f"| {c.effect} | {c.control_effect} |")
-            record[f"L{layer}-causal-{family}"] = {"heads": c.heads, "control": c.control, "clean": c.clean.mean,
-                                                   "ablated": c.ablated.mean, "control_ablated": c.control_ablated.mean,
-                                                   "restored": c.restored.mean}
+            groups = {family: found[layer][family].members()}
+            if FAMILIES[family].copies:  # and the heads that read the family's target without promoting it directly
+                groups[f"{family}_attention"] = sorted(h for h, e in labels.items() if e["label"] == f"{family}_attention")
+            for label, heads in groups.items():
+                if not heads:
+                    print(f"| {label} | 0 | {BEHAVIOURS[family]} | no heads found | | | | | |")
+                    continue
+                c = causal_check(handle, tokenizer, layer, family, heads, n_prompts=n_causal)
+                print(f"| {label} | {len(heads)} | {c.behaviour} | {c.clean} | {c.ablated} | {c.control_ablated} "
+                      f"| {c.restored} | {c.effect} | {c.control_effect} |")
+                record[f"L{layer}-causal-{label}"] = {"heads": c.heads, "control": c.control, "clean": c.clean.mean,
+                                                      "ablated": c.ablated.mean, "control_ablated": c.control_ablated.mean,
+                                                      "restored": c.restored.mean}
         if family_heads := [h for h in found[layer]["induction"].scores.argsort(descending=True).tolist()
                             if found[layer]["induction"].scores[h] > 0]:
             print(f"\nLayer {layer}, induction ablation by detector threshold (the family's threshold is "

@@ -6,7 +6,7 @@
   (docs/heads.md); `--layer 18` (`--lorsa 18=default`): the layer whose MHSA induction heads the model needs most
   (ablating L18.A6 alone costs half of the repeated-token accuracy). Both with the toolkit's defaults at the
   paper's shape: 4608 heads (expansion 8) over 9 QK heads, K = 64, init "host", lr 5e-4; 6M tokens (22 epochs of
-  the corpus; 30 to 40 minutes on 2 cores here, 4 of them for the first epoch, which runs the host).
+  the corpus; 30 to 45 minutes on 2 cores here, 4 to 7 of them for the first epoch, which runs the host).
 
 The text is the built-in offline corpus, what every Python installation carries (the language reference behind
 `help()` and the docstrings of well-documented standard modules), so the run needs no download. Activations are
@@ -15,8 +15,9 @@ cached in the run folder, so every epoch after the first skips the host model.
 Writes only under --out: the run (L<layer>/ with metrics.jsonl and training.png, checkpoints; rerunning resumes)
 and, in OUT/module, the float16 module. To make it the shipped default, copy it:
 
-    nice python examples/train_default_modules.py --layer 23 --out runs/smollm2-L23 [--threads 2]
-    cp runs/smollm2-L23/module/* lorsa_surgery/default_modules/smollm2-L23/
+    nice python examples/train_default_modules.py --layer 18 --out runs/smollm2-L18 [--threads 2]
+    cp runs/smollm2-L18/module/* lorsa_surgery/default_modules/smollm2-L18/
+    lorsa-surgery heads detect smollm2 --lorsa 18=default --write-catalog     # its head catalog
 """
 
 from __future__ import annotations

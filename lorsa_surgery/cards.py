@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from importlib import resources
 from typing import Any
 
@@ -45,7 +46,12 @@ def render(root: dict[str, Any], modules: dict[int, Lorsa], interventions=None, 
             "input_space": c.input_space, "ev": "-" if ev is None else f"{ev:.4f}",
         })
         for head, info in sorted(lorsa.catalog.items()):
-            notable.append({"ref": f"L{layer}.H{head}", "label": info.get("label", ""), "note": info.get("note", "")})
+            notable.append({"ref": f"L{layer}.H{head}", "label": info.get("label", ""), "note": info.get("note", ""),
+                            "layer": layer})
+    # A detected catalog holds hundreds of heads: the card leads with one row per label.
+    counts = Counter((h["layer"], h["label"]) for h in notable if h["label"])
+    labels = [{"label": label, "count": n, "selector": f"L{layer}:{label}"}
+              for (layer, label), n in sorted(counts.items(), key=lambda item: (item[0][0], -item[1], item[0][1]))]
     training = [(layer, lorsa.training_info) for layer, lorsa in sorted(modules.items()) if lorsa.training_info]
     template = resources.files("lorsa_surgery.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
     card = ModelCard.from_template(
@@ -62,6 +68,7 @@ def render(root: dict[str, Any], modules: dict[int, Lorsa], interventions=None, 
         text_source=metrics.get("text_source"),
         training=training,
         notable=notable,
+        labels=labels,
         interventions=json.dumps(interventions.to_dict(), indent=2) if interventions is not None else None,
         adapter=root.get("adapter"),
         healing=metrics.get("healing"),

@@ -16,6 +16,12 @@ to, and for some the token it should promote) and one score per head in [0, 1]:
   query positions scores 0); 1 for MHSA heads.
 
 A head belongs to a family when its score reaches the family's threshold (`FAMILIES`).
+
+The score without promote_q is reported too (`FamilyScores.attention`): where the head reads from. In the families
+whose target is the token at their source (induction, name mover: `Family.copies`), a head that reads from the
+sources (attention part >= `ATTENTION_THRESHOLD`) but does not promote the target through the direct logits can
+still carry the behaviour through later layers; SmolLM2's layer-18 induction heads do (docs/heads.md). Such heads
+are labelled `<family>_attention`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ MIN_FIRINGS = 4
 """Query positions a Lorsa head must fire at to be scored at all."""
 TOP_SHARE = 0.01
 """A target counts as promoted when it is in this top share of the vocabulary by the head's logit effect."""
+ATTENTION_THRESHOLD = 0.5
+"""Attention part from which a head counts as reading like the family: most of its input comes from the sources."""
 
 
 @dataclass
@@ -64,6 +72,9 @@ class Family:
     description: str
     threshold: float
     build: Callable[..., Probe] = field(repr=False)
+    copies: bool = False
+    """The target is the token at the family's source, so a head that reads from the sources carries the target on
+    even where it does not promote it directly: such families also label heads by their attention part."""
 
 
 # ---- probes -------------------------------------------------------------------------------------------------
@@ -276,13 +287,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("duplicate_token", "attends to the earlier occurrence of the current token", 0.3,
            lambda tok, n, seed: repeated_probe(tok, n, 20, seed, "duplicate")),
     Family("induction", "attends to the token after the earlier occurrence of the current token and promotes it", 0.2,
-           lambda tok, n, seed: repeated_probe(tok, n, 20, seed, "induction")),
+           lambda tok, n, seed: repeated_probe(tok, n, 20, seed, "induction"), copies=True),
     Family("attention_sink", "puts its attention on the first token (BOS)", 0.7,
            lambda tok, n, seed: random_probe(tok, n, 40, seed, "sink")),
     Family("successor", "promotes the next item of an ordinal sequence it attends to", 0.2, successor_probe),
     # One query per prompt: four times the prompts.
     Family("name_mover", "attends to the indirect object of an IOI prompt and promotes it", 0.2,
-           lambda tok, n, seed: ioi_probe(tok, 4 * n, seed)),
+           lambda tok, n, seed: ioi_probe(tok, 4 * n, seed), copies=True),
     Family("arithmetic", "attends to the operands of a small sum and promotes the result's first digit", 0.2,
            lambda tok, n, seed: arithmetic_probe(tok, 4 * n, seed)),
     Family("thematic_anchor", "draws on topic words far back in a document and promotes topic words", 0.2,
@@ -311,6 +322,9 @@ class FamilyScores:
     threshold: float
     scores: torch.Tensor
     """[heads] in [0, 1]."""
+    attention: torch.Tensor
+    """[heads] in [0, 1]: the score without the promotion test, the weighted share of the head's input that comes
+    from the family's sources (equal to the score for families without a target)."""
     counted: torch.Tensor
     """[heads] query positions that counted (where a Lorsa head fired; all of them for MHSA heads)."""
     queries: int
@@ -321,19 +335,28 @@ class FamilyScores:
         order = self.scores.argsort(descending=True)
         return [int(h) for h in order if self.scores[h] >= self.threshold]
 
+    def attending(self) -> list[int]:
+        """Heads whose attention part reaches ATTENTION_THRESHOLD but whose score stays under the threshold, best
+        first: they read the family's target without promoting it directly. Empty unless the family copies what it
+        attends to (`Family.copies`)."""
+        if not FAMILIES[self.family].copies:
+            return []
+        order = self.attention.argsort(descending=True)
+        return [int(h) for h in order if self.attention[h] >= ATTENTION_THRESHOLD and self.scores[h] < self.threshold]
+
 
 @torch.no_grad()
 def score_heads(lorsa: Lorsa, x: torch.Tensor, probe: Probe, logits: Callable[[torch.Tensor], torch.Tensor],
-                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, counted) of every head of a Lorsa module on a probe, given the module's input x [B, T, d] on the
-    probe's prompts and the direct-logit map (`analysis.unembedding`)."""
+                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, attention parts, counted) of every head of a Lorsa module on a probe, given the module's input
+    x [B, T, d] on the probe's prompts and the direct-logit map (`analysis.unembedding`)."""
     device = lorsa.W_Q.device
     x, mask = x.to(device, lorsa.W_Q.dtype), probe.attention_mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     query, sources = probe.query.to(device), probe.sources.to(device)
     acts = lorsa.encode(x, pos, mask).float()  # [B, T, n]
     effects = logits(lorsa.W_O).to(device) if probe.target is not None else None  # [n, V]
-    scores, counted = [], []
+    scores, attention, counted = [], [], []
     for start in range(0, lorsa.cfg.n_ov_heads, chunk):
         heads = torch.arange(start, min(start + chunk, lorsa.cfg.n_ov_heads), device=device)
         parts = lorsa.z_pattern(x, heads, pos, mask).float().clamp_min(0)  # [B, h, T, S]
@@ -345,15 +368,16 @@ def score_heads(lorsa: Lorsa, x: torch.Tensor, probe: Probe, logits: Callable[[t
             promote = (effect[:, probe.target.to(device).clamp_min(0)] >= _top_cut(effect)[:, None, None]).float()
             promote = promote.permute(1, 0, 2)
         fired = (weight > 0).sum((0, 2))
-        score = (weight * mass * promote).sum((0, 2)) / weight.sum((0, 2)).clamp_min(1e-12)
-        scores.append(torch.where(fired >= MIN_FIRINGS, score, torch.zeros_like(score)))
+        for out, part in ((scores, mass * promote), (attention, mass)):
+            score = (weight * part).sum((0, 2)) / weight.sum((0, 2)).clamp_min(1e-12)
+            out.append(torch.where(fired >= MIN_FIRINGS, score, torch.zeros_like(score)))
         counted.append(fired)
-    return torch.cat(scores).cpu(), torch.cat(counted).cpu()
+    return torch.cat(scores).cpu(), torch.cat(attention).cpu(), torch.cat(counted).cpu()
 
 
 @torch.no_grad()
-def score_attention_heads(model: nn.Module, layer: int, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, counted) of every MHSA head of a host layer on a probe, read through its exact copy."""
+def score_attention_heads(model: nn.Module, layer: int, probe: Probe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, attention parts, counted) of every MHSA head of a host layer on a probe, read through its exact copy."""
     from lorsa_surgery.analysis import unembedding
     from lorsa_surgery.arch import exact_copy
 
@@ -374,8 +398,9 @@ def score_attention_heads(model: nn.Module, layer: int, probe: Probe) -> tuple[t
         out = torch.einsum("bhts,bhsd->bhtd", pattern, written)[b, :, t]  # [Q, H, d]
         target = probe.target.to(x.device)[b, t][:, None].expand(-1, H)
         promote[b, :, t] = _promoted(unembedding(model)(out).to(x.device), target)
-    score = (weight * mass * promote).sum((0, 2)) / weight.sum((0, 2)).clamp_min(1e-12)
-    return score.cpu(), weight.sum((0, 2)).long().cpu()
+    total = weight.sum((0, 2)).clamp_min(1e-12)
+    score, attention = (weight * mass * promote).sum((0, 2)) / total, (weight * mass).sum((0, 2)) / total
+    return score.cpu(), attention.cpu(), weight.sum((0, 2)).long().cpu()
 
 
 def _layer_input(model: nn.Module, layer: int, probe: Probe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -400,28 +425,38 @@ def detect(model: nn.Module, tokenizer, layer: int, lorsa: Lorsa | None = None, 
         family = FAMILIES[name]
         probe = family.build(tokenizer, n_prompts, seed)
         if lorsa is None:
-            scores, counted = score_attention_heads(model, layer, probe)
+            scores, attention, counted = score_attention_heads(model, layer, probe)
         else:
             from lorsa_surgery.analysis import unembedding
 
             x, _, _ = _layer_input(model, layer, probe)
-            scores, counted = score_heads(lorsa.to(x.device), x, probe, unembedding(model))
-        result[name] = FamilyScores(name, family.threshold, scores, counted, int(probe.query.sum()))
+            scores, attention, counted = score_heads(lorsa.to(x.device), x, probe, unembedding(model))
+        result[name] = FamilyScores(name, family.threshold, scores, attention, counted, int(probe.query.sum()))
     return result
 
 
 def catalog_entries(results: dict[str, FamilyScores]) -> dict[int, dict[str, str]]:
     """Head catalog entries for the heads that reach a family's threshold: the label is the family whose threshold
-    the head exceeds most (score / threshold), the note lists every family it belongs to with its score."""
+    the head exceeds most (score / threshold), the note lists every family it belongs to with its score. A head in no
+    family that reads like one (`FamilyScores.attending`) is labelled `<family>_attention`, by the same rule on the
+    attention parts."""
     entries: dict[int, dict[str, str]] = {}
-    best: dict[int, float] = {}
-    for name, fs in results.items():
-        for head in fs.members():
-            score = float(fs.scores[head])
-            note = entries.get(head, {}).get("note", "")
-            part = f"{name} {score:.2f}"
-            entries.setdefault(head, {"label": name, "note": ""})["note"] = f"{note}; {part}" if note else f"detected: {part}"
-            if score / fs.threshold > best.get(head, 0.0):
-                best[head] = score / fs.threshold
-                entries[head]["label"] = name
+    for kind in ("score", "attention"):
+        found: dict[int, dict[str, str]] = {}
+        best: dict[int, float] = {}
+        for name, fs in results.items():
+            heads = fs.members() if kind == "score" else [h for h in fs.attending() if h not in entries]
+            for head in heads:
+                value, cut = (fs.scores[head], fs.threshold) if kind == "score" else (fs.attention[head], ATTENTION_THRESHOLD)
+                part = f"{name} {float(value):.2f}" if kind == "score" else \
+                    f"{name} attention {float(value):.2f} (score {float(fs.scores[head]):.2f})"
+                label = name if kind == "score" else f"{name}_attention"
+                if head in found:
+                    found[head]["note"] += "; " + part
+                else:
+                    found[head] = {"label": label, "note": "detected: " + part}
+                if float(value) / cut > best.get(head, 0.0):
+                    best[head] = float(value) / cut
+                    found[head]["label"] = label
+        entries.update(found)
     return entries
