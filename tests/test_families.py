@@ -218,21 +218,21 @@ def test_head_families_example_runs_in_fast_mode(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", [18, 23])
-def test_the_big_shipped_modules_carry_detected_labels_that_name_heads_and_reach_the_card(smollm2, tmp_path, layer):
+@pytest.mark.parametrize("layer, label", [(18, "induction_attention"), (23, "induction")])
+def test_the_big_shipped_modules_carry_detected_labels_that_name_heads_and_reach_the_card(smollm2, tmp_path, layer, label):
     import lorsa_surgery as ls
 
     model, _ = smollm2
     lorsa = ls.module_for(model, layer, "default")
-    induction = sorted(h for h, e in lorsa.catalog.items() if e["label"] == "induction")
+    induction = sorted(h for h, e in lorsa.catalog.items() if e["label"] == label)
     assert len(induction) >= 20 and all(lorsa.catalog[h]["note"].startswith("detected: ") for h in induction)
     handle = ls.splice(model, {layer: lorsa})
     try:
-        assert [r.index for r in ls.resolve_heads(f"L{layer}:induction", handle)] == induction
+        assert [r.index for r in ls.resolve_heads(f"L{layer}:{label}", handle)] == induction
         card = (ls.save_patched(handle, tmp_path / "patched", base=ls.base_record("smollm2")) / "README.md").read_text()
     finally:
         ls.unsplice(model)
-    assert f"L{layer}.H{induction[0]}" in card and "induction" in card
+    assert f"L{layer}.H{induction[0]}" in card and f"| {label} | {len(induction)} | `L{layer}:{label}` |" in card
 
 
 @pytest.mark.slow
