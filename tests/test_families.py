@@ -250,6 +250,16 @@ def test_ablating_the_layer18_induction_family_costs_far_more_than_its_matched_c
     assert check.effect.low > 0.2 and check.control_effect.high < 0.1  # 0.418 against 0.001 on 64 prompts (docs/heads.md)
     assert check.restored.mean == pytest.approx(check.clean.mean, abs=0.01)
 
+    from click.testing import CliRunner
+
+    from lorsa_surgery.cli import main
+
+    out = CliRunner().invoke(main, ["heads", "causal", "smollm2", "--lorsa", "18=default", "--family", "induction", "-n", "4"])
+    assert out.exit_code == 0, out.output
+    scored = [h for h, e in ls.module_for(None, 18, "default").catalog.items() if e["label"] == "induction"]
+    assert f"{len(scored)} heads of layer 18" in out.output  # by default the family's own label
+    assert f"also labels {len(heads)} heads induction_attention" in out.output and "--heads L18:induction_attention" in out.output
+
 
 @pytest.mark.slow
 def test_heads_ablated_throughout_shape_every_run_of_a_causal_check(smollm2_gguf):
