@@ -412,7 +412,8 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
                          ("family ablated, patched back", check.restored), ("effect of the family", check.effect),
                          ("effect of the control", check.control_effect)):
         click.echo(f"  {label:<30}{value}")
-    readers = [h for h, e in handle[layer].source.catalog.items() if e.get("label") == f"{family}_attention"]
-    if readers and not head_spec:
+    readers = [] if head_spec else [h for h, e in handle[layer].source.catalog.items()
+                                    if e.get("label") == f"{family}_attention"]
+    if readers:
         click.echo(f"The catalog also labels {len(readers)} heads {family}_attention: they read the token the family "
                    f"copies without promoting it directly (--heads L{layer}:{family}_attention).")

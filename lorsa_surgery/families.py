@@ -440,23 +440,24 @@ def catalog_entries(results: dict[str, FamilyScores]) -> dict[int, dict[str, str
     the head exceeds most (score / threshold), the note lists every family it belongs to with its score. A head in no
     family that reads like one (`FamilyScores.attending`) is labelled `<family>_attention`, by the same rule on the
     attention parts."""
+    members = _entries([(name, h, float(fs.scores[h]) / fs.threshold, f"{name} {float(fs.scores[h]):.2f}")
+                        for name, fs in results.items() for h in fs.members()])
+    readers = _entries([(f"{name}_attention", h, float(fs.attention[h]) / ATTENTION_THRESHOLD,
+                         f"{name} attention {float(fs.attention[h]):.2f} (score {float(fs.scores[h]):.2f})")
+                        for name, fs in results.items() for h in fs.attending() if h not in members])
+    return {**members, **readers}
+
+
+def _entries(found: list[tuple[str, int, float, str]]) -> dict[int, dict[str, str]]:
+    """(label, head, strength, note part) -> one entry per head, labelled by its strongest find, noting all."""
     entries: dict[int, dict[str, str]] = {}
-    for kind in ("score", "attention"):
-        found: dict[int, dict[str, str]] = {}
-        best: dict[int, float] = {}
-        for name, fs in results.items():
-            heads = fs.members() if kind == "score" else [h for h in fs.attending() if h not in entries]
-            for head in heads:
-                value, cut = (fs.scores[head], fs.threshold) if kind == "score" else (fs.attention[head], ATTENTION_THRESHOLD)
-                part = f"{name} {float(value):.2f}" if kind == "score" else \
-                    f"{name} attention {float(value):.2f} (score {float(fs.scores[head]):.2f})"
-                label = name if kind == "score" else f"{name}_attention"
-                if head in found:
-                    found[head]["note"] += "; " + part
-                else:
-                    found[head] = {"label": label, "note": "detected: " + part}
-                if float(value) / cut > best.get(head, 0.0):
-                    best[head] = float(value) / cut
-                    found[head]["label"] = label
-        entries.update(found)
+    best: dict[int, float] = {}
+    for label, head, strength, part in found:
+        if head in entries:
+            entries[head]["note"] += "; " + part
+        else:
+            entries[head] = {"label": label, "note": "detected: " + part}
+        if strength > best.get(head, 0.0):
+            best[head] = strength
+            entries[head]["label"] = label
     return entries
