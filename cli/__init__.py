@@ -6,13 +6,25 @@ from lorsa_surgery.errors import LorsaSurgeryError
 
 
 class _Group(click.Group):
-    """Turns library errors into one-line messages and a non-zero exit instead of tracebacks."""
+    """Turns every error into one line and a non-zero exit: no input prints a traceback unless --verbose asks."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except LorsaSurgeryError as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(" ".join(str(e).split())) from e
+        except KeyboardInterrupt:
+            raise click.ClickException("Interrupted; what was already saved is kept.") from None
+        except Exception as e:
+            if ctx.params.get("verbose"):
+                raise
+            if isinstance(e, OSError) and e.strerror:  # disk full, permission denied: the input is fine, the machine is not
+                what = f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+            else:
+                what = f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            raise click.ClickException(f"{what} (run with --verbose before the command for the traceback).") from e
 
 
 @click.group(cls=_Group)

@@ -79,16 +79,15 @@ def label_head(path, head_spec, label, note):
     An empty LABEL removes the head from the catalog.
     """
     from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
-    from lorsa_surgery.patched import is_patched_folder, read_root
+    from lorsa_surgery.patched import is_patched_folder, module_folders
 
     ref = HeadRef.parse(head_spec)
     layer, index = ref.layer, ref.index
     folder = path
     if is_patched_folder(path):
-        entry = read_root(path)["layers"].get(str(layer))
-        if entry is None:
+        folder = module_folders(path).get(layer)
+        if folder is None:
             raise LorsaSurgeryError(f"Layer {layer} carries no Lorsa module in {path}.")
-        folder = path / entry["folder"]
     if not (folder / NATIVE_CONFIG).is_file():
         raise LorsaSurgeryError(f"{folder} is not a native Lorsa folder; only those carry a head catalog.")
     lorsa = Lorsa.from_pretrained(folder)
@@ -107,19 +106,25 @@ def label_head(path, head_spec, label, note):
 # ---- one scan, many views ---------------------------------------------------------------------------------------
 
 SCAN_FILE = "scan.json"
+TOKENIZER_FOLDER = "tokenizer"
 
 
 def _stores(folder: Path):
+    """(record, the layer stores) of a scan folder, wherever it has been moved or copied."""
     from lorsa_surgery.scan import HeadStore
 
-    record = files.read_json(folder / SCAN_FILE)
-    return record, [HeadStore.load(folder / f"L{layer}") for layer in record["layers"]]
+    record = files.read_json(folder / SCAN_FILE, expect=dict)
+    layers = record.get("layers")
+    if not isinstance(layers, list) or not layers or not all(type(layer) is int and layer >= 0 for layer in layers):
+        raise LorsaSurgeryError(f"{folder / SCAN_FILE}: layers should be a list of layer numbers; scan again.")
+    return record, [HeadStore.load(folder / f"L{layer}") for layer in layers]
 
 
-def _tokenizer(record: dict):
+def _tokenizer(folder: Path):
+    """The tokenizer a scan saved beside its stores (read from the scan folder, so a moved scan still finds it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(record["tokenizer"])
+    return AutoTokenizer.from_pretrained(str(files.inside(folder, TOKENIZER_FOLDER, what="the scan's tokenizer")))
 
 
 @heads.command("scan")
@@ -142,6 +147,7 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
 
     if min(max_length, max_tokens, bands, per_band + 1, k + 1) < 1 or max_length < 2:
         raise LorsaSurgeryError("--max-length must be at least 2, --max-tokens and --bands positive, -k and --per-band not negative.")
+    files.claim(out_dir, kind="head-scan")  # before the model loads: a folder of someone else's is refused at once
     tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement)
     windows = corpus_windows(tokenizer, texts, max_length, max_tokens)
     stores = []
@@ -149,10 +155,10 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
         store, scanned = ensure(handle, windows, layer, out_dir / f"L{layer}", k=k, bands=bands, per_band=per_band)
         click.echo(f"layer {layer}: {'scanned' if scanned else 'unchanged, kept'} {store.n_tokens} tokens, {len(store.heads)} heads", err=True)
         stores.append(store)
-    tokenizer.save_pretrained(out_dir / "tokenizer")
+    tokenizer.save_pretrained(out_dir / TOKENIZER_FOLDER)
     files.write_json(out_dir / SCAN_FILE, {
         "model": model, "lorsa": list(lorsa_specs), "revision": revision, "base": base, "layers": handle.layers,
-        "tokenizer": str((out_dir / "tokenizer").resolve()), "corpus": [Path(t).name for t in texts] or corpus.BUILTIN_CORPUS,
+        "tokenizer": TOKENIZER_FOLDER, "corpus": [Path(t).name for t in texts] or corpus.BUILTIN_CORPUS,
     })
     if pages:
         click.echo(write_site(stores, tokenizer, out_dir))
@@ -172,7 +178,7 @@ def list_heads(scan_dir, label, min_firing, prompt, sort, limit, as_json):
     from lorsa_surgery.analysis import token_text
 
     record, stores = _stores(scan_dir)
-    tokenizer = _tokenizer(record)
+    tokenizer = _tokenizer(scan_dir)
     rows = [{**row, "layer": store.layer} for store in stores for row in store.rows()]
     if label is not None:
         rows = [r for r in rows if r["label"] == label]
@@ -201,8 +207,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
     from lorsa_surgery.interventions import Recorder
 
     placement = {**dict.fromkeys(PLACEMENT), "dtype": "float32"}  # the defaults of the placement options
-    _, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
-    tokenizer = _tokenizer(record)
+    tokenizer, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
     refs = [f"L{layer}.H0-{handle[layer].source.cfg.n_ov_heads - 1}" for layer in handle.layers]
     with Recorder(handle, refs) as rec, torch.no_grad():
         handle.model(tokenizer(prompt, return_tensors="pt").input_ids)
@@ -221,7 +226,7 @@ def top(scan_dir, head_spec, context, as_json):
 
     before, after = _context(context)
     record, stores = _stores(scan_dir)
-    tokenizer = _tokenizer(record)
+    tokenizer = _tokenizer(scan_dir)
     out, rows = {}, {store.layer: store.rows() for store in stores}
     for store, column in _columns(stores, head_spec):
         row = rows[store.layer][column]
@@ -259,7 +264,7 @@ def dashboard(scan_dir, head_spec, out_dir):
 
     record, stores = _stores(scan_dir)
     refs = [store.rows()[column]["head"] for store, column in _columns(stores, head_spec)]
-    click.echo(write_site(stores, _tokenizer(record), out_dir or scan_dir, heads=refs))
+    click.echo(write_site(stores, _tokenizer(scan_dir), out_dir or scan_dir, heads=refs))
 
 
 def _context(text: str) -> tuple[int, int]:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.cli.loading import placement_options
+from lorsa_surgery import files
+from lorsa_surgery.cli.loading import overwrite_option, placement_options
 from lorsa_surgery.healing import HealConfig, heal as run_heal
 from lorsa_surgery.hub import pull
 from lorsa_surgery.patched import load_patched, read_root, save_patched
@@ -31,11 +32,13 @@ LOG = "heal.jsonl"
 @click.option("--seed", type=int, default=HealConfig.seed, show_default=True)
 @click.option("--revision", default=None, help="Hub revision of PATCHED.")
 @click.option("--base", default=None, help="Base model override (Hub id, folder or .gguf).")
+@overwrite_option
 @placement_options
-def heal(patched, out, revision, base, placement, **options) -> None:
+def heal(patched, out, revision, base, overwrite, placement, **options) -> None:
     """Heal PATCHED (a patched-model folder or Hub repo): train its Lorsa modules and/or LoRA adapters so that its
     next-token distribution comes back to the base model's (KL divergence), and save it to --out."""
     config = HealConfig(**options)  # checked before the model loads
+    files.check_out(out, overwrite=overwrite)
     folder = pull(patched, revision=revision)
     metrics = read_root(folder).get("metrics") or {}
     model, tokenizer, handle = load_patched(folder, base=base, **placement)
@@ -49,7 +52,7 @@ def heal(patched, out, revision, base, placement, **options) -> None:
         "lm_loss": {"original": after["lm_loss_original"], "spliced": after["lm_loss_spliced"], "delta": after["lm_loss_gap"]},
         "healing": report,
     }
-    save_patched(handle, out, metrics=metrics)
+    save_patched(handle, out, metrics=metrics, overwrite=overwrite)
     os.replace(log, out / LOG)
     click.echo(f"{'held out':<8} {'KL to original':>15} {'LM loss gap':>12}")
     for name in ("before", "after"):

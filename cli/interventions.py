@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import corpus
-from lorsa_surgery.cli.loading import load_with_modules, placement_options
+from lorsa_surgery import corpus, files
+from lorsa_surgery.cli.loading import load_with_modules, overwrite_option, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import parse_heads
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
@@ -60,6 +60,7 @@ def _common(command):
         click.option("--max-length", default=256, show_default=True, help="Token window for long texts."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
         click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), help="Write a patched model with the intervention attached."),
+        overwrite_option,
         click.option("--revision", default=None, help="Hub revision of MODEL."),
         click.option("--base", default=None, help="Base model override for a patched model."),
         click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
@@ -73,6 +74,8 @@ def _load(options: dict):
     """(model, tokenizer, splice handle), after checking the head and position syntax (before the slow load)."""
     parse_heads(options["heads"])
     parse_positions(options["positions"])
+    if options["save_dir"] is not None:
+        files.check_out(options["save_dir"], overwrite=options["overwrite"])
     host, tokenizer, handle = load_with_modules(
         options["model"], options["lorsa_specs"], options["mode"], options["revision"], options["base"], options["allow_pickle"],
         options["placement"], heads=[options["heads"]],
@@ -130,7 +133,7 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, met
             previous.detach()
             chosen = previous + chosen
         chosen.attach(handle)
-        save_patched(handle, options["save_dir"])  # the base the splice records: the true one for patched models too
+        save_patched(handle, options["save_dir"], overwrite=options["overwrite"])  # the base the splice records: the true one for patched models too
         if not options["as_json"]:
             click.echo(f"Patched model with the intervention written to {options['save_dir']}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import files, models
+from lorsa_surgery import models
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import layers_named
 from lorsa_surgery.patched import is_patched_folder, load_patched, module_for, read_root
@@ -18,13 +18,20 @@ LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 
 
 
 def parse_layer_specs(values: tuple[str, ...]) -> dict[int, str]:
-    specs = {}
+    specs: dict[int, str] = {}
     for value in values:
         layer, sep, spec = value.partition("=")
-        if not sep or not layer.strip().isdigit() or not spec:
+        layer = layer.strip()
+        if not sep or not (layer.isascii() and layer.isdecimal()) or not spec:
             raise click.BadParameter(f"{value!r} is not LAYER=PATH.", param_hint="--lorsa")
+        if int(layer) in specs:  # keeping the last one would silently drop a module the user asked for
+            raise click.BadParameter(f"layer {int(layer)} is given twice ({specs[int(layer)]} and {spec}).", param_hint="--lorsa")
         specs[int(layer)] = spec
     return specs
+
+
+OVERWRITE_HELP = "Replace the output folder if lorsa-surgery wrote it (a folder of anything else is never replaced)."
+overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 
 
 PLACEMENT = ("dtype", "lorsa_dtype", "device_map", "max_memory", "offload_dir")
@@ -104,7 +111,7 @@ def _patched_root(spec: str, revision: str | None) -> dict | None:
     if Path(spec).exists():
         return None
     path = _patched_repo_root(spec, revision)
-    return None if path is None else files.read_json(path)
+    return None if path is None else read_root(Path(path).parent)
 
 
 def _patched_repo_root(spec: str, revision: str | None) -> str | None:

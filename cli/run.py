@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import corpus, models
+from lorsa_surgery import corpus, files, models
 from lorsa_surgery.cli.interventions import intervention_options, interventions_from_options, require_splice
-from lorsa_surgery.cli.loading import LORSA_HELP, load_host, load_with_modules, parse_layer_specs, placement_options
+from lorsa_surgery.cli.loading import (LORSA_HELP, load_host, load_with_modules, overwrite_option, parse_layer_specs,
+                                        placement_options)
 from lorsa_surgery.metrics import splice_report
 from lorsa_surgery.patched import save_patched
 from lorsa_surgery.placement import dtype_of
@@ -25,14 +26,16 @@ from lorsa_surgery.splicing import splice
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@overwrite_option
 @placement_options
-def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pickle, as_json, placement):
+def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pickle, as_json, overwrite, placement):
     """Splice Lorsa modules into MODEL (Hub id, folder, .gguf or 'smollm2'), measure, and save the patched model."""
+    files.check_out(out, overwrite=overwrite)
     host, tokenizer, modules = load_host(model, parse_layer_specs(lorsa_specs), revision, allow_pickle, placement)
     report = splice_report(host, tokenizer, modules, corpus.load_texts(list(texts)), max_length)
     report["text_source"] = ", ".join(Path(t).name for t in texts) or "the built-in sample text"
     handle = splice(host, modules, mode=mode, dtype=dtype_of(placement["lorsa_dtype"]))
-    save_patched(handle, out, metrics=report)
+    save_patched(handle, out, metrics=report, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

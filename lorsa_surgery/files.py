@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lorsa_surgery.errors import LorsaSurgeryError
 
@@ -29,7 +30,10 @@ from lorsa_surgery.errors import LorsaSurgeryError
 def _replace_from_temp(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-file
+        if not _alive(stale.name[len(path.name) + 2 :].partition(".")[0]):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -39,6 +43,19 @@ def _replace_from_temp(path: Path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process a temporary file's name records still runs (an unreadable name counts as alive)."""
+    if not pid.isdecimal():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -57,6 +74,17 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return _replace_from_temp(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or one sentence saying why they cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorsaSurgeryError(f"Missing file: {path}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorsaSurgeryError(f"{path} is not a readable safetensors file ({e}).") from None
 
 
 MAX_JSON_BYTES = 64 << 20
@@ -125,6 +153,17 @@ def check_out(out: str | Path, *, overwrite: bool = False) -> Path:
         raise LorsaSurgeryError(f"{out} holds files lorsa-surgery did not write; choose another output folder (nothing was changed).")
     if not overwrite:
         raise LorsaSurgeryError(f"{out} holds an earlier lorsa-surgery result; pass --overwrite (overwrite=True) to replace it.")
+    return out
+
+
+def claim(out: str | Path, *, kind: str) -> Path:
+    """Make `out` a folder this toolkit fills over time (a training run, a scan): create it, or take over an empty
+    one, marking it ours; a folder already marked ours is kept as it is, anything else is refused."""
+    out = Path(out)
+    if not is_ours(out):
+        check_out(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MARKER, {"written_by": "lorsa-surgery", "kind": kind})
     return out
 
 

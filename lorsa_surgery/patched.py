@@ -16,15 +16,12 @@ transformers take for other libraries.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
-from lorsa_surgery import files, models, placement
+from lorsa_surgery import files, formats, models, placement
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.splicing import Mode, Splice, splice
@@ -63,14 +60,15 @@ def is_patched_folder(path: str | Path) -> bool:
 
 def save_patched(
     handle: Splice, out_dir: str | Path, *, base: dict[str, Any] | None = None, metrics: dict | None = None,
-    repo_id: str | None = None,
+    repo_id: str | None = None, overwrite: bool = False,
 ) -> Path:
-    """Write the patched-model folder for a splice; replaces out_dir only once everything is written.
+    """Write the patched-model folder for a splice, whole: out_dir changes only once everything is written.
 
     `base` is the base model's record (`models.base_record`), by default the one the splice knows (models loaded
-    with `load_model` or `load_patched`); `repo_id`, when known, goes into the card's usage examples.
+    with `load_model` or `load_patched`); `repo_id`, when known, goes into the card's usage examples. An existing
+    out_dir is replaced only if this toolkit wrote it and `overwrite` is set (`files.new_folder`).
     """
-    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=None)
+    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=None, overwrite=overwrite)
 
 
 def export_full(
@@ -81,27 +79,25 @@ def export_full(
     base: dict[str, Any] | None = None,
     metrics: dict | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """`save_patched` plus the base model's own weights and tokenizer in `base/`, so the folder (or the repo
     it is pushed to) is self-contained: `load_patched` then loads that copy instead of fetching the base."""
-    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=tokenizer)
+    return _write(handle, Path(out_dir), base, metrics, repo_id, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def _write(
     handle: Splice, out_dir: Path, base: dict[str, Any], metrics: dict | None, repo_id: str | None,
-    tokenizer: PreTrainedTokenizerBase | None,
+    tokenizer: PreTrainedTokenizerBase | None, overwrite: bool,
 ) -> Path:
     base = base if base is not None else handle.base
     if base is None:
         raise LorsaSurgeryError("The base model of this splice is unknown; pass base=lorsa_surgery.models.base_record(...).")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes folders private; a patched model is meant to be shared
-    try:
+    with files.new_folder(out_dir, overwrite=overwrite, kind=FORMAT) as staging:
         layers = {}
         for layer, lorsa in handle.modules().items():
             folder = f"layer_{layer}"
-            lorsa.save_pretrained(staging / folder)
+            formats.save_native(lorsa, staging / folder)
             layers[str(layer)] = {"folder": folder, "format": "native", **handle.arch.site_names(layer)}
         interventions = handle.interventions
         if interventions is not None:
@@ -131,9 +127,6 @@ def _write(
         from lorsa_surgery import cards
 
         files.write_text(staging / "README.md", cards.render(root, handle.modules(), interventions, repo_id))
-        _swap_in(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -166,23 +159,47 @@ def _base_state_dict(handle: Splice) -> dict[str, torch.Tensor]:
     return state
 
 
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Put a fully written folder where out_dir is, keeping the old one until the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def read_root(folder: str | Path) -> dict[str, Any]:
-    root = files.read_json(Path(folder) / ROOT_FILE)
+    """The root config of a patched-model folder, checked: right types, and every file or folder it names inside
+    `folder` (a pulled repo must not point the loader elsewhere on the machine)."""
+    path = Path(folder) / ROOT_FILE
+    root = files.read_json(path, expect=dict)
     if root.get("format") != FORMAT:
-        raise LorsaSurgeryError(f"{folder}/{ROOT_FILE} is not a lorsa-surgery patched-model config.")
-    if root.get("format_version", 0) > FORMAT_VERSION:
+        raise LorsaSurgeryError(f"{path} is not a lorsa-surgery patched-model config.")
+    version = root.get("format_version", 0)
+    if type(version) is not int:
+        raise LorsaSurgeryError(f"{path}: format_version should be an integer, not {version!r}.")
+    if version > FORMAT_VERSION:
         raise LorsaSurgeryError(f"{folder} was written by a newer lorsa-surgery; please upgrade.")
+
+    def field(name: str, kind: type, optional: bool = False):
+        value = root.get(name)
+        if not isinstance(value, kind) and not (optional and value is None):
+            raise LorsaSurgeryError(f"{path}: {name} should be {'null or ' if optional else ''}a JSON "
+                                    f"{'object' if kind is dict else 'string'}, not {value!r:.60}.")
+        return value
+
+    record = field("base_model", dict)
+    if not isinstance(record.get("id"), str) or not all(isinstance(record.get(k), (str, type(None)))
+                                                           for k in ("revision", "sha256", "fingerprint", "file")):
+        raise LorsaSurgeryError(f"{path}: base_model should name the base by id (and revision, file, sha256 or fingerprint) as strings.")
+    if root.get("mode") not in get_args(Mode):
+        raise LorsaSurgeryError(f"{path}: mode should be one of {', '.join(get_args(Mode))}, not {root.get('mode')!r:.60}.")
+    layers = field("layers", dict)
+    if not layers:
+        raise LorsaSurgeryError(f"{path} names no layers.")
+    for key, entry in layers.items():
+        if not key.isdecimal() or str(int(key)) != key:
+            raise LorsaSurgeryError(f"{path}: layer {key!r:.60} should be a layer number written plainly (3, not 03 or -1).")
+        if not isinstance(entry, dict):
+            raise LorsaSurgeryError(f"{path}: layer {key} should be a JSON object.")
+        files.inside(folder, entry.get("folder"), what=f"{path}: layer {key}'s folder")
+    for name in ("interventions", "bundled_base"):
+        if field(name, str, optional=True) is not None:
+            files.inside(folder, root[name], what=f"{path}: {name}")
+    if field("adapter", dict, optional=True) is not None:
+        files.inside(folder, root["adapter"].get("folder"), what=f"{path}: adapter folder")
+    field("metrics", dict, optional=True)
     return root
 
 
@@ -199,17 +216,32 @@ def _base_spec(root: dict[str, Any], folder: Path, base: str | None) -> tuple[st
         return models.DEFAULT_MODEL, None
     if "sha256" not in record and "fingerprint" not in record:
         return record["id"], record.get("revision")
-    hint = folder / LOCAL_HINT
-    if hint.is_file():
-        path = files.read_json(hint).get("base_path")
-        if path and models.matches(record, path):
-            return path, None
+    path = _hinted_base(folder, record)
+    if path is not None:
+        return path, None
     kind = "file" if "sha256" in record else "folder"
     digest = record.get("sha256") or record["fingerprint"]
     raise LorsaSurgeryError(
         f"The base model was the local {kind} {record.get('file') or record['id']} ({digest[:12]}...), not found here; "
         "pass base=PATH (CLI: --base)."
     )
+
+
+def _hinted_base(folder: Path, record: dict[str, Any]) -> str | None:
+    """The local base the hint names, if the hint is as this toolkit writes it (an absolute path to a file, or to a
+    model folder holding config.json) and that path still holds the recorded base. Anything else is ignored: a
+    hint is data from the folder, not an instruction to read the machine."""
+    hint = folder / LOCAL_HINT
+    if not hint.is_file() or hint.is_symlink():
+        return None
+    try:
+        path = files.read_json(hint, expect=dict).get("base_path")
+    except LorsaSurgeryError:
+        return None
+    if not isinstance(path, str) or not Path(path).is_absolute():
+        return None
+    wanted = Path(path).is_file() if "sha256" in record else (Path(path) / "config.json").is_file()
+    return path if wanted and models.matches(record, path) else None
 
 
 def load_patched(
@@ -238,9 +270,9 @@ def load_patched(
         folder = Path(pull(str(path_or_repo), revision=revision))
     root = read_root(folder)
     if base is None and root.get("bundled_base"):
-        base = str(folder / root["bundled_base"])
+        base = str(_part(folder, root["bundled_base"], "bundled base"))
     spec, base_revision = _base_spec(root, folder, base)
-    modules = {int(layer): Lorsa.from_pretrained(folder / entry["folder"]) for layer, entry in root["layers"].items()}
+    modules = {layer: Lorsa.from_pretrained(path) for layer, path in module_folders(folder, root).items()}
     model, tokenizer = models.load_model(spec, revision=base_revision, dtype=dtype, device_map=device_map,
                                          max_memory=max_memory, offload_dir=offload_dir, lorsa=modules, lorsa_dtype=lorsa_dtype)
     handle = splice(model, modules, mode=mode or root["mode"], dtype=placement.dtype_of(lorsa_dtype))
@@ -250,9 +282,23 @@ def load_patched(
     if root.get("adapter"):
         from lorsa_surgery.healing import load_adapter
 
-        load_adapter(handle, folder / root["adapter"]["folder"])
+        load_adapter(handle, _part(folder, root["adapter"]["folder"], "adapter"))
     if root.get("interventions"):
         from lorsa_surgery.interventions import InterventionSet
 
-        InterventionSet.from_dict(files.read_json(folder / root["interventions"])).attach(handle)
+        InterventionSet.from_dict(files.read_json(_part(folder, root["interventions"], "interventions"), expect=dict)).attach(handle)
     return model, tokenizer, handle
+
+
+def module_folders(folder: str | Path, root: dict[str, Any] | None = None) -> dict[int, Path]:
+    """The Lorsa module folder of each spliced layer of a patched-model folder."""
+    root = root if root is not None else read_root(folder)
+    return {int(layer): _part(Path(folder), entry["folder"], f"layer {layer}") for layer, entry in root["layers"].items()}
+
+
+def _part(folder: Path, name: str, what: str) -> Path:
+    """A file or folder the (checked) root config names, which must be there."""
+    path = files.inside(folder, name, what=f"{folder}: {what}")
+    if not path.exists():
+        raise LorsaSurgeryError(f"{folder} names {name} for its {what}, but has no such file or folder.")
+    return path

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
@@ -91,20 +90,26 @@ class HeadStore:
     # ---- files
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
+        """Write the store as one folder swapped in whole: a rescan killed at any point leaves the old store or the
+        new one, never the old key over new tensors."""
         tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-        files.write_safetensors(folder / "store.safetensors", tensors)
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in tensors}
-        files.write_json(folder / "store.json", {"version": STORE_VERSION, **meta})  # last: a store is whole or absent
-        return folder
+        with files.new_folder(folder, overwrite=True, kind="head-store") as staging:
+            files.write_safetensors(staging / "store.safetensors", tensors)
+            files.write_json(staging / "store.json", {"version": STORE_VERSION, **meta})
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> "HeadStore":
         folder = Path(folder)
-        meta = files.read_json(folder / "store.json")
+        meta = files.read_json(folder / "store.json", expect=dict)
         if meta.pop("version", None) != STORE_VERSION:
             raise LorsaSurgeryError(f"{folder} holds a head scan of another format; scan again.")
-        return cls(**meta, **load_file(str(folder / "store.safetensors")))
+        tensors = files.read_safetensors(folder / "store.safetensors")
+        try:
+            return cls(**meta, **tensors)
+        except TypeError:
+            raise LorsaSurgeryError(f"{folder} holds a head scan with other fields than this version writes; scan again.") from None
 
     # ---- views
 
