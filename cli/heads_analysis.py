@@ -7,11 +7,12 @@ import click
 
 from lorsa_surgery import Lorsa, corpus, files
 from lorsa_surgery.cli.heads import heads
-from lorsa_surgery.cli.loading import PLACEMENT, load_with_modules, parse_layer_specs, placement_options
+from lorsa_surgery.cli.loading import PLACEMENT, POSITIVE, TEXT, Finite, load_with_modules, parse_layer_specs, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.causal import BEHAVIOURS, WORDS
 from lorsa_surgery.families import FAMILIES
 from lorsa_surgery.heads import HeadRef
+from lorsa_surgery.models import prompt_ids
 
 
 def _model_options(command):
@@ -38,9 +39,9 @@ def _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=())
 @heads.command()
 @_model_options
 @click.argument("head_spec", metavar="HEAD")
-@click.option("--prompt", required=True, help="The text to look at.")
+@click.option("--prompt", required=True, type=TEXT, help="The text to look at.")
 @click.option("--position", default=-1, show_default=True, help="Token (column) whose z-pattern is shown; negative counts from the end.")
-@click.option("--top", "n_top", default=10, show_default=True, help="Source tokens listed.")
+@click.option("--top", "n_top", default=10, show_default=True, type=POSITIVE, help="Source tokens listed.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Also write a PNG bar chart.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, prompt, position, n_top, plot, as_json):
@@ -48,7 +49,7 @@ def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_s
     from lorsa_surgery.analysis import plot_z_pattern, token_text, z_pattern
 
     tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=[head_spec])
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = prompt_ids(handle.model, tokenizer, prompt)
     zp = z_pattern(handle, head_spec, ids, position)
     parts = zp.contributions[0]
     order = parts.abs().argsort(descending=True)[:n_top].tolist()
@@ -167,10 +168,10 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
 @heads.command("list")
 @click.argument("scan_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--label", default=None, help="Only heads with this catalog label.")
-@click.option("--min-firing", type=float, default=0.0, show_default=True, help="Only heads firing on at least this fraction of tokens.")
-@click.option("--fires-on", "prompt", default=None, help="Only heads that fire somewhere on this prompt (loads the model).")
+@click.option("--min-firing", type=Finite(0, 1), default=0.0, show_default=True, help="Only heads firing on at least this fraction of tokens.")
+@click.option("--fires-on", "prompt", default=None, type=TEXT, help="Only heads that fire somewhere on this prompt (loads the model).")
 @click.option("--sort", type=click.Choice(["head", "firing", "mean", "max"]), default="head", show_default=True)
-@click.option("--limit", type=int, default=None, help="At most this many rows.")
+@click.option("--limit", type=POSITIVE, default=None, help="At most this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_heads(scan_dir, label, min_firing, prompt, sort, limit, as_json):
     """The heads of a scan (`heads scan --out SCAN_DIR`): label, firing rate, mean and max activation, dead flag,
@@ -210,7 +211,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
     tokenizer, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
     refs = [f"L{layer}.H0-{handle[layer].source.cfg.n_ov_heads - 1}" for layer in handle.layers]
     with Recorder(handle, refs) as rec, torch.no_grad():
-        handle.model(tokenizer(prompt, return_tensors="pt").input_ids)
+        handle.model(prompt_ids(handle.model, tokenizer, prompt))
     fired = (rec.activations() != 0).any(1)[0]
     return {str(rec.refs[i]) for i in fired.nonzero()[:, 0].tolist()}
 
@@ -301,7 +302,7 @@ def _columns(stores, head_spec: str):
 @click.option("--layer", "mhsa_layers", multiple=True, type=int, help="Score the MHSA heads of this layer. Repeatable.")
 @click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(FAMILIES) + ".")
 @click.option("-n", "--prompts", "n", default=16, show_default=True, help="Prompts per probe (IOI and arithmetic: 4x).")
-@click.option("--top", "n_top", default=5, show_default=True, help="Heads listed per family.")
+@click.option("--top", "n_top", default=5, show_default=True, type=POSITIVE, help="Heads listed per family.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: every head's score per family.")
 @click.option("--write-catalog", is_flag=True,

@@ -11,10 +11,11 @@ from pathlib import Path
 import click
 
 from lorsa_surgery import corpus, files
-from lorsa_surgery.cli.loading import load_with_modules, overwrite_option, placement_options
+from lorsa_surgery.cli.loading import POSITIVE, TEXT, load_with_modules, overwrite_option, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import parse_heads
 from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
+from lorsa_surgery.models import prompt_ids
 from lorsa_surgery.patched import save_patched
 
 HEADS_HELP = "Heads: L3.H5, a range L3.H0-127, or a catalog label L3:induction; comma-separated."
@@ -55,7 +56,7 @@ def _common(command):
         click.option("--mode", type=click.Choice(["replace", "exact"]), default=None, help="Splice mode (default: replace, or the patched model's)."),
         click.option("--heads", required=True, help=HEADS_HELP),
         click.option("--positions", default="all", show_default=True, help=POSITIONS_HELP),
-        click.option("--prompt", "prompts", multiple=True, help="A prompt to measure on. Repeatable."),
+        click.option("--prompt", "prompts", multiple=True, type=TEXT, help="A prompt to measure on. Repeatable."),
         click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False), help="A text file (.txt or .jsonl) to measure on."),
         click.option("--max-length", default=256, show_default=True, help="Token window for long texts."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
@@ -85,11 +86,6 @@ def _load(options: dict):
     return host, tokenizer, handle
 
 
-def _token_ids(tokenizer, text: str):
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise LorsaSurgeryError(f"{text!r} has no tokens.")
-    return ids
 
 
 def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, metric=None) -> None:
@@ -111,7 +107,7 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, met
     ]
     if metric is not None:
         for record, text in zip(records, inputs):
-            ids = _token_ids(tokenizer, text)
+            ids = prompt_ids(handle.model, tokenizer, text)
             before = float(metric(forward(handle, ids), ids, None).mean())
             with chosen.applied(handle):
                 after = float(metric(forward(handle, ids), ids, None).mean())
@@ -143,7 +139,7 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, met
 @click.option("--how", type=click.Choice(["zero", "mean", "resample"]), default="zero", show_default=True)
 @click.option("--reference", "references", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Corpus for mean ablation (.txt or .jsonl; built-in sample if none).")
-@click.option("--resample-from", "resample_from", help="Prompt whose activations resample ablation writes in.")
+@click.option("--resample-from", "resample_from", type=TEXT, help="Prompt whose activations resample ablation writes in.")
 def ablate(**options) -> None:
     """Ablate HEADS of MODEL (zero, corpus mean, or resampled from another prompt) and show the effect."""
     from lorsa_surgery.analysis import mean_activations
@@ -158,7 +154,7 @@ def ablate(**options) -> None:
     elif options["how"] == "resample":
         if not options["resample_from"]:
             raise LorsaSurgeryError("Resample ablation needs --resample-from PROMPT.")
-        record["source"] = cache_run(handle, _token_ids(tokenizer, options["resample_from"]), options["heads"])
+        record["source"] = cache_run(handle, prompt_ids(handle.model, tokenizer, options["resample_from"]), options["heads"])
     _report(options, host, tokenizer, handle, InterventionSet([Ablate(**record)]))
 
 
@@ -176,20 +172,20 @@ def steer(**options) -> None:
 
 @click.command()
 @_common
-@click.option("--source", "source_text", required=True, help="Prompt whose activations are patched in.")
+@click.option("--source", "source_text", required=True, type=TEXT, help="Prompt whose activations are patched in.")
 @click.option("--sweep", is_flag=True, help="Instead: sweep every head x position on the first prompt and print a table.")
 @click.option("--metric", type=click.Choice(["logit-diff", "probability", "loss"]), default=None,
               help="Also score this on each prompt before and after the patch [default: none; with --sweep, logit-diff].")
 @click.option("--token", help="Token (text) scored by logit-diff and probability: it must be one token.")
 @click.option("--vs-token", help="The other token of logit-diff.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="With --sweep: also write a PNG heat map.")
-@click.option("--top", default=20, show_default=True, help="With --sweep: rows of the table.")
+@click.option("--top", default=20, show_default=True, type=POSITIVE, help="With --sweep: rows of the table.")
 def patch(**options) -> None:
     """Patch HEADS of MODEL from a run on --source and show the effect, or sweep heads x positions (--sweep)."""
     from lorsa_surgery.patching import cache_run
 
     host, tokenizer, handle = _load(options)
-    source = cache_run(handle, _token_ids(tokenizer, options["source_text"]), options["heads"])
+    source = cache_run(handle, prompt_ids(handle.model, tokenizer, options["source_text"]), options["heads"])
     if not options["sweep"]:
         metric = _metric(options, tokenizer) if options["metric"] or options["token"] else None
         _report(options, host, tokenizer, handle, InterventionSet([Patch(options["heads"], source, options["positions"])]), metric)
@@ -227,7 +223,7 @@ def _sweep(options: dict, tokenizer, handle, source) -> None:
     positions = parse_positions(options["positions"])
     if not isinstance(positions, list) and positions != "all":
         raise LorsaSurgeryError("A sweep takes --positions all or a list of absolute positions.")
-    ids = _token_ids(tokenizer, options["prompts"][0])
+    ids = prompt_ids(handle.model, tokenizer, options["prompts"][0])
     if not len(source.values) and not len(cache_run(handle, ids, options["heads"]).values):
         click.echo("Warning: the swept heads fire on neither prompt; patching them changes nothing, so every entry is the "
                    "baseline.", err=True)

@@ -30,6 +30,31 @@ def parse_layer_specs(values: tuple[str, ...]) -> dict[int, str]:
     return specs
 
 
+class Text(click.ParamType):
+    """A prompt: any text with something in it (an empty prompt has nothing to measure)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("is empty.", param, ctx)
+        return str(value)
+
+
+class Finite(click.FloatRange):
+    """A float in range that is a number (click lets nan through every range and inf through open ones)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
+TEXT = Text()
+POSITIVE = click.IntRange(min=1)
+
+
 OVERWRITE_HELP = "Replace the output folder if lorsa-surgery wrote it (a folder of anything else is never replaced)."
 overwrite_option = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 

@@ -8,7 +8,7 @@ import click
 
 from lorsa_surgery import corpus, files, models
 from lorsa_surgery.cli.interventions import intervention_options, interventions_from_options, require_splice
-from lorsa_surgery.cli.loading import (LORSA_HELP, load_host, load_with_modules, overwrite_option, parse_layer_specs,
+from lorsa_surgery.cli.loading import (LORSA_HELP, POSITIVE, TEXT, Finite, load_host, load_with_modules, overwrite_option, parse_layer_specs,
                                         placement_options)
 from lorsa_surgery.metrics import splice_report
 from lorsa_surgery.patched import save_patched
@@ -49,8 +49,8 @@ def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pi
 
 @click.command()
 @click.argument("model")
-@click.option("--prompt", required=True)
-@click.option("--max-new-tokens", default=40, show_default=True)
+@click.option("--prompt", required=True, type=TEXT)
+@click.option("--max-new-tokens", default=40, show_default=True, type=POSITIVE)
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--no-cache", is_flag=True, help="Recompute the whole prefix at every step.")
 @click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH", help=LORSA_HELP)
@@ -59,7 +59,7 @@ def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pi
 @click.option("--base", default=None, help="Base model override for a patched model (Hub id, folder or .gguf).")
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, type=Finite(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True)
 @intervention_options
 @placement_options
@@ -75,9 +75,10 @@ def generate(model, prompt, max_new_tokens, chat, no_cache, lorsa_specs, mode, r
     require_splice(handle, chosen)
     if handle is not None and handle.interventions is not None:  # saved with the model: they act, so say so
         click.echo("Active interventions saved with the model:\n  " + handle.interventions.describe().replace("\n", "\n  "), err=True)
-    if not chat:
-        click.echo(prompt, nl=False)
-    with chosen.applied(handle) if len(chosen) else contextlib.nullcontext():
+    with chosen.applied(handle) if len(chosen) else contextlib.nullcontext():  # checks the heads before any output
+        if not chat:
+            models.prompt_ids(host, tokenizer, prompt, new_tokens=max_new_tokens)  # refused before it is echoed
+            click.echo(prompt, nl=False)
         models.generate_text(
             host, tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, use_cache=not no_cache,
             do_sample=sample, temperature=temperature, stream=lambda piece: click.echo(piece, nl=False),

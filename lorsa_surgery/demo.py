@@ -7,8 +7,8 @@
    the name movers from one IOI prompt into its counterpart;
 4. train two small GPT-Js on the multi-hop number and letter tasks, label their heads positional or symbolic, and
    measure accuracy as the input grows;
-5. save the patched model and push it with its card to a Hub: $HF_ENDPOINT when set, else a local Hub server that
-   the demo starts on 127.0.0.1 and stops.
+5. save the patched model and push it with its card to a Hub: $HF_ENDPOINT when set (and HF_HUB_OFFLINE is not),
+   else a local Hub server that the demo starts on 127.0.0.1 and stops.
 
 Each step's results and plots are cached under the user cache directory (`models.cache_dir()`), so a second run
 only rebuilds the report and pushes again; `fresh=True` redoes everything. The report is one HTML file with its
@@ -242,28 +242,31 @@ def _positional_step(size: DemoSize, progress: bool) -> Callable[[Path], dict]:
 
 
 def _publish(handle, report: dict, out: Path) -> dict:
-    """Save the patched model and push it: to $HF_ENDPOINT with the user's token when one is set, else to a local Hub
-    server started for this and stopped after it."""
-    from huggingface_hub import HfApi
+    """Save the patched model and push it: to $HF_ENDPOINT with the user's token when one is set and HF_HUB_OFFLINE
+    does not rule it out, else to a local Hub server started for this and stopped after it."""
+    from huggingface_hub import HfApi, constants
 
     from lorsa_surgery.hub import push_folder
     from lorsa_surgery.patched import save_patched
 
-    folder = save_patched(handle, out / "patched-smollm2", metrics=report)
+    folder = save_patched(handle, out / "patched-smollm2", metrics=report, overwrite=True)  # the demo's own folder
     endpoint = os.environ.get("HF_ENDPOINT")
     with contextlib.ExitStack() as stack:
-        if endpoint:
+        if endpoint and not constants.is_offline_mode():
             token, where = None, f"the configured Hub ({endpoint})"
         else:
-            from huggingface_hub import constants
-
             from lorsa_surgery.hub_server import HubServer
 
             server = HubServer().start()
             stack.callback(server.stop)
             # The local server speaks the Hub's plain and LFS uploads, not Xet; huggingface_hub reads this per call.
             stack.enter_context(mock.patch.object(constants, "HF_HUB_DISABLE_XET", True))
-            endpoint, token, where = server.url, "local-demo-token", f"a local Hub server started by the demo ({server.url}, now stopped)"
+            # HF_HUB_OFFLINE keeps the demo off remote Hubs, not off its own server on 127.0.0.1; huggingface_hub
+            # reads the variable once, at import, and this constant on every request.
+            stack.enter_context(mock.patch.object(constants, "HF_HUB_OFFLINE", False))
+            ruled_out = f"; HF_HUB_OFFLINE=1 rules out the configured Hub ({endpoint})" if endpoint else ""
+            where = f"a local Hub server started by the demo ({server.url}, now stopped{ruled_out})"
+            endpoint, token = server.url, "local-demo-token"
         api = HfApi(endpoint=endpoint, token=token)
         repo_id = f"{api.whoami()['name']}/lorsa-demo-smollm2"
         commit = push_folder(folder, repo_id, token=token, endpoint=endpoint, commit_message="lorsa-surgery demo")
@@ -281,8 +284,7 @@ def run_demo(out: str | Path = "lorsa-demo", fast: bool = False, fresh: bool = F
 
     size = SIZES["fast" if fast else "full"]
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LorsaSurgeryError(f"The demo writes a folder of files; {out} is a file.")
+    files.claim(out, kind="demo")  # before the work: a folder of someone else's is refused, a file too
     cache = cache_dir() / "demo" / ("fast" if fast else "full")
     steps = tqdm(total=5, desc="demo", disable=not progress, unit="step")
     steps.set_postfix_str("loading SmolLM2")

@@ -250,6 +250,19 @@ def load_model(
 
 
 @torch.no_grad()
+def prompt_ids(model, tokenizer, text: str, *, add_special_tokens: bool = True, new_tokens: int = 0) -> torch.Tensor:
+    """The [1, T] token ids of a prompt, refused if it has none or if it (and `new_tokens` to generate) runs past the
+    context the model was trained for: past it, outputs are not what the model computes within its range."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+    if ids.shape[1] == 0:
+        raise LorsaSurgeryError(f"The prompt {text[:40]!r} has no tokens.")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context and ids.shape[1] + new_tokens > context:
+        raise LorsaSurgeryError(f"The prompt is {ids.shape[1]:,} tokens" + (f", plus {new_tokens:,} to generate," if new_tokens else "")
+                                + f" past the model's context of {context:,} tokens.")
+    return ids
+
+
 def generate_text(
     model,
     tokenizer,
@@ -266,13 +279,18 @@ def generate_text(
     pieces as they are decoded."""
     from transformers import TextStreamer
 
+    from lorsa_surgery.placement import input_device
+
+    if max_new_tokens < 1:
+        raise LorsaSurgeryError(f"max_new_tokens must be at least 1, not {max_new_tokens}.")
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LorsaSurgeryError("This model's tokenizer has no chat template; leave out --chat (chat=True).")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
-    from lorsa_surgery.placement import input_device
-
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(input_device(model))
+    ids = prompt_ids(model, tokenizer, text, add_special_tokens=not chat, new_tokens=max_new_tokens)
+    inputs = {"input_ids": ids.to(input_device(model)), "attention_mask": torch.ones_like(ids).to(input_device(model))}
     streamer = None
     if stream is not None:
 
@@ -286,4 +304,4 @@ def generate_text(
         temperature=temperature if do_sample else None, top_p=None, top_k=None,
         pad_token_id=tokenizer.pad_token_id, streamer=streamer,
     )
-    return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

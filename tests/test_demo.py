@@ -92,4 +92,40 @@ def test_demo_refuses_a_file_for_its_output_folder_before_any_work(tmp_path):
 
     (tmp_path / "report").write_text("not a folder")
     result = CliRunner().invoke(main, ["demo", "--fast", "--out", str(tmp_path / "report")])
-    assert result.exit_code == 1 and "is a file" in result.output
+    assert result.exit_code == 1 and "is not a folder" in result.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = CliRunner().invoke(main, ["demo", "--fast", "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 1 and "did not write" in result.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "report").read_text() == "not a folder"
+
+
+_PUBLISH_TWICE = """
+import json, os, sys
+from pathlib import Path
+from lorsa_surgery.demo import _publish
+from lorsa_surgery.splicing import splice
+from test_splice import LAYER, sparse_module, tiny
+
+model = tiny("llama")
+with splice(model, {LAYER: sparse_module(model)}) as handle:
+    handle.base = {"id": "ns/tiny", "revision": None}
+    pushes = [_publish(handle, {}, Path(sys.argv[1]) / "plain")]
+    os.environ["HF_ENDPOINT"] = sys.argv[2]
+    pushes.append(_publish(handle, {}, Path(sys.argv[1]) / "configured"))
+print(json.dumps(pushes))
+"""
+
+
+def test_publish_with_hf_hub_offline_pushes_to_the_demos_own_loopback_server(hub, tmp_path):
+    """HF_HUB_OFFLINE=1 is read when huggingface_hub is imported, so the demo's publish step runs in a fresh process:
+    once with no Hub configured, once with one configured that offline mode rules out (and that sees no request)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_ENDPOINT"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _PUBLISH_TWICE, str(tmp_path), hub.url], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, configured = json.loads(done.stdout.strip().splitlines()[-1])
+    for push in (plain, configured):
+        assert push["where"].startswith("a local Hub server started by the demo") and push["all_pushed"]
+        assert "README.md" in push["files"]
+    assert f"HF_HUB_OFFLINE=1 rules out the configured Hub ({hub.url})" in configured["where"] and not hub.requests
