@@ -27,6 +27,9 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, create
 @click.argument("source")
 @click.option("--revision", help="Branch, tag or commit (default: main).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the files to.")
-def pull(source: str, revision: str | None, out_dir: Path) -> None:
-    """Download the Hub repo SOURCE (NS/NAME, or NS/NAME:SUBFOLDER for one subfolder) into --out; print the folder."""
-    click.echo(pull_source(source, revision=revision, out_dir=out_dir))
+@click.option("--overwrite", is_flag=True, help="Replace --out if an earlier pull or lorsa-surgery run wrote it.")
+def pull(source: str, revision: str | None, out_dir: Path, overwrite: bool) -> None:
+    """Download the Hub repo SOURCE (NS/NAME, or NS/NAME:SUBFOLDER for one subfolder) into --out; print the folder.
+
+    --out is written whole: a pull that fails leaves it as it was."""
+    click.echo(pull_source(source, revision=revision, out_dir=out_dir, overwrite=overwrite))

@@ -51,7 +51,7 @@ def main() -> None:
     assert int(fired.max()) <= sum(m.cfg.top_k for m in modules.values()), "top-K sparsity must survive healing"
     assert {layer: m.catalog for layer, m in handle.modules().items()} == catalogs
 
-    ls.save_patched(handle, args.out, metrics={"healing": report})
+    ls.save_patched(handle, args.out, metrics={"healing": report}, overwrite=True)
     print(json.dumps({k: report[k] for k in ("before", "after", "tokens", "trained", "lora_rank")}, indent=2))
     before, after = report["before"], report["after"]
     print(f"held-out KL to the original: {before['kl']:.4f} -> {after['kl']:.4f} nats/token; "

@@ -196,7 +196,7 @@ def lorsa_part(args, out: Path, results: dict) -> None:
         kind = "positional" if task == "number" else "symbolic"  # the kind each task needs first (docs/multihop.md)
         layer = next((i for i, row in enumerate(labels) if row[0] == kind), 1)
         lorsa, ev = fit_lorsa(model, task, layer, n_qk_heads=4, steps=args.lorsa_steps)
-        lorsa.save_pretrained(out / "lorsa" / f"{task}-L{layer}")
+        lorsa.save_pretrained(out / "lorsa" / f"{task}-L{layer}", overwrite=True)
         prompts = task_prompts(task, args.prompts, "scores")
         qk = positional.head_scores(model, prompts, lorsa={layer: lorsa})
         results["lorsa"][task] = {

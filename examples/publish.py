@@ -34,7 +34,8 @@ def main() -> None:
     report = splice_report(model, tokenizer, modules, corpus.load_texts(), max_length=256)
     report["text_source"] = "the built-in sample text"
     handle = splice(model, modules)
-    save_patched(handle, args.out, base=models.base_record(models.DEFAULT_MODEL), metrics=report, repo_id=args.repo_id)
+    save_patched(handle, args.out, base=models.base_record(models.DEFAULT_MODEL), metrics=report, repo_id=args.repo_id,
+                 overwrite=True)
     print(f"Patched model written to {args.out} (explained variance {report['layers'][LAYER]['explained_variance']:.4f})")
 
     files = sorted(p.relative_to(args.out).as_posix() for p in args.out.rglob("*") if p.is_file())

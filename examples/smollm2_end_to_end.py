@@ -60,7 +60,7 @@ def main() -> None:
     promoted = [token_text(tok, t) for t, _ in ls.logit_attribution(handle, ref, k=5).promoted]
     print(f"{ref} promotes {promoted}")
 
-    folder = ls.save_patched(handle, args.out / "patched", metrics=report, repo_id=args.repo_id)
+    folder = ls.save_patched(handle, args.out / "patched", metrics=report, repo_id=args.repo_id, overwrite=True)
     if get_token() is None:
         print(f"No Hub token: saved {folder}, not pushed")
         return

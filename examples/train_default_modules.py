@@ -60,7 +60,7 @@ def main() -> None:
 
     # Ship it small: float16 weights (the loader reads them back as float32).
     module = args.out / "module"
-    copy.deepcopy(lorsa).half().save_pretrained(module)
+    copy.deepcopy(lorsa).half().save_pretrained(module, overwrite=True)  # a rerun replaces its own module
     print(json.dumps(lorsa.training_info, indent=2))
     print(f"Saved {module} ({sum(f.stat().st_size for f in module.iterdir()) / 1e6:.1f} MB) and the run in {args.out}")
 

@@ -3,8 +3,9 @@ configured.
 
 The real `huggingface_hub` client and `transformers` talk to it on 127.0.0.1; the facts it respects
 are the routes `_Handler` answers below. Model repos only. Everything lives in memory with every commit kept, so
-an old commit stays downloadable after later pushes. Every request is logged (`requests`), and three
-fault switches make the server refuse the next commit, cut LFS uploads partway, or refuse the token.
+an old commit stays downloadable after later pushes. Every request is logged (`requests`), and fault switches make
+the server refuse commits, cut LFS uploads partway, refuse the token, fail chosen requests (echoing their headers, as
+a careless proxy does, if asked), or take requests and never answer.
 
 In-process: `hub = HubServer().start()`, then `hub.url`, ..., `hub.stop()`.
 As a separate process: `python -m lorsa_surgery.hub_server [PORT]` prints its URL on the first line and
@@ -62,6 +63,14 @@ class Request:
     headers: dict[str, str]  # names lower-cased
 
 
+@dataclass
+class _Fault:
+    status: int
+    times: int | None  # how many more requests fail; None: every one until reset()
+    path: re.Pattern
+    echo_headers: bool
+
+
 @dataclass(frozen=True)
 class _Call:
     """What a route needs from a request."""
@@ -103,6 +112,7 @@ class HubServer:
         self.lock = threading.Lock()
         self.repos: dict[str, _Repo] = {}
         self.blobs: dict[str, bytes] = {}  # git blob id -> content of a regular file
+        self._released = threading.Event()  # cleared while the server hangs
         self.reset()
 
     def start(self) -> HubServer:
@@ -120,14 +130,32 @@ class HubServer:
         """Turn the fault switches off and clear the request log; repos are kept."""
         with self.lock:
             self.requests: list[Request] = []
-            self._refused_commit_status: int | None = None
+            self._refused_commit_status = 500
+            self._commits_to_refuse: int | None = 0
             self._uploads_to_cut: int | None = 0
             self._refuse_tokens = False
+            self._fault: _Fault | None = None
+            self._hang_seconds = 0.0
+            self._released.set()
 
-    def refuse_next_commit(self, status: int = 500) -> None:
-        """Answer the next commit with `status` instead of applying it."""
+    def refuse_next_commit(self, status: int = 500, times: int | None = 1) -> None:
+        """Answer the next `times` commits (every one until `reset()` when None) with `status` instead of applying them."""
         with self.lock:
-            self._refused_commit_status = status
+            self._refused_commit_status, self._commits_to_refuse = status, times
+
+    def fail(self, status: int = 500, times: int | None = None, path: str = "", echo_headers: bool = False) -> None:
+        """Answer the next `times` requests (every one until `reset()` when None) whose path and query match the regex
+        `path` with HTTP `status`. With `echo_headers` the answer is plain text repeating the request line and headers,
+        token included, as a careless proxy's error page does."""
+        with self.lock:
+            self._fault = _Fault(status, times, re.compile(path), echo_headers)
+
+    def hang(self, seconds: float = 30.0) -> None:
+        """Take every request and answer none: each waits `seconds` (or until `reset()`), then its connection is
+        dropped unanswered. A Hub that accepts connections and never answers."""
+        with self.lock:
+            self._hang_seconds = seconds
+            self._released.clear()
 
     def refuse_tokens(self) -> None:
         """Answer every request 401 (a revoked or wrong token) until `reset()`."""
@@ -146,6 +174,15 @@ class HubServer:
         """Branches and refs/pr/N of a repo, each with the commit it points to."""
         with self.lock:
             return dict(self.repos[repo_id].refs)
+
+    def _fault_for(self, path: str) -> _Fault | None:
+        with self.lock:
+            fault = self._fault
+            if fault is None or fault.times == 0 or not fault.path.search(path):
+                return None
+            if fault.times is not None:
+                fault.times -= 1
+            return fault
 
     def _cut_this_upload(self) -> bool:
         with self.lock:
@@ -275,9 +312,10 @@ class HubServer:
 
     def commit(self, call: _Call) -> dict:
         repo, rev = self._repo(call), call.args["rev"]
-        if self._refused_commit_status is not None:
-            status, self._refused_commit_status = self._refused_commit_status, None
-            raise _Answer(status, "Commit refused by the test server (fault injection)")
+        if self._commits_to_refuse != 0:
+            if self._commits_to_refuse is not None:
+                self._commits_to_refuse -= 1
+            raise _Answer(self._refused_commit_status, "Commit refused by the test server (fault injection)")
         if rev not in repo.refs:
             raise _Answer(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         lines = [json.loads(line) for line in call.body.splitlines() if line.strip()]
@@ -360,12 +398,21 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         with hub.lock:
             hub.requests.append(Request(self.command, self.path, headers))
+        if not hub._released.is_set():
+            hub._released.wait(hub._hang_seconds)
+            self.close_connection = True  # dropped unanswered
+            return
         if self.command == "PUT" and hub._cut_this_upload():
             return self._drop_midway()
         body = self._read_body()
         url = urlsplit(self.path)
+        fault = hub._fault_for(self.path)
+        if fault is not None and fault.echo_headers:
+            return self._send(fault.status, f"{self.requestline}\n{self.headers}".encode(), {"Content-Type": "text/plain"})
         try:
             with hub.lock:
+                if fault is not None:
+                    raise _Answer(fault.status, "Request failed by the test server (fault injection)")
                 if hub._refuse_tokens:
                     raise _Answer(401, "Invalid credentials in Authorization header")
                 answer = self._route(hub, url.path, url.query, body, headers.get("authorization", "").startswith("Bearer "))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 
 from lorsa_surgery import files, formats, models, placement
+from lorsa_surgery.hub import LOCAL_HINT
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa import Lorsa
 from lorsa_surgery.splicing import Mode, Splice, splice
@@ -34,7 +35,6 @@ FORMAT = "lorsa-surgery.patched-model"
 FORMAT_VERSION = 1
 INTERVENTIONS_FILE = "interventions.json"
 BUNDLED_BASE = "base"
-LOCAL_HINT = ".lorsa_surgery.local.json"
 
 
 DEFAULT_MODULES = Path(__file__).parent / "default_modules"

@@ -3,8 +3,11 @@
 Everything runs against the local Hub server started in conftest.py, through the real client.
 """
 
+import ast
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +21,10 @@ from huggingface_hub.utils import logging as hf_logging
 from safetensors.torch import save_file
 
 from lorsa_surgery import LorsaSurgeryError
+from lorsa_surgery import hub as hub_module
 from lorsa_surgery.cli import main
-from lorsa_surgery.hub import pull, push_folder
+from lorsa_surgery.files import MARKER
+from lorsa_surgery.hub import LOCAL_HINT, hub_error, pull, push_folder
 
 
 def _write_model(folder: Path, version: int) -> Path:
@@ -33,11 +38,12 @@ def _write_model(folder: Path, version: int) -> Path:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    """The folder's files by relative path, without the repo's .gitattributes and the client's .cache."""
+    """The folder's files by relative path, without the repo's .gitattributes, the client's .cache and the marker of
+    a folder lorsa-surgery wrote."""
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != ".gitattributes" and ".cache" not in p.relative_to(folder).parts
+        if p.is_file() and p.name not in (".gitattributes", MARKER) and ".cache" not in p.relative_to(folder).parts
     }
 
 
@@ -218,3 +224,198 @@ def test_cli_push_and_pull(hub, tmp_path):
     assert missing.stderr.strip().splitlines() == [
         "Error: Could not download Hub repo 'lib/no-such-repo': the repo does not exist, or your token cannot see it."
     ]
+
+
+# ---- Hub faults, hostile sources, interrupted pulls ----------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """Hub calls that give up fast: 1 s timeouts and no waiting between tries (the client's own back-off included)."""
+    monkeypatch.setattr(hub_module, "TIMEOUT", 1.0)
+    monkeypatch.setattr(hub_module, "BACKOFF", 0.0)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+
+
+def test_a_hub_that_never_answers_fails_pull_and_push_in_bounded_time(hub, tmp_path, quick_retries):
+    src = _write_model(tmp_path / "src", 1)
+    hub.hang(seconds=30)  # then the server drops the connection: without timeouts a call waits that long
+    for call in (lambda: pull("lib/hung", out_dir=tmp_path / "out"), lambda: push_folder(src, "lib/hung")):
+        start = time.monotonic()
+        with pytest.raises(LorsaSurgeryError, match=r"'lib/hung': the Hub at http://127\.0\.0\.1:\d+ did not answer within 1 s\.$"):
+            call()
+        assert time.monotonic() - start < hub_module.TRIES * hub_module.TIMEOUT + 3
+    assert len(hub.requests) == 2 * hub_module.TRIES  # each call tried its first request TRIES times, then gave up
+    assert not (tmp_path / "out").exists()
+
+
+def test_hiccups_are_tried_again_a_few_times_and_refusals_never(hub, tmp_path, quick_retries):
+    src = _write_model(tmp_path / "src", 1)
+    hub.fail(503, times=1)  # the first request: creating the repo
+    push_folder(src, "lib/hiccup")
+    assert _commits(hub) == 1
+    hub.reset()
+    hub.fail(429, times=hub_module.TRIES - 1, path="^/api/models/")
+    assert _files(pull("lib/hiccup", out_dir=tmp_path / "out")) == _files(src)
+
+    for status, tries in ((500, hub_module.TRIES), (403, 1)):
+        hub.reset()
+        hub.fail(status)
+        with pytest.raises(LorsaSurgeryError, match=rf"^Could not download Hub repo 'lib/hiccup': the Hub answered HTTP {status} \("):
+            pull("lib/hiccup", out_dir=tmp_path / "none")
+        assert len(hub.requests) == tries  # the repo's info, asked again only after a 5xx
+        hub.reset()
+        hub.fail(status)
+        with pytest.raises(LorsaSurgeryError, match=rf"^Could not push .* to Hub repo 'lib/hiccup': the Hub answered HTTP {status} \("):
+            push_folder(src, "lib/hiccup")
+        assert sum(r.path == "/api/repos/create" for r in hub.requests) == tries
+    assert not (tmp_path / "none").exists()
+
+    hub.reset()
+    hub.refuse_next_commit(503, times=None)
+    with pytest.raises(LorsaSurgeryError, match="the Hub answered HTTP 503"):
+        push_folder(_write_model(tmp_path / "v2", 2), "lib/hiccup")
+    assert _commits(hub) == 1  # a commit that may have landed is not sent again
+
+
+def test_an_error_page_echoing_the_request_headers_never_shows_the_token(hub, tmp_path, monkeypatch, quick_retries):
+    configured, given = "hf_CONFIGURED_secret_7c3e", "custom-GIVEN-secret-9d2f"
+    monkeypatch.setenv("HF_TOKEN", configured)
+    monkeypatch.setattr(hub_module, "_MAX_MESSAGE", 10_000)  # the whole echo, to see its token is gone
+    src = _write_model(tmp_path / "src", 1)
+    hub.fail(500, echo_headers=True)
+    messages = []
+    for call in (lambda: pull("lib/echo", out_dir=tmp_path / "out"), lambda: push_folder(src, "lib/echo", token=given)):
+        with pytest.raises(LorsaSurgeryError, match="the Hub answered HTTP 500") as e:
+            call()
+        messages.append(str(e.value))
+    messages.append(CliRunner().invoke(main, ["pull", "lib/echo", "--out", str(tmp_path / "cli")]).output)
+    assert {r.headers.get("authorization") for r in hub.requests} == {f"Bearer {configured}", f"Bearer {given}"}
+    for message in messages:
+        assert re.search(r"(?i)authorization: bearer \*\*\*", message), message  # the echo is there, its token not
+        assert configured not in message and given not in message and "\n" not in message.strip()
+
+
+def test_hub_errors_scrub_anything_that_looks_like_a_token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_env_token_abcdef")
+    real_shape = "hf_" + "aB3" * 12
+    err = RuntimeError(
+        "proxy said: Authorization: Bearer opaque.jwt.value; Proxy-Authorization: Basic dXNlcjpwYXNz; "
+        f"X-Token: {real_shape}; env=hf_env_token_abcdef; given=given-token-123"
+    )
+    message = str(hub_error("Could not push", err, token="given-token-123"))
+    assert message.startswith("Could not push: RuntimeError: proxy said: Authorization: Bearer ***; ")
+    for secret in ("opaque.jwt.value", "dXNlcjpwYXNz", real_shape, "hf_env_token_abcdef", "given-token-123"):
+        assert secret not in message
+
+
+def test_a_missing_local_folder_is_reported_as_missing_not_as_a_hub_failure(hub, tmp_path, monkeypatch, quick_retries):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in ("./missing", str(tmp_path / "missing"), "~/missing", "missing_folder", "a/b/c", "a/b/c:layer0"):
+        with pytest.raises(LorsaSurgeryError, match=rf"^Missing folder: {re.escape(source)}\.$"):
+            pull(source)
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(LorsaSurgeryError, match=r"^a\.txt is a file, not a folder\.$"):
+        pull("a.txt")
+    (tmp_path / "there").mkdir()
+    assert pull("~/there") == tmp_path / "there"
+    result = CliRunner().invoke(main, ["pull", "missing_folder", "--out", "out"])
+    assert result.exit_code == 1 and result.stderr.strip() == "Error: Missing folder: missing_folder."
+    assert hub.requests == []
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LorsaSurgeryError, match=rf"^Could not download Hub repo 'lib/x': the Hub at http://127\.0\.0\.1:{port} cannot be reached \("):
+        pull("lib/x", out_dir=tmp_path / "out", endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_pull_refuses_subfolders_and_revisions_that_leave_the_repo_before_any_request(hub, tmp_path):
+    out = tmp_path / "out"
+    for source in ("lib/x:../../x", "lib/x:/etc", "lib/x:layer0/../../x", "lib/x:.."):
+        with pytest.raises(LorsaSurgeryError, match=r"leads outside lib/x; refused\.$"):
+            pull(source, out_dir=out)
+    with pytest.raises(LorsaSurgeryError, match=r"^'\.\./\.\./x' is not a branch, tag or commit name\.$"):
+        pull("lib/x", revision="../../x", out_dir=out)
+    result = CliRunner().invoke(main, ["pull", "lib/x:../../x", "--out", str(out)])
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        "Error: The subfolder in 'lib/x:../../x' ('../../x') leads outside lib/x; refused."
+    ]
+    assert hub.requests == [] and not out.exists()
+
+
+def test_a_downloaded_subfolder_that_links_out_of_the_download_is_refused(hub, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text("{}")
+
+    def tampered_download(repo_id, local_dir=None, **kwargs):  # a snapshot whose subfolder leads elsewhere
+        root = Path(local_dir or tmp_path / "snapshot")
+        root.mkdir(exist_ok=True)
+        (root / "sub").symlink_to(elsewhere, target_is_directory=True)
+        return str(root)
+
+    monkeypatch.setattr(hub_module, "snapshot_download", tampered_download)
+    for out in (None, tmp_path / "out"):
+        with pytest.raises(LorsaSurgeryError, match=r"^The subfolder of Hub repo 'lib/linked' \('sub'\) leads outside .* through a symbolic link; refused\.$"):
+            pull("lib/linked:sub", out_dir=out)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pull_that_fails_part_way_leaves_out_as_it_was(hub, tmp_path):
+    v1, v2 = _write_model(tmp_path / "v1", 1), _write_model(tmp_path / "v2", 2)
+    push_folder(v1, "lib/partial")
+    out = tmp_path / "out"
+    hub.fail(403, path="/resolve/.*/layer1/")
+    with pytest.raises(LorsaSurgeryError, match=r"^Could not download Hub repo 'lib/partial': the Hub answered HTTP 403"):
+        pull("lib/partial", out_dir=out)
+    assert any(r.method == "GET" and "/layer0/" in r.path for r in hub.requests)  # files came before the failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]  # no out, no staging left beside it
+
+    hub.reset()
+    assert _files(pull("lib/partial", out_dir=out)) == _files(v1)
+    push_folder(v2, "lib/partial")
+    hub.fail(403, path="/resolve/.*/layer1/")
+    with pytest.raises(LorsaSurgeryError, match="HTTP 403"):
+        pull("lib/partial", out_dir=out, overwrite=True)
+    assert _files(out) == _files(v1)  # the earlier pull, whole
+
+    hub.reset()
+    with pytest.raises(LorsaSurgeryError, match="earlier lorsa-surgery result; pass --overwrite"):
+        pull("lib/partial", out_dir=out)
+    runner = CliRunner()
+    assert runner.invoke(main, ["pull", "lib/partial", "--out", str(out)]).exit_code == 1
+    replaced = runner.invoke(main, ["pull", "lib/partial", "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0 and _files(out) == _files(v2)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.txt").write_text("not ours")
+    hub.reset()
+    with pytest.raises(LorsaSurgeryError, match="did not write"):
+        pull("lib/partial", out_dir=theirs, overwrite=True)
+    assert [p.name for p in theirs.iterdir()] == ["thesis.txt"] and hub.requests == []
+
+
+def test_push_never_uploads_local_hints_or_folder_markers_at_any_depth(hub, tmp_path):
+    src = _write_model(tmp_path / "src", 1)
+    for folder in (src, src / "layer0", src / "nested" / "patched"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / LOCAL_HINT).write_text(json.dumps({"base_path": "/home/me/base"}))
+        (folder / MARKER).write_text("{}")
+    (src / "nested" / "patched" / "lorsa_surgery.json").write_text("{}")
+    push_folder(src, "lib/hints")
+    remote = HfApi().list_repo_files("lib/hints")
+    assert "nested/patched/lorsa_surgery.json" in remote
+    assert [name for name in remote if name.rsplit("/", 1)[-1] in (LOCAL_HINT, MARKER)] == []
+
+
+def test_the_hub_module_does_not_import_patched_models():
+    tree = ast.parse(Path(hub_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
+    assert not [name for name in imported if name and name.endswith("patched")]
+    from lorsa_surgery import patched
+
+    assert patched.LOCAL_HINT == LOCAL_HINT  # one file name, wherever it is read

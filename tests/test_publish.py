@@ -172,7 +172,7 @@ def test_a_failed_patched_model_push_leaves_the_remote_as_it_was_and_a_retry_suc
         with pytest.raises(LorsaSurgeryError, match=rf"^Could not push .* to Hub repo 'ns/fault': .*{symptom}"):
             push_folder(versions["v2"], "ns/fault")
         assert hub.refs("ns/fault") == refs_before
-        assert _files(pull("ns/fault", out_dir=tmp_path / "remote")) == _files(versions["v1"])
+        assert _files(pull("ns/fault", out_dir=tmp_path / "remote", overwrite=True)) == _files(versions["v1"])
         hub.reset()
     info = push_folder(versions["v2"], "ns/fault")
     assert hub.refs("ns/fault")["main"] == info.oid
