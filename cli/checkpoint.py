@@ -1,13 +1,13 @@
 """`lorsa-surgery inspect`: what a Lorsa checkpoint, or a patched-model folder, is."""
 
 import json
-from pathlib import Path
+import math
 
 import click
 
 from lorsa_surgery import Lorsa
 from lorsa_surgery.formats import describe
-from lorsa_surgery.patched import is_patched_folder, read_root
+from lorsa_surgery.patched import is_patched_folder, module_folders, read_root
 
 
 @click.command()
@@ -23,12 +23,12 @@ def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool) 
         info = {
             "patched_model": {"base_model": root["base_model"], "mode": root["mode"], "adapter": root.get("adapter"),
                               "interventions": bool(root.get("interventions"))},
-            "layers": {layer: describe(Lorsa.from_pretrained(Path(path) / entry["folder"])) for layer, entry in root["layers"].items()},
+            "layers": {str(layer): describe(Lorsa.from_pretrained(folder)) for layer, folder in module_folders(path, root).items()},
         }
     else:
         info = describe(Lorsa.from_pretrained(path, allow_pickle=allow_pickle, revision=revision))
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(_finite(info), indent=2, allow_nan=False))
         return
     if "patched_model" in info:
         _table(info["patched_model"])
@@ -37,6 +37,17 @@ def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool) 
             _table(module)
     else:
         _table(info)
+
+
+def _finite(value):
+    """`value` with NaN and infinities as null: JSON has no such numbers, and a parser would reject the whole output."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _table(info: dict) -> None:

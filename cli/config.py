@@ -14,6 +14,10 @@ from typing import Any, Callable
 import click
 
 
+MAX_THREADS = 4096
+"""More CPU threads than any machine has; torch refuses a count it cannot hold with a traceback."""
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, whitespace collapsed."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

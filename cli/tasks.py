@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.cli.config import config_options
+from lorsa_surgery.cli.config import MAX_THREADS, config_options
+from lorsa_surgery.lorsa import check_number
 from lorsa_surgery.tasks import multihop
 from lorsa_surgery.tasks import train as training
 
@@ -116,8 +117,8 @@ def int_list(text: str, option: str) -> list[int]:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_number(threads, "--threads", integer=True, minimum=1, maximum=MAX_THREADS))
 

@@ -2,7 +2,8 @@
 
 import click
 
-from lorsa_surgery.cli.config import config_options
+from lorsa_surgery.cli.config import MAX_THREADS, config_options
+from lorsa_surgery.lorsa import check_number
 from lorsa_surgery.training import TrainConfig, layer_folder, train as run_training
 
 
@@ -16,11 +17,11 @@ def train(threads: int | None, **options) -> None:
     output directions (init host), lr 5e-4. Each module lands in OUT/L<layer>. Run data-parallel with
     `accelerate launch --num_processes N $(which lorsa-surgery) train ...`.
     """
-    if threads:
+    config = TrainConfig(**options)  # checks every number before anything runs
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(threads)
-    config = TrainConfig(**options)
+        torch.set_num_threads(check_number(threads, "--threads", integer=True, minimum=1, maximum=MAX_THREADS))
     for layer, lorsa in run_training(config).items():
         info = lorsa.training_info
         click.echo(

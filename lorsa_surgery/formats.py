@@ -4,19 +4,19 @@ the config, is an error, never a silent partial load."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.lorsa import Lorsa, LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.lorsa import MAX_INDEX, Lorsa, LorsaConfig, check_number, rotary_inverse_wavelengths
 
 NATIVE_FORMAT = "lorsa-surgery.lorsa"
 NATIVE_VERSION = 1
@@ -35,10 +35,10 @@ def detect(folder: Path) -> str:
         raise LorsaSurgeryError(
             f"No Lorsa checkpoint in {folder}: expected {NATIVE_CONFIG}, or config.json with sae_weights.safetensors or final.pth."
         )
-    raw = files.read_json(folder / "config.json")
+    raw = files.read_json(folder / "config.json", expect=dict)
     if "sae_type" in raw:
         if raw["sae_type"] != "lorsa":
-            raise LorsaSurgeryError(f"{folder} holds a sparse dictionary of sae_type {raw['sae_type']!r}, not a Lorsa module.")
+            raise LorsaSurgeryError(f"{folder} holds a sparse dictionary of sae_type {raw['sae_type']!r:.60}, not a Lorsa module.")
         return "reference"
     if (folder / "final.pth").exists():
         return "paper"
@@ -141,39 +141,67 @@ def save_native(lorsa: Lorsa, path: str | Path) -> Path:
 
 
 def _load_native(folder: Path) -> Lorsa:
-    raw = files.read_json(folder / NATIVE_CONFIG)
+    path = folder / NATIVE_CONFIG
+    raw = files.read_json(path, expect=dict)
     if raw.get("format") != NATIVE_FORMAT or "config" not in raw:
-        raise LorsaSurgeryError(f"{folder / NATIVE_CONFIG} is not a lorsa-surgery module config.")
-    if raw.get("format_version", 0) > NATIVE_VERSION:
-        raise LorsaSurgeryError(
-            f"{folder} was written by a newer lorsa-surgery (format {raw['format_version']}); please upgrade."
-        )
-    lorsa = _empty(LorsaConfig.from_dict(raw["config"]))
-    _assign(lorsa, _read_safetensors(folder / NATIVE_WEIGHTS), folder)
+        raise LorsaSurgeryError(f"{path} is not a lorsa-surgery module config.")
+    version = check_number(raw.get("format_version", 0), f"{path}: format_version", integer=True, minimum=0)
+    if version > NATIVE_VERSION:
+        raise LorsaSurgeryError(f"{folder} was written by a newer lorsa-surgery (format {version}); please upgrade.")
+    with _about(path):
+        lorsa = _empty(LorsaConfig.from_dict(raw["config"]))
+    _assign(lorsa, files.read_safetensors(folder / NATIVE_WEIGHTS), folder / NATIVE_WEIGHTS)
     if (folder / NATIVE_CATALOG).exists():
-        heads = files.read_json(folder / NATIVE_CATALOG).get("heads", {})
-        lorsa.catalog = {int(k): dict(v) for k, v in heads.items()}
+        lorsa.catalog = read_catalog(folder / NATIVE_CATALOG, lorsa.cfg.n_ov_heads)
     if (folder / NATIVE_TRAINING).exists():
-        lorsa.training_info = files.read_json(folder / NATIVE_TRAINING)
+        lorsa.training_info = files.read_json(folder / NATIVE_TRAINING, expect=dict)
     return lorsa
+
+
+_HEAD_KEY = re.compile(r"0|[1-9][0-9]*")
+
+
+def read_catalog(path: Path, n_heads: int) -> dict[int, dict[str, str]]:
+    """The head catalog in `path`, refused in one sentence unless every key is a head index written plainly ("5",
+    never "05" or "-1", which would collide or index from the end) below `n_heads`, and every entry an object of
+    string label and note."""
+    heads = files.read_json(path, expect=dict).get("heads", {})
+    if not isinstance(heads, dict):
+        raise LorsaSurgeryError(f"{path}: heads must be an object of head index -> entry.")
+    catalog = {}
+    for key, entry in heads.items():
+        if not _HEAD_KEY.fullmatch(key) or int(key) >= n_heads:
+            raise LorsaSurgeryError(f"{path}: {key[:40]!r} is not a head index of this module (0 to {n_heads - 1}, written plainly).")
+        if not isinstance(entry, dict) or set(entry) - {"label", "note"} or not all(isinstance(v, str) for v in entry.values()):
+            raise LorsaSurgeryError(f"{path}: the entry of head {key} must be an object with a string label and note, got {entry!r:.60}.")
+        catalog[int(key)] = dict(entry)
+    return catalog
 
 
 # ---- reference (llamascopium / lm-saes) ---------------------------------------------------------
 
 
 def _reference_config(raw: dict[str, Any]) -> tuple[LorsaConfig, str]:
+    """The config of a reference config.json, and its norm_activation; fields the reference names differently from
+    LorsaConfig are checked under the reference's names."""
     if raw.get("rotary_scale", 1) != 1:
-        raise LorsaSurgeryError(f"rotary_scale={raw['rotary_scale']} is not supported (only 1).")
+        raise LorsaSurgeryError(f"rotary_scale={raw['rotary_scale']!r:.60} is not supported (only 1).")
     act_fn = raw.get("act_fn", "relu")
     if act_fn not in ("topk", "jumprelu", "relu"):
-        raise LorsaSurgeryError(f"act_fn {act_fn!r} is not supported for inference (use topk, jumprelu or relu).")
+        raise LorsaSurgeryError(f"act_fn {act_fn!r:.60} is not supported for inference (use topk, jumprelu or relu).")
     if raw.get("use_post_qk_ln") and raw.get("normalization_type") != "RMS":
-        raise LorsaSurgeryError(f"QK norm of normalization_type {raw.get('normalization_type')!r} is not supported (only RMS).")
+        raise LorsaSurgeryError(f"QK norm of normalization_type {raw.get('normalization_type')!r:.60} is not supported (only RMS).")
     for key in ("d_model", "n_qk_heads", "d_qk_head"):
         if key not in raw:
             raise LorsaSurgeryError(f"Reference config lacks {key}.")
-    d_model = raw["d_model"]
-    n_ov = raw.get("d_sae") or int(round(d_model * raw.get("expansion_factor", 0)))
+    d_model = check_number(raw["d_model"], "d_model", integer=True, minimum=1, maximum=MAX_INDEX)
+    if raw.get("d_sae"):
+        n_ov = check_number(raw["d_sae"], "d_sae", integer=True, minimum=1, maximum=MAX_INDEX)
+    else:
+        n_ov = round(d_model * check_number(raw.get("expansion_factor"), "expansion_factor", above=0, maximum=MAX_INDEX))
+    for key in ("hook_point_in", "hook_point_out", "model_name", "norm_activation"):
+        if not isinstance(raw.get(key), (str, type(None))):
+            raise LorsaSurgeryError(f"{key} must be a string, got {raw[key]!r:.60}.")
     hook_in = raw.get("hook_point_in")
     layer = re.search(r"blocks\.(\d+)\.", hook_in or "")
     cfg = LorsaConfig(
@@ -197,7 +225,7 @@ def _reference_config(raw: dict[str, Any]) -> tuple[LorsaConfig, str]:
         NTK_by_parts_high_freq_factor=raw.get("NTK_by_parts_high_freq_factor", 1.0),
         old_context_len=raw.get("old_context_len", 2048),
         use_post_qk_ln=raw.get("use_post_qk_ln", False),
-        qk_ln_eps=raw.get("eps", 1e-6),
+        qk_ln_eps=check_number(raw.get("eps", 1e-6), "eps", minimum=0),
         n_ctx=raw.get("n_ctx", 2048),
         input_space="processed",
         host_model=raw.get("model_name"),
@@ -209,21 +237,27 @@ def _reference_config(raw: dict[str, Any]) -> tuple[LorsaConfig, str]:
 
 
 def _load_reference(folder: Path) -> Lorsa:
-    cfg, norm_activation = _reference_config(files.read_json(folder / "config.json"))
-    state = _read_safetensors(folder / "sae_weights.safetensors")
-    norms = {k.split(".", 1)[1]: float(v) for k, v in state.items() if k.startswith("dataset_average_activation_norm.")}
+    raw = files.read_json(folder / "config.json", expect=dict)
+    with _about(folder / "config.json"):
+        cfg, norm_activation = _reference_config(raw)
+    weights = folder / "sae_weights.safetensors"
+    state = files.read_safetensors(weights)
+    with _about(weights):  # a zero, negative or NaN norm would scale every weight into NaN or the wrong sign
+        norms = {k.split(".", 1)[1]: check_number(float(v) if v.numel() == 1 else v.tolist(), k, above=0)
+                 for k, v in state.items() if k.startswith("dataset_average_activation_norm.")}
     tensors = {k: v for k, v in state.items() if k not in _REFERENCE_IGNORED and not k.startswith("dataset_average_activation_norm.")}
     renames = {"b_O": "b_D", "ln_q.w": "q_norm", "ln_k.w": "k_norm", "activation_function.log_jumprelu_threshold": "log_jumprelu_threshold"}
     tensors = {renames.get(k, k): v for k, v in tensors.items()}
     tensors.setdefault("b_V", torch.zeros(cfg.n_ov_heads))
     # Some checkpoints store fewer QK heads than the config names; the reference repeats them.
-    n_stored = tensors.get("W_Q", torch.empty(cfg.n_qk_heads)).shape[0]
+    stored = tensors.get("W_Q")
+    n_stored = stored.shape[0] if isinstance(stored, torch.Tensor) and stored.dim() else cfg.n_qk_heads
     if n_stored != cfg.n_qk_heads and n_stored and cfg.n_qk_heads % n_stored == 0:
         for k in ("W_Q", "W_K", "b_Q", "b_K", "q_norm", "k_norm"):
-            if k in tensors:
+            if k in tensors and tensors[k].dim():  # one without a head dimension is refused by _assign
                 tensors[k] = tensors[k].repeat_interleave(cfg.n_qk_heads // n_stored, dim=0)
     lorsa = _empty(cfg)
-    _assign(lorsa, tensors, folder)
+    _assign(lorsa, tensors, weights)
     if norm_activation == "dataset-wise":
         if cfg.hook_point_in in norms and cfg.hook_point_out in norms:
             fold_dataset_norms(lorsa, norms[cfg.hook_point_in], norms[cfg.hook_point_out])
@@ -234,7 +268,7 @@ def _load_reference(folder: Path) -> Lorsa:
                 stacklevel=3,
             )
     elif norm_activation != "inference":
-        raise LorsaSurgeryError(f"norm_activation {norm_activation!r} cannot be folded into weights (need dataset-wise or inference).")
+        raise LorsaSurgeryError(f"norm_activation {norm_activation!r:.60} cannot be folded into weights (need dataset-wise or inference).")
     return lorsa
 
 
@@ -263,9 +297,30 @@ def _load_paper(folder: Path, allow_pickle: bool) -> Lorsa:
         raise LorsaSurgeryError(
             f"{folder}/final.pth is a pickle; pass allow_pickle=True (CLI: --allow-pickle) only if you trust its source."
         )
-    raw = files.read_json(folder / "config.json")
+    raw = files.read_json(folder / "config.json", expect=dict)
+    with _about(folder / "config.json"):
+        cfg, norm_in, norm_out = _paper_config(raw)
+    try:
+        state = torch.load(folder / "final.pth", map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise LorsaSurgeryError(f"Could not read {folder}/final.pth as plain tensors: {e}") from None
+    if not isinstance(state, dict):
+        raise LorsaSurgeryError(f"{folder}/final.pth holds a {type(state).__name__}, not a dictionary of named tensors.")
+    renames = {"b_O": "b_D"}
+    tensors = {renames.get(k, k): v for k, v in state.items() if k not in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}}
+    for key, shape in (("W_V", (cfg.n_ov_heads, cfg.d_model)), ("W_O", (cfg.n_ov_heads, cfg.d_model)), ("b_V", (cfg.n_ov_heads,))):
+        if isinstance(tensors.get(key), torch.Tensor) and tensors[key].numel() == math.prod(shape):
+            tensors[key] = tensors[key].reshape(shape)
+    lorsa = _empty(cfg)
+    _assign(lorsa, tensors, folder / "final.pth")
+    fold_dataset_norms(lorsa, norm_in, norm_out)
+    return lorsa
+
+
+def _paper_config(raw: dict[str, Any]) -> tuple[LorsaConfig, float, float]:
+    """The config of a paper-era config.json, and its input and output norms."""
     if raw.get("mode") != "top_k":
-        raise LorsaSurgeryError(f"Paper-era mode {raw.get('mode')!r} is not supported (only top_k).")
+        raise LorsaSurgeryError(f"Paper-era mode {raw.get('mode')!r:.60} is not supported (only top_k).")
     if raw.get("d_ov_head", 1) != 1 or raw.get("virtual_kv_num", 0):
         raise LorsaSurgeryError("Paper-era checkpoints with d_ov_head > 1 or virtual keys are not supported.")
     for key in ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "avg_norm"):
@@ -289,31 +344,20 @@ def _load_paper(folder: Path, allow_pickle: bool) -> Lorsa:
         host_model=raw.get("model_name"),
         host_layer=raw.get("layer"),
     )
-    try:
-        state = torch.load(folder / "final.pth", map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise LorsaSurgeryError(f"Could not read {folder}/final.pth as plain tensors: {e}") from None
-    renames = {"b_O": "b_D"}
-    tensors = {renames.get(k, k): v for k, v in state.items() if k not in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}}
-    for key, shape in (("W_V", (cfg.n_ov_heads, cfg.d_model)), ("W_O", (cfg.n_ov_heads, cfg.d_model)), ("b_V", (cfg.n_ov_heads,))):
-        if key in tensors and tensors[key].numel() == math.prod(shape):
-            tensors[key] = tensors[key].reshape(shape)
-    lorsa = _empty(cfg)
-    _assign(lorsa, tensors, folder)
-    fold_dataset_norms(lorsa, raw["avg_norm"]["in"], raw["avg_norm"]["out"])
-    return lorsa
+    norms = raw["avg_norm"] if isinstance(raw["avg_norm"], dict) else {}
+    return cfg, check_number(norms.get("in"), "avg_norm.in", above=0), check_number(norms.get("out"), "avg_norm.out", above=0)
 
 
 # ---- shared -------------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise LorsaSurgeryError(f"Missing file: {path}.")
+@contextlib.contextmanager
+def _about(path: Path) -> Iterator[None]:
+    """Errors raised inside name `path`, the file being read."""
     try:
-        return load_file(str(path))
-    except SafetensorError as e:
-        raise LorsaSurgeryError(f"{path} is not a readable safetensors file ({e}).") from None
+        yield
+    except LorsaSurgeryError as e:
+        raise LorsaSurgeryError(f"{path}: {e}") from None
 
 
 def _empty(cfg: LorsaConfig) -> Lorsa:
@@ -324,7 +368,8 @@ def _empty(cfg: LorsaConfig) -> Lorsa:
 
 
 def _assign(lorsa: Lorsa, tensors: dict[str, torch.Tensor], origin: Path) -> None:
-    """Copy tensors into the module, refusing missing, unexpected or misshapen ones."""
+    """Copy tensors read from the file `origin` into the module, refusing missing, unexpected, misshapen or non-finite
+    ones (a NaN weight would turn every output it touches into NaN)."""
     expected = lorsa.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -332,10 +377,14 @@ def _assign(lorsa: Lorsa, tensors: dict[str, torch.Tensor], origin: Path) -> Non
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
         raise LorsaSurgeryError(f"Weights in {origin} do not match the config: {'; '.join(parts)}.")
     for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise LorsaSurgeryError(f"Weights in {origin}: {name} is a {type(value).__name__}, not a tensor.")
         if tuple(value.shape) != tuple(expected[name].shape):
             raise LorsaSurgeryError(
                 f"Weights in {origin} contradict the config: {name} has shape {tuple(value.shape)}, "
                 f"the config implies {tuple(expected[name].shape)}."
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise LorsaSurgeryError(f"Weights in {origin}: {name} holds NaN or infinite values; the checkpoint is damaged.")
     lorsa.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
     lorsa.rotary_inv_freq = rotary_inverse_wavelengths(lorsa.cfg)  # derived, so not in the checkpoint

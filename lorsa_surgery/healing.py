@@ -26,6 +26,7 @@ from torch import nn
 
 from lorsa_surgery import corpus, files
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.lorsa import MAX_CONTEXT, MAX_INDEX, check_number
 from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import Splice
 
@@ -129,7 +130,6 @@ def load_adapter(handle: Splice, source: str | Path, revision: str | None = None
     """A PEFT LoRA adapter (a folder or Hub repo with adapter_config.json and adapter_model.safetensors) made for the
     base model, or saved with a patched model, onto this splice. Returns where its layers went."""
     from peft import LoraConfig
-    from safetensors.torch import load_file
 
     from lorsa_surgery.hub import pull
 
@@ -140,7 +140,7 @@ def load_adapter(handle: Splice, source: str | Path, revision: str | None = None
     if not (folder / _WEIGHTS).is_file():
         raise LorsaSurgeryError(f"{source} has no {_WEIGHTS} (safetensors only).")
     config = LoraConfig.from_pretrained(str(folder))
-    state = load_file(str(folder / _WEIGHTS))
+    state = files.read_safetensors(folder / _WEIGHTS)
     modules = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in state})
     return _inject(handle, config, state, [_base_name(handle, m) for m in modules])
 
@@ -227,16 +227,17 @@ class HealConfig:
     def __post_init__(self) -> None:
         self.texts = tuple(str(t) for t in self.texts)
         for name in ("tokens", "batch_size", "eval_tokens", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise LorsaSurgeryError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if self.context < 2:
-            raise LorsaSurgeryError(f"context must be at least 2, got {self.context}.")
-        if self.lora_rank < 0:
-            raise LorsaSurgeryError(f"lora_rank must not be negative, got {self.lora_rank}.")
-        if self.lr <= 0 or self.lorsa_lr <= 0:
-            raise LorsaSurgeryError("Learning rates must be positive.")
-        if not 0 <= self.warmup < 1:
-            raise LorsaSurgeryError(f"warmup must be a fraction in [0, 1), got {self.warmup}.")
+            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
+        check_number(self.context, "context", integer=True, minimum=2, maximum=MAX_CONTEXT)
+        check_number(self.lora_rank, "lora_rank", integer=True, minimum=0)
+        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
+        self.lr = check_number(self.lr, "lr", above=0)
+        self.lorsa_lr = check_number(self.lorsa_lr, "lorsa_lr", above=0)
+        self.warmup = check_number(self.warmup, "warmup", minimum=0, maximum=1)
+        if self.warmup == 1:
+            raise LorsaSurgeryError("warmup must be a fraction below 1: the rate decays after it.")
+        if not isinstance(self.train_lorsa, bool):
+            raise LorsaSurgeryError(f"train_lorsa must be true or false, got {self.train_lorsa!r:.60}.")
 
 
 def _kl_and_losses(handle: Splice, ids: torch.Tensor, mask: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,6 +336,8 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
     for step in bar:
         rows = train_rows[[(step * config.batch_size + i) % len(train_rows) for i in range(config.batch_size)]]
         kl, sums = _kl_and_losses(handle, ids[rows].to(device), mask[rows].to(device), grad=True)
+        if not kl.isfinite():  # a diverged step would spread NaN into every adapter and module, and then be saved
+            raise LorsaSurgeryError(f"Healing diverged at step {step + 1} (KL {kl.item()}); nothing was saved. Lower lr or lorsa_lr.")
         (kl / sums[2].clamp_min(1).to(kl)).backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()

@@ -21,7 +21,7 @@ import math
 import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,10 +29,23 @@ from torch import nn
 from lorsa_surgery import files
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.heads import HeadRef, HeadSpec, by_layer, parse_heads, resolve_heads
+from lorsa_surgery.lorsa import MAX_INDEX, check_number
 from lorsa_surgery.splicing import HeadContext, Splice
 
 FORMAT = "lorsa-surgery.interventions"
 FORMAT_VERSION = 1
+
+MAX_VALUE = 1e6
+"""The largest magnitude of a steering value, mean or cached activation. Trained heads fire in the tens to hundreds,
+so this leaves ample room to over-steer on purpose, while what it multiplies stays far from float32 and bfloat16
+overflow (about 3e38). float16 holds at most 65504: a larger value is refused when it meets float16 activations, and
+an overflow further on stops generation (`_finite_logits`)."""
+MAX_POSITIONS = 100_000
+"""The most positions one selector may list: more than any context holds, and cheap to match."""
+MAX_RECORDS = 10_000
+"""The most records one intervention set may hold; each one edits activations at every forward pass."""
+MAX_CACHED = 2**27
+"""The most entries (rows x positions x heads) cached activations may cover once made dense (512 MiB in float32)."""
 
 # ---- positions -----------------------------------------------------------------------------------------------
 
@@ -48,9 +61,9 @@ def parse_positions(value: Positions) -> str | list[int]:
     if isinstance(value, bool):
         raise LorsaSurgeryError(f"Positions must be all, prompt, generated, a list of ints or a slice, got {value!r}.")
     if isinstance(value, int):
-        return [value]
+        return _position_list([value])
     if isinstance(value, range):
-        return list(value)
+        return _position_list(value)
     if isinstance(value, slice):
         value = ":".join("" if v is None else str(v) for v in (value.start, value.stop, value.step)).rstrip(":")
         value = value if ":" in value else value + ":"
@@ -63,18 +76,32 @@ def parse_positions(value: Positions) -> str | list[int]:
                 parts = text.split(":")
                 if len(parts) > 3:
                     raise ValueError
-                numbers = [int(p) if p.strip() else None for p in parts]
+                numbers = [_position(int(p)) if p.strip() else None for p in parts]
                 if len(numbers) == 3 and numbers[2] is not None and numbers[2] <= 0:
                     raise LorsaSurgeryError(f"The step of positions {text!r} must be positive.")
                 return ":".join("" if n is None else str(n) for n in numbers)
-            return [int(p) for p in text.split(",")]
+            return _position_list(text.split(","))
+        except LorsaSurgeryError:
+            raise
         except ValueError:
             raise LorsaSurgeryError(
-                f"Positions {value!r} are not all, prompt, generated, a comma-separated list or a start:stop slice."
+                f"Positions {value!r:.80} are not all, prompt, generated, a comma-separated list or a start:stop slice."
             ) from None
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(value)
-    raise LorsaSurgeryError(f"Positions must be all, prompt, generated, a list of ints or a slice, got {value!r}.")
+        return _position_list(value)
+    raise LorsaSurgeryError(f"Positions must be all, prompt, generated, a list of ints or a slice, got {value!r:.80}.")
+
+
+def _position(value: int) -> int:
+    return check_number(value, "A position", integer=True, minimum=-MAX_INDEX, maximum=MAX_INDEX)
+
+
+def _position_list(values: Sequence[int | str]) -> list[int]:
+    """Positions (ints, or their text) checked and without repeats, in the order given; more than MAX_POSITIONS are
+    refused before any is parsed (millions of them took a minute and gigabytes to match)."""
+    if len(values) > MAX_POSITIONS:
+        raise LorsaSurgeryError(f"{len(values)} positions are more than the {MAX_POSITIONS} one selector may list; use a slice (start:stop).")
+    return list(dict.fromkeys(_position(int(v) if isinstance(v, str) else v) for v in values))
 
 
 def position_mask(
@@ -99,10 +126,13 @@ def position_mask(
         return torch.full((position_ids.shape[0], 1), v, device=position_ids.device)
 
     if isinstance(positions, list):
-        if not positions:
-            return torch.zeros_like(position_ids, dtype=torch.bool)
-        chosen = torch.cat([absolute(v, 0) for v in positions], dim=1)  # [B, n]
-        return (position_ids[..., None] == chosen[:, None, :]).any(-1)
+        chosen = torch.tensor(positions, dtype=torch.long, device=position_ids.device)
+        mask = torch.isin(position_ids, chosen[chosen >= 0])
+        back = chosen[chosen < 0]
+        if back.numel():  # counted back from the end of each row's prompt
+            ends = prompt_lengths()[:, None] + back
+            mask |= torch.stack([torch.isin(row, end) for row, end in zip(position_ids, ends)])
+        return mask
     start, stop, step = (positions.split(":") + [""])[:3]
     lo = absolute(int(start) if start else None, 0)
     hi = absolute(int(stop) if stop else None, math.inf)
@@ -130,6 +160,10 @@ class _Prompts:
 
         def generate(*args, **kwargs):
             self.lengths, self.in_generate = None, True
+            if len(args) < 3:  # logits_processor is generate()'s third positional parameter
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), _finite_logits])
             try:
                 return call()(*args, **kwargs)
             finally:
@@ -154,6 +188,16 @@ class _Prompts:
                 raise LorsaSurgeryError(f"The batch changed from {len(self.lengths)} to {batch} rows since the prompt ran.")
             return self.lengths.repeat_interleave(batch // len(self.lengths))
         return self.lengths
+
+
+def _finite_logits(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """A logits processor that stops generation whose next-token logits turned NaN or +inf under interventions,
+    instead of decoding garbage. One reduction per step: max propagates NaN, and -inf (a token ruled out) is allowed."""
+    top = float(scores.amax()) if scores.numel() else 0.0
+    if math.isnan(top) or top == math.inf:
+        raise LorsaSurgeryError("With the interventions applied the model's logits became NaN or infinite: a steering value "
+                                "too large for the model's number format; choose a smaller one.")
+    return scores
 
 
 def _acquire_prompts(model: nn.Module) -> _Prompts:
@@ -211,12 +255,25 @@ class HeadCache:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HeadCache":
         try:
+            lengths = [check_number(n, "Each cached length", integer=True, minimum=0, maximum=MAX_INDEX) for n in d["lengths"]]
             indices = torch.tensor(d["indices"], dtype=torch.long).reshape(-1, 3)
-            cache = cls(parse_heads(d["heads"]), [int(n) for n in d["lengths"]], indices, torch.tensor(d["values"], dtype=torch.float32))
+            cache = cls(parse_heads(d["heads"]), lengths, indices, torch.tensor(d["values"], dtype=torch.float32))
+        except LorsaSurgeryError:
+            raise
         except (KeyError, TypeError, ValueError, RuntimeError):
             raise LorsaSurgeryError("Cached activations need heads, lengths, indices [[row, position, column], ...] and values.") from None
         if len(cache.values) != len(indices):
             raise LorsaSurgeryError(f"Cached activations have {len(indices)} indices but {len(cache.values)} values.")
+        if len(lengths) * max(lengths, default=0) * len(cache.heads) > MAX_CACHED:
+            raise LorsaSurgeryError(f"Cached activations covering {len(lengths)} rows of up to {max(lengths)} positions and "
+                                    f"{len(cache.heads)} heads are more than the {MAX_CACHED} entries allowed.")
+        if len(indices):
+            rows, positions, columns = indices.T
+            if rows.min() < 0 or positions.min() < 0 or columns.min() < 0 or rows.max() >= len(lengths) \
+                    or columns.max() >= len(cache.heads) or (positions >= torch.tensor(lengths)[rows]).any():
+                raise LorsaSurgeryError("Cached activations have an index [row, position, column] outside their rows, lengths or heads.")
+        if len(cache.values) and not bool(cache.values.abs().max() <= MAX_VALUE):  # NaN fails the comparison too
+            raise LorsaSurgeryError(f"Cached activation values must be finite numbers of magnitude at most {MAX_VALUE:g}.")
         return cache
 
     def reader(self, refs: list[HeadRef]) -> Edit:
@@ -252,11 +309,7 @@ class HeadCache:
 
 
 def _finite(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LorsaSurgeryError(f"{name} must be a finite number, got {value!r}.")
-    return float(value)
+    return None if value is None else check_number(value, name, minimum=-MAX_VALUE, maximum=MAX_VALUE)
 
 
 @dataclass
@@ -284,6 +337,10 @@ class Ablate:
             raise LorsaSurgeryError("Mean ablation needs means (lorsa_surgery.analysis.mean_activations), and only it takes them.")
         if (self.how == "resample") != (self.source is not None):
             raise LorsaSurgeryError("Resample ablation needs a source (lorsa_surgery.patching.cache_run), and only it takes one.")
+        if self.source is not None and not isinstance(self.source, HeadCache):
+            raise LorsaSurgeryError("Resample ablation needs a source HeadCache (lorsa_surgery.patching.cache_run).")
+        if self.means is not None and not isinstance(self.means, dict):
+            raise LorsaSurgeryError(f"Mean ablation needs means as head ref -> number, got {self.means!r:.60}.")
         if self.means is not None:
             self.means = {str(k): _finite(f"The mean of {k}", v) for k, v in self.means.items()}
 
@@ -325,11 +382,20 @@ class Steer:
 
     def _edit(self, refs: list[HeadRef]) -> Edit:
         clamp = self.clamp
+        biggest = max(abs(v) for v in (self.clamp, self.add, self.scale) if v is not None)
+
+        def fits(values: torch.Tensor) -> torch.Tensor:
+            # float16 holds at most 65504: a larger value would overflow (or, for clamp, raise inside torch).
+            if values.is_floating_point() and biggest > torch.finfo(values.dtype).max:
+                raise LorsaSurgeryError(f"Steering value {biggest:g} does not fit the model's {values.dtype} activations "
+                                        f"(at most {torch.finfo(values.dtype).max:g}).")
+            return values
+
         if clamp is not None:
-            return lambda values, ctx, mask: torch.full_like(values, clamp)
+            return lambda values, ctx, mask: torch.full_like(fits(values), clamp)
         scale = 1.0 if self.scale is None else self.scale
         add = 0.0 if self.add is None else self.add
-        return lambda values, ctx, mask: values * scale + add
+        return lambda values, ctx, mask: fits(values) * scale + add
 
 
 @dataclass
@@ -365,8 +431,11 @@ def parse_steer(text: str) -> Steer:
             try:
                 number = float(value)
             except ValueError:
-                raise LorsaSurgeryError(f"{value!r} in {text!r} is not a number.") from None
-            return Steer(heads, **{name: number})
+                raise LorsaSurgeryError(f"{value!r:.40} in {text!r:.80} is not a number.") from None
+            try:
+                return Steer(heads, **{name: number})
+            except LorsaSurgeryError as e:
+                raise LorsaSurgeryError(f"In {text!r:.60}: {e}") from None
     raise LorsaSurgeryError(f"{text!r} is not HEAD=VALUE (clamp), HEAD+=VALUE (add) or HEAD*=VALUE (scale).")
 
 
@@ -399,6 +468,9 @@ def _record_from_dict(d: dict[str, Any]) -> Intervention:
     unknown = sorted(set(d) - known - {"type"})
     if unknown:
         raise LorsaSurgeryError(f"Unknown field(s) in a {d['type']} intervention: {', '.join(unknown)}.")
+    heads = d.get("heads")
+    if not isinstance(heads, str) and not (isinstance(heads, list) and all(isinstance(h, str) for h in heads)):
+        raise LorsaSurgeryError(f"The heads of a {d['type']} intervention must be a string or a list of strings, got {heads!r:.60}.")
     kwargs = {k: v for k, v in d.items() if k != "type"}
     if isinstance(kwargs.get("source"), dict):
         kwargs["source"] = HeadCache.from_dict(kwargs["source"])
@@ -474,8 +546,10 @@ class InterventionSet:
     def from_dict(cls, d: dict[str, Any]) -> "InterventionSet":
         if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("interventions"), list):
             raise LorsaSurgeryError(f"Not a lorsa-surgery intervention spec (expected format {FORMAT!r} and a list of interventions).")
-        if d.get("format_version", 0) > FORMAT_VERSION:
+        if check_number(d.get("format_version", 0), "format_version", integer=True, minimum=0) > FORMAT_VERSION:
             raise LorsaSurgeryError("This intervention spec was written by a newer lorsa-surgery; please upgrade.")
+        if len(d["interventions"]) > MAX_RECORDS:
+            raise LorsaSurgeryError(f"{len(d['interventions'])} interventions are more than the {MAX_RECORDS} one spec may hold.")
         return cls(_record_from_dict(r) for r in d["interventions"])
 
     def summary(self) -> list[dict[str, Any]]:
@@ -495,7 +569,11 @@ class InterventionSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "InterventionSet":
-        return cls.from_dict(files.read_json(path))
+        spec = files.read_json(path, expect=dict)
+        try:
+            return cls.from_dict(spec)
+        except LorsaSurgeryError as e:
+            raise LorsaSurgeryError(f"{path}: {e}") from None
 
     # ---- running
 

@@ -7,6 +7,7 @@ heads of which only a few fire at each token. OV head i shares query-key head i 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -16,6 +17,61 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
+
+MAX_INDEX = 2**31 - 1
+"""The largest size, count or position read from a file or flag: no model comes near it, and torch indexes with it safely."""
+
+MAX_CONTEXT = 2**20
+"""The longest training sequence accepted (a million tokens); longer ones cannot be held for a batch anyway."""
+
+MAX_MATRIX = 2**34
+"""The most elements one weight matrix of a module may hold (64 GiB in float32, more than any accelerator has): a
+larger one is a typo, refused before anything is allocated."""
+
+
+def check_number(value: Any, name: str, *, integer: bool = False, minimum: float | None = None,
+                 above: float | None = None, maximum: float | None = None) -> Any:
+    """`value` (as an int with `integer`, else a float) if it is a finite number, not a bool, with minimum <= value
+    (minimum < value for `above`) and value <= maximum; otherwise one sentence naming `name`."""
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if ok:
+        try:
+            value = int(value) if integer else float(value)
+        except OverflowError:  # an integer too large to be a float
+            ok = False
+    ok = ok and (integer or math.isfinite(value)) and (minimum is None or value >= minimum) \
+        and (above is None or value > above) and (maximum is None or value <= maximum)
+    if ok:
+        return value
+
+    def show(bound: float) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+    kind = "an integer" if integer else "a finite number"
+    limited = f"{kind} of at most {show(maximum)}" if maximum is not None else kind
+    if minimum is not None and maximum is not None:
+        rule = f"be between {show(minimum)} and {show(maximum)} ({kind})"
+    elif above == 0 or (integer and minimum == 1):
+        rule = f"be positive ({limited})"
+    elif minimum == 0:
+        rule = f"not be negative ({limited})"
+    elif above is not None:
+        rule = f"be above {show(above)} ({limited})"
+    elif minimum is not None:
+        rule = f"be at least {show(minimum)} ({limited})"
+    else:
+        rule = f"be {limited}"
+    raise LorsaSurgeryError(f"{name} must {rule}, got {value!r:.60}.")
+
+
+def check_module_size(d_model: int, n_qk_heads: int, d_qk_head: int, n_ov_heads: int) -> None:
+    """Refuse a module whose weight matrices would pass MAX_MATRIX, before anything is allocated."""
+    largest = max(n_ov_heads, n_qk_heads * d_qk_head) * d_model
+    if largest > MAX_MATRIX:
+        raise LorsaSurgeryError(
+            f"{n_ov_heads} heads ({n_qk_heads} query-key heads of width {d_qk_head}) on a width of {d_model} need a weight "
+            f"matrix of {largest:.3g} elements, more than the {MAX_MATRIX:.3g} a Lorsa module may hold."
+        )
 
 
 @dataclass
@@ -83,36 +139,41 @@ class LorsaConfig:
     """TransformerLens-style name of the output site, e.g. blocks.3.hook_attn_out."""
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise LorsaSurgeryError(f"{name} must be a positive integer, got {value!r}.")
+        """Every field checked for type and range, so a module never runs on a config that gives wrong or NaN outputs."""
+        for name in ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "old_context_len", "n_ctx"):
+            setattr(self, name, check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX))
+        for name, allowed in (("act_fn", ("topk", "jumprelu", "relu")), ("topk_score", ("relu", "abs")),
+                              ("positional_embedding_type", ("rotary", "none")), ("input_space", ("hf", "processed"))):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+                raise LorsaSurgeryError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {getattr(self, name)!r:.60}.")
+        for name in ("sparsity_include_decoder_norm", "use_decoder_bias", "rotary_adjacent_pairs", "use_NTK_by_parts_rope",
+                     "use_post_qk_ln"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
+        for name in ("host_model", "host_revision", "hook_point_in", "hook_point_out"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise LorsaSurgeryError(f"{name} must be a string or null, got {getattr(self, name)!r:.60}.")
+        if self.host_layer is not None:
+            self.host_layer = check_number(self.host_layer, "host_layer", integer=True, minimum=0, maximum=MAX_INDEX)
+        check_module_size(self.d_model, self.n_qk_heads, self.d_qk_head, self.n_ov_heads)
         if self.n_ov_heads % self.n_qk_heads:
             raise LorsaSurgeryError(
                 f"n_ov_heads ({self.n_ov_heads}) must be divisible by n_qk_heads ({self.n_qk_heads})."
             )
-        if self.act_fn not in ("topk", "jumprelu", "relu"):
-            raise LorsaSurgeryError(f"act_fn must be topk, jumprelu or relu, got {self.act_fn!r}.")
-        if self.topk_score not in ("relu", "abs"):
-            raise LorsaSurgeryError(f"topk_score must be relu or abs, got {self.topk_score!r}.")
         if self.act_fn == "topk" and self.top_k > self.n_ov_heads:
             raise LorsaSurgeryError(f"top_k ({self.top_k}) cannot exceed n_ov_heads ({self.n_ov_heads}).")
-        if self.positional_embedding_type not in ("rotary", "none"):
-            raise LorsaSurgeryError(
-                f"positional_embedding_type must be rotary or none, got {self.positional_embedding_type!r}."
-            )
-        if self.rotary_dim is None:
-            self.rotary_dim = self.d_qk_head
-        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_qk_head:
-            raise LorsaSurgeryError(
-                f"rotary_dim must be even and at most d_qk_head ({self.d_qk_head}), got {self.rotary_dim}."
-            )
-        if self.attn_scale is None:
-            self.attn_scale = math.sqrt(self.d_qk_head)
-        if self.attn_logit_softcap is not None and not self.attn_logit_softcap > 0:
-            raise LorsaSurgeryError(f"attn_logit_softcap must be positive or None, got {self.attn_logit_softcap!r}.")
-        if self.input_space not in ("hf", "processed"):
-            raise LorsaSurgeryError(f"input_space must be hf or processed, got {self.input_space!r}.")
+        self.rotary_dim = self.d_qk_head if self.rotary_dim is None else \
+            check_number(self.rotary_dim, "rotary_dim", integer=True, minimum=1, maximum=self.d_qk_head)
+        if self.rotary_dim % 2:
+            raise LorsaSurgeryError(f"rotary_dim must be even, got {self.rotary_dim}.")
+        # A zero or negative base, scale or factor gives NaN or silently wrong scores rather than an error.
+        self.attn_scale = math.sqrt(self.d_qk_head) if self.attn_scale is None else \
+            check_number(self.attn_scale, "attn_scale", above=0)
+        if self.attn_logit_softcap is not None:
+            self.attn_logit_softcap = check_number(self.attn_logit_softcap, "attn_logit_softcap", above=0)
+        for name in ("rotary_base", "NTK_by_parts_factor", "NTK_by_parts_low_freq_factor", "NTK_by_parts_high_freq_factor"):
+            setattr(self, name, check_number(getattr(self, name), name, above=0))
+        self.qk_ln_eps = check_number(self.qk_ln_eps, "qk_ln_eps", minimum=0)
 
     @property
     def group_size(self) -> int:
@@ -124,13 +185,14 @@ class LorsaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LorsaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        if not isinstance(d, dict):
+            raise LorsaSurgeryError(f"The Lorsa config must be a JSON object, not {type(d).__name__}.")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise LorsaSurgeryError(f"Unknown Lorsa config field(s): {', '.join(unknown)}.")
         try:
             return cls(**d)
-        except TypeError as e:
+        except TypeError as e:  # a required field missing
             raise LorsaSurgeryError(f"Malformed Lorsa config: {e}.") from None
 
 
@@ -496,11 +558,14 @@ class Lorsa(nn.Module):
 
         return formats.load(path, allow_pickle=allow_pickle, revision=revision, device=device, dtype=dtype)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the native format: lorsa_config.json, lorsa.safetensors, head_catalog.json (atomically)."""
-        from lorsa_surgery import formats
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the native format (lorsa_config.json, lorsa.safetensors, head_catalog.json) as a new folder, whole;
+        an existing one is replaced only if this toolkit wrote it and `overwrite` is set."""
+        from lorsa_surgery import files, formats
 
-        return formats.save_native(self, path)
+        with files.new_folder(path, overwrite=overwrite, kind=formats.NATIVE_FORMAT) as staging:
+            formats.save_native(self, staging)
+        return Path(path)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -286,7 +286,7 @@ def load_patched(
     if root.get("interventions"):
         from lorsa_surgery.interventions import InterventionSet
 
-        InterventionSet.from_dict(files.read_json(_part(folder, root["interventions"], "interventions"), expect=dict)).attach(handle)
+        InterventionSet.load(_part(folder, root["interventions"], "interventions")).attach(handle)
     return model, tokenizer, handle
 
 

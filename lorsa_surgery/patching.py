@@ -277,6 +277,9 @@ def effect(
             with interventions.applied(handle):
                 after = forward(handle, ids).float()
             targets = ids[0, 1:].to(before.device)
+            if not (before.isfinite().all() and after.isfinite().all()):
+                which = "the model's" if not before.isfinite().all() else "with the interventions applied, the"
+                raise LorsaSurgeryError(f"On {text[:40]!r} {which} logits are NaN or infinite; no effect can be measured.")
             for i, logits in enumerate((before, after)):
                 loss[i] += F.cross_entropy(logits[0, :-1], targets, reduction="sum").item()
             logp, logq = before[0, :-1].log_softmax(-1), after[0, :-1].log_softmax(-1)

@@ -22,18 +22,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NoReturn
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from lorsa_surgery import corpus, files
+from lorsa_surgery import corpus, files, formats
 from lorsa_surgery.arch import arch_for, exact_copy, from_host_subspaces
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.formats import fold_dataset_norms
-from lorsa_surgery.lorsa import Lorsa
+from lorsa_surgery.lorsa import MAX_CONTEXT, MAX_INDEX, Lorsa, check_module_size, check_number
 from lorsa_surgery.metrics import explained_variance
 from lorsa_surgery.placement import input_device
 from lorsa_surgery.splicing import splice
@@ -44,6 +43,8 @@ PLOT_FILE = "training.png"
 CHECKPOINTS = "checkpoints"
 SAMPLED_CORPUS = "sampled_corpus.jsonl"
 INITS = ("host", "attention", "qk", "random")
+MAX_EXPANSION = 1024.0
+"""The largest expansion accepted: published modules use 8 to 64; beyond this a module outgrows any accelerator."""
 
 
 def layer_folder(out: str | Path, layer: int) -> Path:
@@ -147,32 +148,33 @@ class TrainConfig:
         self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
         if not self.layers:
             raise LorsaSurgeryError("Name at least one layer to train.")
-        if any(not isinstance(n, int) or n < 0 for n in self.layers) or len(set(self.layers)) < len(self.layers):
-            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)}.")
+        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_INDEX for n in self.layers) \
+                or len(set(self.layers)) < len(self.layers):
+            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)!r:.80}.")
         if self.n_heads is not None and self.expansion is not None:
             raise LorsaSurgeryError("Give either n_heads or expansion, not both.")
-        positive = ["k", "tokens", "batch_size", "context", "eval_tokens", "log_every", "dead_window"]
-        positive += [n for n in ("n_heads", "n_qk_heads", "k_start") if getattr(self, n) is not None]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise LorsaSurgeryError(f"{name} must be a positive integer, got {value!r}.")
-        if self.expansion is not None and self.expansion <= 0:
-            raise LorsaSurgeryError(f"expansion must be positive, got {self.expansion}.")
+        # Sizes are bounded here so that a typo is refused before the host loads or anything is allocated.
+        counts = ["k", "tokens", "batch_size", "eval_tokens", "log_every", "dead_window"]
+        counts += [n for n in ("n_heads", "n_qk_heads", "k_start") if getattr(self, n) is not None]
+        for name in counts:
+            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
         for name in ("sample_tokens", "lm_loss_tokens", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise LorsaSurgeryError(f"{name} must not be negative, got {getattr(self, name)}.")
-        if self.context < 2:
-            raise LorsaSurgeryError(f"context must be at least 2 (BOS plus one token), got {self.context}.")
+            check_number(getattr(self, name), name, integer=True, minimum=0, maximum=MAX_INDEX)
+        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
+        check_number(self.context, "context (BOS plus at least one token)", integer=True, minimum=2, maximum=MAX_CONTEXT)
+        if self.expansion is not None:
+            self.expansion = check_number(self.expansion, "expansion", above=0, maximum=MAX_EXPANSION)
         if self.eval_tokens < self.context:
             raise LorsaSurgeryError(f"eval_tokens ({self.eval_tokens}) must cover at least one sequence of {self.context}.")
         for name in ("k_anneal", "warmup", "cooldown"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise LorsaSurgeryError(f"{name} must be a fraction between 0 and 1, got {getattr(self, name)}.")
+            setattr(self, name, check_number(getattr(self, name), name, minimum=0, maximum=1))
         if self.warmup + self.cooldown > 1:
             raise LorsaSurgeryError("warmup and cooldown together must not exceed the whole run.")
-        if self.lr <= 0 or self.grad_clip < 0:
-            raise LorsaSurgeryError("lr must be positive and grad_clip not negative.")
+        self.lr = check_number(self.lr, "lr", above=0)  # a finite but diverging rate is stopped by the training loop
+        self.grad_clip = check_number(self.grad_clip, "grad_clip", minimum=0)
+        for name in ("pack", "autocast", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
         if self.init not in INITS:
             raise LorsaSurgeryError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.max_memory is not None:
@@ -530,6 +532,7 @@ def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
     else:
         n_qk = config.n_qk_heads or H
         n_ov = config.n_heads or round(d * (config.expansion or 8))
+    check_module_size(d, n_qk, hd, n_ov)
     if n_ov % n_qk:
         raise LorsaSurgeryError(f"The number of heads ({n_ov}) must be a multiple of the QK heads ({n_qk}).")
     if config.k > n_ov or (config.k_start or 0) > n_ov:
@@ -591,6 +594,15 @@ def _build(config: TrainConfig, model: nn.Module, layer: int, host: dict[str, An
     return lorsa
 
 
+_WATCHED = ("loss", "ev", "ood_ev", "lm_loss_spliced", "ood_lm_loss_spliced")
+"""Figures of a metrics record that stay finite in a sound run; a module that makes them NaN or inf is not saved."""
+
+
+def _diverged(layer: int, step: int, what: str) -> NoReturn:
+    raise LorsaSurgeryError(f"Training layer {layer} diverged at step {step} ({what}), so its module was not saved; "
+                            "lower lr or keep grad_clip on.")
+
+
 class _LayerRun:
     """One layer's module and everything that trains it: optimiser, schedule, linear baseline, the clock of when each
     head last fired, metrics and its folder."""
@@ -630,6 +642,8 @@ class _LayerRun:
         # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
         (sse * P / n_global).backward()
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lorsa.parameters(), config.grad_clip or math.inf))
+        if not math.isfinite(self.grad_norm):  # a NaN or inf loss gives one too; stop before the update spreads it
+            _diverged(self.layer, step + 1, f"gradient norm {self.grad_norm}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -650,6 +664,9 @@ class _LayerRun:
                 "tokens_per_s": _rate(trainer.config, done, trainer.timing["train_s"])}
 
     def log(self, record: dict[str, Any]) -> None:
+        bad = [k for k in _WATCHED if isinstance(record.get(k), float) and not math.isfinite(record[k])]
+        if bad:
+            _diverged(self.layer, record["step"], ", ".join(f"{k} {record[k]}" for k in bad))
         self.history.append(record)
         if self.main:
             with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -768,8 +785,8 @@ class _LayerRun:
             "tokens_per_s": _rate(config, steps, trainer.timing["train_s"]),
             "lorsa_step_tokens_per_s": _rate(config, steps, self.lorsa_s), "device": trainer.acc.device.type,
         }
-        if self.main:
-            lorsa.save_pretrained(self.folder)
+        if self.main:  # beside the layer's metrics, in the run folder claimed at the start
+            formats.save_native(lorsa, self.folder)
         return lorsa
 
 
@@ -931,16 +948,17 @@ class Trainer:
         if self.acc.is_main_process:
             root = self.out / CHECKPOINTS
             folder = root / f"step_{step:07d}"
-            for layer, t in tensors.items():
-                files.write_safetensors(folder / f"L{layer}.safetensors", t)
-            rng = {"rng.cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            files.write_safetensors(folder / "rng.safetensors", rng)
-            files.write_json(folder / "state.json", {"step": step, "timing": self.timing,
-                                                     "layers": {str(l): r.checkpoint_state() for l, r in self.runs.items()}})
+            with files.new_folder(folder, overwrite=True, kind="training-checkpoint") as staging:
+                for layer, t in tensors.items():
+                    files.write_safetensors(staging / f"L{layer}.safetensors", t)
+                rng = {"rng.cpu": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+                files.write_safetensors(staging / "rng.safetensors", rng)
+                files.write_json(staging / "state.json", {"step": step, "timing": self.timing,
+                                                          "layers": {str(l): r.checkpoint_state() for l, r in self.runs.items()}})
             files.write_json(root / "latest.json", {"step": step})
-            for old in root.glob("step_*"):
+            for old in root.glob("*step_*"):  # earlier checkpoints, and what a killed checkpoint left half-written
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -949,9 +967,12 @@ class Trainer:
         pointer = self.out / CHECKPOINTS / "latest.json"
         if not pointer.exists():
             return None
-        folder = self.out / CHECKPOINTS / f"step_{files.read_json(pointer)['step']:07d}"
-        layers = {layer: load_file(str(folder / f"L{layer}.safetensors")) for layer in self.config.layers}
-        return files.read_json(folder / "state.json"), layers, load_file(str(folder / "rng.safetensors"))
+        step = files.read_json(pointer, expect=dict).get("step")
+        if type(step) is not int or step < 0:
+            raise LorsaSurgeryError(f"{pointer} does not name a checkpoint step; start the run afresh in another folder.")
+        folder = self.out / CHECKPOINTS / f"step_{step:07d}"
+        layers = {layer: files.read_safetensors(folder / f"L{layer}.safetensors") for layer in self.config.layers}
+        return files.read_json(folder / "state.json", expect=dict), layers, files.read_safetensors(folder / "rng.safetensors")
 
 
 def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None,
@@ -986,9 +1007,9 @@ def _prepare_folder(config: TrainConfig, out: Path) -> None:
     if saved.exists():
         if not config.resume:
             raise LorsaSurgeryError(f"{out} already holds a training run; resume it or choose another folder.")
-        before = files.read_json(saved)
+        before = files.read_json(saved, expect=dict)
         changed = sorted(k for k, v in config.to_dict().items() if k != "resume" and before.get(k) != v)
         if changed:
             raise LorsaSurgeryError(f"Cannot resume {out} with different settings: {', '.join(changed)}.")
-    out.mkdir(parents=True, exist_ok=True)
+    files.claim(out, kind="training-run")
     files.write_json(saved, config.to_dict())

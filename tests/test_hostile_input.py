@@ -122,43 +122,84 @@ def test_inspect_of_fuzzed_folders_prints_no_traceback(folders, tmp_path):
 
 # ---- flags -------------------------------------------------------------------------------------------------------------
 
+M, L = "{model}", "1={lorsa}"
 BAD_FLAGS = [
-    ("generate", ["--prompt", ""]),
-    ("generate", ["--prompt", "abc", "--max-new-tokens", "0"]),
-    ("generate", ["--prompt", "abc", "--max-new-tokens", "-1"]),
-    ("generate", ["--prompt", "abc", "--temperature", "nan", "--sample"]),
-    ("generate", ["--prompt", "abc", "--chat"]),
-    ("generate", ["--prompt", "x" * 400]),
-    ("generate", ["--prompt", "abc", "--steer", "L1.H5=1e38"]),
-    ("generate", ["--prompt", "abc", "--steer", "L1.H5=nan"]),
-    ("generate", ["--prompt", "abc", "--ablate", "L1.H999"]),
-    ("generate", ["--prompt", "abc", "--lorsa", "1=x", "--lorsa", "01=y"]),
-    ("ablate", ["--heads", "L1.H3", "--prompt", ""]),
-    ("ablate", ["--heads", "L1.H3", "--prompt", "abc", "--positions", "1e21"]),
-    ("ablate", ["--heads", "L1.H-1", "--prompt", "abc"]),
-    ("steer", ["--heads", "L1.H3", "--clamp", "inf", "--prompt", "abc"]),
-    ("patch", ["--heads", "L1.H3", "--source", "", "--prompt", "abc"]),
-    ("replace", ["--out", "."]),
-    ("heads zpattern", ["L1.H3", "--prompt", "abc", "--position", "99"]),
-    ("heads zpattern", ["L1.H3", "--prompt", ""]),
-    ("train", ["--layer", "1", "--expansion", "1e9", "--out", "{tmp}/run"]),
-    ("train", ["--layer", "1", "--expansion", "inf", "--out", "{tmp}/run"]),
-    ("train", ["--layer", "1", "--lr", "inf", "--out", "{tmp}/run"]),
-    ("train", ["--layer", "1", "--lr", "nan", "--out", "{tmp}/run"]),
+    # generate and the interventions
+    ["generate", M, "--prompt", ""],
+    ["generate", M, "--prompt", "abc", "--max-new-tokens", "0"],
+    ["generate", M, "--prompt", "abc", "--max-new-tokens", "-1"],
+    ["generate", M, "--prompt", "abc", "--temperature", "nan", "--sample"],
+    ["generate", M, "--prompt", "abc", "--chat"],
+    ["generate", M, "--prompt", "x" * 400],
+    ["generate", M, "--lorsa", L, "--prompt", "abc", "--steer", "L1.H5=1e38"],
+    ["generate", M, "--lorsa", L, "--prompt", "abc", "--steer", "L1.H5=nan"],
+    ["generate", M, "--lorsa", L, "--prompt", "abc", "--ablate", "L1.H999"],
+    ["generate", M, "--lorsa", "1=x", "--lorsa", "01=y", "--prompt", "abc"],
+    ["generate", M, "--lorsa", L, "--prompt", "abc", "--interventions", "{tmp}/missing.json"],
+    ["ablate", M, "--lorsa", L, "--heads", "L1.H3", "--prompt", ""],
+    ["ablate", M, "--lorsa", L, "--heads", "L1.H3", "--prompt", "abc", "--positions", "1e21"],
+    ["ablate", M, "--lorsa", L, "--heads", "L1.H-1", "--prompt", "abc"],
+    ["ablate", M, "--lorsa", L, "--heads", "L1.H3", "--prompt", "abc", "--save", "{tmp}/given"],
+    ["steer", M, "--lorsa", L, "--heads", "L1.H3", "--clamp", "inf", "--prompt", "abc"],
+    ["patch", M, "--lorsa", L, "--heads", "L1.H3", "--source", "", "--prompt", "abc"],
+    # files in, folders out
+    ["replace", M, "--lorsa", L, "--out", "."],
+    ["replace", M, "--lorsa", L, "--out", "{tmp}/given/model"],
+    ["replace", M, "--lorsa", "1={tmp}/nowhere", "--out", "{tmp}/out"],
+    ["inspect", "{tmp}/nowhere"],
+    ["inspect", "{model}/config.json"],
+    ["push", "{tmp}/nowhere", "--repo-id", "ns/name"],
+    ["push", "{lorsa}", "--repo-id", "not a repo id"],
+    ["pull", "ns/name:../../x", "--out", "{tmp}/pulled"],
+    ["pull", "./nowhere", "--out", "{tmp}/pulled"],
+    ["heal", "{tmp}/nowhere", "--out", "{tmp}/healed"],
+    ["heal", "{lorsa}", "--out", "{tmp}/healed", "--lr", "nan"],
+    ["heal", "{lorsa}", "--out", "{tmp}/healed", "--tokens", "-1"],
+    ["train", M, "--layer", "1", "--expansion", "1e9", "--out", "{tmp}/run"],
+    ["train", M, "--layer", "1", "--expansion", "inf", "--out", "{tmp}/run"],
+    ["train", M, "--layer", "1", "--lr", "inf", "--out", "{tmp}/run"],
+    ["train", M, "--layer", "1", "--lr", "nan", "--out", "{tmp}/run"],
+    ["train", M, "--layer", "7", "--out", "{tmp}/run"],
+    ["train", M, "--layer", "1", "--out", "{tmp}/given/model"],
+    # heads
+    ["heads", "zpattern", M, "--lorsa", L, "L1.H3", "--prompt", "abc", "--position", "99"],
+    ["heads", "zpattern", M, "--lorsa", L, "L1.H3", "--prompt", ""],
+    ["heads", "label", "{lorsa}", "L1.H-1", "x"],
+    ["heads", "label", "{lorsa}", "L1.H999", "x"],
+    ["heads", "label", "{lorsa}", "L2.H1", "x"],
+    ["heads", "list", "{tmp}/nowhere"],
+    ["heads", "list", "{lorsa}"],
+    ["heads", "top", "{lorsa}", "L1.H3"],
+    ["heads", "dashboard", "{lorsa}", "L1.H3"],
+    ["heads", "scan", M, "--lorsa", L, "--out", "{tmp}/scan", "--max-length", "1"],
+    ["heads", "scan", M, "--lorsa", L, "--out", "{tmp}/given/model"],
+    ["heads", "detect", M, "--lorsa", L, "--families", "nonsense"],
+    ["heads", "detect", M, "--lorsa", L, "--top", "0"],
+    ["heads", "causal", M, "--lorsa", L, "--family", "induction", "--heads", "L9.H0"],
+    ["heads", "classify", M, "--layers", "9"],
+    # the multi-hop testbed and the demo
+    ["tasks", "make", "number", "{tmp}/given", "-n", "10"],
+    ["tasks", "make", "number", "{tmp}/ex.jsonl", "-n", "-1"],
+    ["tasks", "train", "number", "{tmp}/given/model", "--steps", "1"],
+    ["tasks", "train", "number", "{tmp}/run", "--lr", "nan"],
+    ["tasks", "eval", "{tmp}/nowhere"],
+    ["tasks", "extrapolate", "{tmp}/nowhere"],
+    ["demo", "--out", "{model}"],
 ]
 
 
-@pytest.mark.parametrize("command,flags", BAD_FLAGS, ids=[f"{c}:{' '.join(f)[:40]}" for c, f in BAD_FLAGS])
-def test_bad_flags_give_one_line(folders, tmp_path, command, flags):
+@pytest.mark.parametrize("args", BAD_FLAGS, ids=[" ".join(a)[:60] for a in BAD_FLAGS])
+def test_bad_flags_give_one_line(folders, tmp_path, args):
     model_dir, lorsa_dir = folders
-    needs_lorsa = command not in ("train",) and "--lorsa" not in flags
-    args = [*command.split(), model_dir, *(["--lorsa", f"1={lorsa_dir}"] if needs_lorsa else []),
-            *[f.replace("{tmp}", str(tmp_path)) for f in flags]]
+    args = [a.replace("{model}", model_dir).replace("{lorsa}", lorsa_dir).replace("{tmp}", str(tmp_path)) for a in args]
+    before = snapshot(tmp_path, tmp_path / "none")
     result = cli(*args)
     assert result.exit_code != 0, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     message = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(message) == 1 and "Traceback" not in result.output, result.output
+    after = snapshot(tmp_path, tmp_path / "none")
+    assert after == before, {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}  # refused: nothing written
 
 
 def test_an_unexpected_error_is_one_line_unless_verbose(folders, monkeypatch):

@@ -7,17 +7,17 @@ into the same folder resumes from the last checkpoint.
 
 from __future__ import annotations
 
-import json
+import math
 import random
-import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GPTJConfig, GPTJForCausalLM
@@ -25,6 +25,7 @@ from transformers import GPTJConfig, GPTJForCausalLM
 from lorsa_surgery import files, positional
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.files import write_json
+from lorsa_surgery.lorsa import MAX_CONTEXT, MAX_INDEX, MAX_MATRIX, check_number
 from lorsa_surgery.tasks.multihop import (MAX_HOPS, PRE_TARGET, TASKS, WINDOW, Example, TaskTokenizer, check_hops,
                                           generate)
 
@@ -82,24 +83,36 @@ class TrainConfig:
     """Seeds the initial weights, the training prompts and the evaluation set."""
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise LorsaSurgeryError(f"Unknown task {self.task!r}; choose number or letter.")
-        self.betas = tuple(self.betas)
-        self.hops = tuple(self.hops)
-        self.checkpoint_steps = tuple(sorted(set(self.checkpoint_steps)))
-        for name in ("n_layer", "n_head", "n_embd", "steps", "batch_size", "eval_every", "eval_examples"):
-            if getattr(self, name) <= 0:
-                raise LorsaSurgeryError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not isinstance(self.task, str) or self.task not in TASKS:
+            raise LorsaSurgeryError(f"Unknown task {self.task!r:.60}; choose number or letter.")
+        for name in ("betas", "hops", "checkpoint_steps"):
+            if isinstance(getattr(self, name), (str, bytes)) or not hasattr(getattr(self, name), "__iter__"):
+                raise LorsaSurgeryError(f"{name} must be a list of numbers, got {getattr(self, name)!r:.60}.")
+        self.betas = tuple(check_number(b, "Each of betas", minimum=0, maximum=0.999999) for b in self.betas)
+        if len(self.betas) != 2:
+            raise LorsaSurgeryError(f"betas must be two numbers, got {len(self.betas)}.")
+        self.hops = tuple(check_number(h, "Each hop count", integer=True, minimum=1, maximum=MAX_HOPS) for h in self.hops)
+        self.checkpoint_steps = tuple(sorted({check_number(s, "Each checkpoint step", integer=True, minimum=0, maximum=MAX_INDEX)
+                                              for s in self.checkpoint_steps}))
+        # Bounded so that a typo is refused here, before a model is allocated or a run folder written.
+        for name, most in (("n_layer", 1024), ("n_head", 1024), ("n_embd", 2**16), ("steps", MAX_INDEX), ("batch_size", 2**20),
+                           ("eval_every", MAX_INDEX), ("eval_examples", 2**20), ("n_positions", MAX_CONTEXT)):
+            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=most)
+        for name in ("train_extra", "warmup_steps"):
+            check_number(getattr(self, name), name, integer=True, minimum=0, maximum=MAX_INDEX)
+        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
+        if 12 * self.n_layer * self.n_embd**2 > MAX_MATRIX:
+            raise LorsaSurgeryError(f"{self.n_layer} layers of width {self.n_embd} make a model of about "
+                                    f"{12 * self.n_layer * self.n_embd**2:.3g} weights, more than the {MAX_MATRIX:.3g} allowed.")
         if self.n_embd % (2 * self.n_head):
             raise LorsaSurgeryError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even width.")
-        if not 0 <= self.dropout < 1:
-            raise LorsaSurgeryError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise LorsaSurgeryError("lr must be positive and warmup_steps non-negative.")
-        if self.n_positions < TRAIN_LENGTH + self.train_extra or self.train_extra < 0:
+        self.dropout = check_number(self.dropout, "dropout", minimum=0, maximum=0.999999)
+        self.lr = check_number(self.lr, "lr", above=0)  # a finite but diverging rate is stopped by the training loop
+        self.weight_decay = check_number(self.weight_decay, "weight_decay", minimum=0)
+        self.grad_clip = check_number(self.grad_clip, "grad_clip", minimum=0)
+        if self.n_positions < TRAIN_LENGTH + self.train_extra:
             raise LorsaSurgeryError(f"n_positions must be at least {TRAIN_LENGTH} plus train_extra, which must be non-negative.")
-        if self.rotary_base <= 1:
-            raise LorsaSurgeryError(f"rotary_base must be above 1, got {self.rotary_base}.")
+        self.rotary_base = check_number(self.rotary_base, "rotary_base", above=1)
         check_hops(self.hops)
 
 
@@ -213,18 +226,15 @@ def _checkpoints(out_dir: Path) -> list[Path]:
 
 def _save_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig, step: int) -> Path:
     final = out_dir / f"step_{step:06d}"
-    tmp = out_dir / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    names = {p: n for n, p in model.named_parameters()}
-    moments = {}
-    for p, state in optimizer.state.items():
-        moments[f"exp_avg/{names[p]}"] = state["exp_avg"].contiguous()
-        moments[f"exp_avg_sq/{names[p]}"] = state["exp_avg_sq"].contiguous()
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps({"task": config.task, "step": step, "config": asdict(config)}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with files.new_folder(final, overwrite=True, kind="multihop-checkpoint") as tmp:
+        model.save_pretrained(tmp)
+        names = {p: n for n, p in model.named_parameters()}
+        moments = {}
+        for p, state in optimizer.state.items():
+            moments[f"exp_avg/{names[p]}"] = state["exp_avg"].contiguous()
+            moments[f"exp_avg_sq/{names[p]}"] = state["exp_avg_sq"].contiguous()
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        write_json(tmp / "trainer.json", {"task": config.task, "step": step, "config": asdict(config)})
     return final
 
 
@@ -270,20 +280,19 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
     Loss is cross-entropy on the answer token only; each history record holds the step, the mean training
     loss since the previous record and the per-hop accuracy on the fixed evaluation set.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = files.claim(out_dir, kind="multihop-run")
     tok = TaskTokenizer(config.task)
     done = _checkpoints(out_dir) if resume else []
     start, history = 0, []
     if done:
-        record = files.read_json(done[-1] / "trainer.json")
+        record = files.read_json(done[-1] / "trainer.json", expect=dict)
         if TrainConfig(**record["config"]) != config:
             raise LorsaSurgeryError(f"{out_dir} holds a run with other settings; use another folder or resume=False.")
         start = record["step"]
     model = load_checkpoint(done[-1])[0] if done else build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if done:
-        moments = load_file(str(done[-1] / "optimizer.safetensors"))
+        moments = files.read_safetensors(done[-1] / "optimizer.safetensors")
         for name, p in model.named_parameters():
             if f"exp_avg/{name}" in moments:
                 optimizer.state[p] = {
@@ -312,8 +321,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
         loss = F.cross_entropy(model(ids, use_cache=False).logits[:, -1], answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf))
+        if not math.isfinite(norm):  # a NaN or inf loss gives one too; stop before the update spreads it
+            _diverged(step + 1, f"gradient norm {norm}")
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step, config)
         optimizer.step()
@@ -326,9 +336,16 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{result['accuracy']:.3f}")
             write_json(out_dir / "history.json", history)
         if done_steps in config.checkpoint_steps or done_steps == config.steps:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last update overflowed
+                _diverged(done_steps, "weights NaN or infinite")
             _save_checkpoint(out_dir, model, optimizer, config, done_steps)
     write_json(out_dir / "history.json", history)
     return history
+
+
+def _diverged(step: int, what: str) -> NoReturn:
+    raise LorsaSurgeryError(f"Training diverged at step {step} ({what}), so no checkpoint was saved for it; lower lr or "
+                            "keep grad_clip on.")
 
 
 def checkpoint_scores(
