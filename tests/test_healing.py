@@ -180,7 +180,7 @@ def test_cli_heal(tmp_path, text):
     assert log[-1]["step"] == 10 and all(r["kl"] >= 0 for r in log)
     healing = json.loads((tmp_path / "healed" / "lorsa_surgery.json").read_text())["metrics"]["healing"]
     assert f"{healing['after']['kl']:.4f}" in result.output and healing["trained"] == ["lora", "lorsa"]
-    refused = CliRunner().invoke(main, [*args[:-4], "--lora-rank", "0", "--no-train-lorsa"])
+    refused = CliRunner().invoke(main, [*args[:-4], "--lora-rank", "0", "--no-train-lorsa", "--overwrite"])
     assert refused.exit_code == 1 and "Nothing to train" in refused.output
 
 

@@ -190,6 +190,7 @@ def test_tiny_training_learns_checkpoints_and_resumes(tiny_run, tmp_path):
         for f in src.iterdir():
             (tmp_path / "cut" / name / f.name).write_bytes(f.read_bytes())
     (tmp_path / "cut" / "history.json").write_text((run / "history.json").read_text())
+    (tmp_path / "cut" / ".lorsa-surgery").write_text((run / ".lorsa-surgery").read_text())  # the run folder is the toolkit's
     resumed = TR.train(TINY, tmp_path / "cut", progress=False)
     assert [h["step"] for h in resumed] == [0, 20, 40]
     again, _ = TR.load_checkpoint(tmp_path / "cut" / "step_000040")

@@ -386,7 +386,7 @@ def test_several_layers_resume_after_a_kill_to_the_same_weights(host, text, tmp_
     with pytest.raises(Kill):
         train(tiny_config(host, text, tmp_path / "cut", **settings), on_step=die_at_7)
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_0000004").iterdir()) == [
-        "L0.safetensors", "L1.safetensors", "L2.safetensors", "rng.safetensors", "state.json"]
+        ".lorsa-surgery", "L0.safetensors", "L1.safetensors", "L2.safetensors", "rng.safetensors", "state.json"]
     resumed = train(tiny_config(host, text, tmp_path / "cut", resume=True, **settings))
     for layer in (0, 1, 2):
         assert_same_weights(state(whole[layer]), state(resumed[layer]))
