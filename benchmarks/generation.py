@@ -16,14 +16,15 @@ import time
 import torch
 
 from lorsa_surgery import Lorsa, LorsaCache
-from lorsa_surgery.models import load_model
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.host.models import load_model
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk. He checked the oil, trimmed the wick,"
 
 
 def sparse(model, layer: int, k: int = 64) -> Lorsa:
-    lorsa = Lorsa.from_attention(model, layer)
+    lorsa = exact_copy(model, layer)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", k
     return lorsa
 
@@ -84,7 +85,7 @@ def main() -> None:
         return
     variants = {
         "original": (None, True, 64),
-        "spliced from_attention (1152 heads, all fire)": ({L: Lorsa.from_attention(model, L)}, True, 64),
+        "spliced from_attention (1152 heads, all fire)": ({L: exact_copy(model, L)}, True, 64),
         "spliced sparse (1152 heads, K=64)": ({L: sparse(model, L)}, True, 64),
         "sparse, cached, 64 new": ({L: sparse(model, L)}, True, 64),
         "sparse, recompute prefix, 64 new": ({L: sparse(model, L)}, False, 64),

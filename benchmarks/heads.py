@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import lorsa_surgery as ls
-from lorsa_surgery.analysis import dashboard
-from lorsa_surgery.pages import write_site
-from lorsa_surgery.scan import corpus_windows, scan
+from lorsa_surgery.analysis.pages import dashboard
+from lorsa_surgery.analysis.pages import write_site
+from lorsa_surgery.analysis.scan import corpus_windows, scan
 
 HEADS = [1, 2, 360]
 

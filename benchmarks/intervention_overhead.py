@@ -15,9 +15,10 @@ import time
 import torch
 
 from lorsa_surgery import Lorsa
-from lorsa_surgery.interventions import InterventionSet, Steer
-from lorsa_surgery.models import load_model
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.interventions.edits import InterventionSet, Steer
+from lorsa_surgery.host.models import load_model
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 
 PROMPT = "The lighthouse keeper climbed the spiral stairs every evening at dusk. He checked the oil, trimmed the wick,"
 
@@ -46,7 +47,7 @@ def main() -> None:
     model, tok = load_model("smollm2")
     ids = tok(PROMPT, return_tensors="pt").input_ids
     L = args.layer
-    lorsa = Lorsa.from_attention(model, L)
+    lorsa = exact_copy(model, L)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", 64  # 1152 heads, 64 firing per token
     contexts = {
         "plain": None,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lorsa_surgery import load_model
-from lorsa_surgery.training import TrainConfig, train
+from lorsa_surgery.training.trainer import TrainConfig, train
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ import math
 import click
 
 from lorsa_surgery import Lorsa
-from lorsa_surgery.formats import describe
-from lorsa_surgery.patched import is_patched_folder, module_folders, read_root
+from lorsa_surgery.lorsa.formats import describe
+from lorsa_surgery.publishing.patched import is_patched_folder, module_folders, read_root
 
 
 @click.command()

@@ -13,7 +13,7 @@ import click
 def demo(fast, out, fresh):
     """Splice, find head families, ablate, steer, patch, classify positional/symbolic heads and publish, on the
     embedded SmolLM2; writes a self-contained HTML report with every number measured."""
-    from lorsa_surgery.demo import run_demo
+    from lorsa_surgery.demo.report import run_demo
 
     report = run_demo(out, fast=fast, fresh=fresh)
     click.echo((out / "report.md").read_text(encoding="utf-8"))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import positional
+from lorsa_surgery.multihop import positional
 from lorsa_surgery.cli.loading import load_host, parse_layer_specs, placement_options
 from lorsa_surgery.cli.tasks import int_list, outside_model_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.patched import module_for
-from lorsa_surgery.tasks import multihop
-from lorsa_surgery.tasks import train as training
+from lorsa_surgery.publishing.patched import module_for
+from lorsa_surgery.multihop import tasks as multihop
+from lorsa_surgery.multihop import train as training
 
 
 @click.group()

@@ -5,14 +5,18 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import Lorsa, corpus, files
+from lorsa_surgery import Lorsa
+
+from lorsa_surgery.host import corpus
+
+from lorsa_surgery.io import files
 from lorsa_surgery.cli.heads import heads
 from lorsa_surgery.cli.loading import PLACEMENT, POSITIVE, TEXT, Finite, load_with_modules, parse_layer_specs, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.causal import BEHAVIOURS, WORDS
-from lorsa_surgery.families import FAMILIES
-from lorsa_surgery.heads import HeadRef
-from lorsa_surgery.models import prompt_ids
+from lorsa_surgery.analysis.causal import BEHAVIOURS, WORDS
+from lorsa_surgery.analysis.families import FAMILIES
+from lorsa_surgery.interventions.heads import HeadRef
+from lorsa_surgery.host.models import prompt_ids
 
 
 def _model_options(command):
@@ -46,7 +50,8 @@ def _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_spec, prompt, position, n_top, plot, as_json):
     """Which source tokens of PROMPT feed HEAD at one token, and how much."""
-    from lorsa_surgery.analysis import plot_z_pattern, token_text, z_pattern
+    from lorsa_surgery.analysis.attribution import token_text, z_pattern
+    from lorsa_surgery.analysis.plots import plot_z_pattern
 
     tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=[head_spec])
     ids = prompt_ids(handle.model, tokenizer, prompt)
@@ -79,8 +84,8 @@ def label_head(path, head_spec, label, note):
 
     An empty LABEL removes the head from the catalog.
     """
-    from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
-    from lorsa_surgery.patched import is_patched_folder, module_folders
+    from lorsa_surgery.lorsa.formats import NATIVE_CONFIG, save_catalog
+    from lorsa_surgery.publishing.patched import is_patched_folder, module_folders
 
     ref = HeadRef.parse(head_spec)
     layer, index = ref.layer, ref.index
@@ -112,7 +117,7 @@ TOKENIZER_FOLDER = "tokenizer"
 
 def _stores(folder: Path):
     """(record, the layer stores) of a scan folder, wherever it has been moved or copied."""
-    from lorsa_surgery.scan import HeadStore
+    from lorsa_surgery.analysis.scan import HeadStore
 
     record = files.read_json(folder / SCAN_FILE, expect=dict)
     layers = record.get("layers")
@@ -143,8 +148,8 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
                  pages, out_dir):
     """Scan a corpus once through every spliced layer of MODEL and keep what every head view shows (heads list, top,
     dashboard, index.html); an unchanged module and corpus are not scanned again."""
-    from lorsa_surgery.pages import write_site
-    from lorsa_surgery.scan import corpus_windows, ensure
+    from lorsa_surgery.analysis.pages import write_site
+    from lorsa_surgery.analysis.scan import corpus_windows, ensure
 
     if min(max_length, max_tokens, bands, per_band + 1, k + 1) < 1 or max_length < 2:
         raise LorsaSurgeryError("--max-length must be at least 2, --max-tokens and --bands positive, -k and --per-band not negative.")
@@ -176,7 +181,7 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
 def list_heads(scan_dir, label, min_firing, prompt, sort, limit, as_json):
     """The heads of a scan (`heads scan --out SCAN_DIR`): label, firing rate, mean and max activation, dead flag,
     QK group and the tokens each promotes most."""
-    from lorsa_surgery.analysis import token_text
+    from lorsa_surgery.analysis.attribution import token_text
 
     record, stores = _stores(scan_dir)
     tokenizer = _tokenizer(scan_dir)
@@ -205,7 +210,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
     """Heads (refs) that fire at any token of the prompt, in the scanned model."""
     import torch
 
-    from lorsa_surgery.interventions import Recorder
+    from lorsa_surgery.interventions.edits import Recorder
 
     placement = {**dict.fromkeys(PLACEMENT), "dtype": "float32"}  # the defaults of the placement options
     tokenizer, handle = _load(record["model"], tuple(record["lorsa"]), record["revision"], record["base"], False, placement)
@@ -223,7 +228,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def top(scan_dir, head_spec, context, as_json):
     """Firing statistics and strongest activations of HEADS (L3.H5, L3.H0-9, L3:label) in a scan."""
-    from lorsa_surgery.analysis import token_text
+    from lorsa_surgery.analysis.attribution import token_text
 
     before, after = _context(context)
     record, stores = _stores(scan_dir)
@@ -261,7 +266,7 @@ def top(scan_dir, head_spec, context, as_json):
               help="Folder for the pages [default: SCAN_DIR, beside its index.html].")
 def dashboard(scan_dir, head_spec, out_dir):
     """Write the pages of HEADS from a scan (and the index that links them); print the index's path."""
-    from lorsa_surgery.pages import write_site
+    from lorsa_surgery.analysis.pages import write_site
 
     record, stores = _stores(scan_dir)
     refs = [store.rows()[column]["head"] for store, column in _columns(stores, head_spec)]
@@ -278,7 +283,7 @@ def _context(text: str) -> tuple[int, int]:
 
 def _columns(stores, head_spec: str):
     """(store, column) of each head a spec names, labels read from the scanned catalog."""
-    from lorsa_surgery.heads import resolve_in
+    from lorsa_surgery.interventions.heads import resolve_in
 
     by_layer = {store.layer: store for store in stores}
 
@@ -317,9 +322,9 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     """Find head families (induction, previous-token, sink, successor, name mover, arithmetic, thematic anchor)
     among the heads of Lorsa modules and of MHSA layers of MODEL, on probes built offline from its tokenizer."""
     from lorsa_surgery.cli.loading import load_host
-    from lorsa_surgery.arch import provenance
-    from lorsa_surgery.families import ATTENTION_THRESHOLD, catalog_entries, detect as run_detect
-    from lorsa_surgery.formats import NATIVE_CONFIG, save_catalog
+    from lorsa_surgery.host.arch import provenance
+    from lorsa_surgery.analysis.families import ATTENTION_THRESHOLD, catalog_entries, detect as run_detect
+    from lorsa_surgery.lorsa.formats import NATIVE_CONFIG, save_catalog
 
     names = families.split(",") if families else list(FAMILIES)
     unknown = [f for f in names if f not in FAMILIES]
@@ -394,8 +399,8 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
     prompts), then patch the heads back."""
     import dataclasses
 
-    from lorsa_surgery.causal import causal_check
-    from lorsa_surgery.heads import by_layer, resolve_heads
+    from lorsa_surgery.analysis.causal import causal_check
+    from lorsa_surgery.interventions.heads import by_layer, resolve_heads
 
     specs = parse_layer_specs(lorsa_specs) if lorsa_specs else {}
     spec = head_spec or ",".join(f"L{layer}:{family}" for layer in specs)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import files
+from lorsa_surgery.io import files
 from lorsa_surgery.cli.loading import overwrite_option, placement_options
-from lorsa_surgery.healing import HealConfig, heal as run_heal
-from lorsa_surgery.hub import pull
-from lorsa_surgery.patched import load_patched, read_root, save_patched
+from lorsa_surgery.training.healing import HealConfig, heal as run_heal
+from lorsa_surgery.io.hub import pull
+from lorsa_surgery.publishing.patched import load_patched, read_root, save_patched
 
 LOG = "heal.jsonl"
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.hub import pull as pull_source
-from lorsa_surgery.hub import push_folder
+from lorsa_surgery.io.hub import pull as pull_source
+from lorsa_surgery.io.hub import push_folder
 
 
 @click.command()

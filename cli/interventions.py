@@ -10,13 +10,15 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import corpus, files
+from lorsa_surgery.host import corpus
+
+from lorsa_surgery.io import files
 from lorsa_surgery.cli.loading import POSITIVE, TEXT, load_with_modules, overwrite_option, placement_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.heads import parse_heads
-from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
-from lorsa_surgery.models import prompt_ids
-from lorsa_surgery.patched import save_patched
+from lorsa_surgery.interventions.heads import parse_heads
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
+from lorsa_surgery.host.models import prompt_ids
+from lorsa_surgery.publishing.patched import save_patched
 
 HEADS_HELP = "Heads: L3.H5, a range L3.H0-127, or a catalog label L3:induction; comma-separated."
 POSITIONS_HELP = "all, prompt, generated, a list (0,4,-1; negatives count back from the prompt's end) or a slice (2:10)."
@@ -90,7 +92,7 @@ def _load(options: dict):
 
 def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, metric=None) -> None:
     """Measure the set on the prompts / texts (and `metric` on each prompt), print, and save the patched model if asked."""
-    from lorsa_surgery.patching import effect, forward
+    from lorsa_surgery.interventions.patching import effect, forward
 
     inputs, labels = list(options["prompts"]), list(options["prompts"])
     for path in options["texts"]:
@@ -142,9 +144,9 @@ def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, met
 @click.option("--resample-from", "resample_from", type=TEXT, help="Prompt whose activations resample ablation writes in.")
 def ablate(**options) -> None:
     """Ablate HEADS of MODEL (zero, corpus mean, or resampled from another prompt) and show the effect."""
-    from lorsa_surgery.analysis import mean_activations
-    from lorsa_surgery.metrics import token_windows
-    from lorsa_surgery.patching import cache_run
+    from lorsa_surgery.analysis.scan import mean_activations
+    from lorsa_surgery.host.metrics import token_windows
+    from lorsa_surgery.interventions.patching import cache_run
 
     host, tokenizer, handle = _load(options)
     record = {"heads": options["heads"], "how": options["how"], "positions": options["positions"]}
@@ -182,7 +184,7 @@ def steer(**options) -> None:
 @click.option("--top", default=20, show_default=True, type=POSITIVE, help="With --sweep: rows of the table.")
 def patch(**options) -> None:
     """Patch HEADS of MODEL from a run on --source and show the effect, or sweep heads x positions (--sweep)."""
-    from lorsa_surgery.patching import cache_run
+    from lorsa_surgery.interventions.patching import cache_run
 
     host, tokenizer, handle = _load(options)
     source = cache_run(handle, prompt_ids(handle.model, tokenizer, options["source_text"]), options["heads"])
@@ -204,7 +206,7 @@ def _single_token(tokenizer, text: str | None, option: str) -> int:
 
 def _metric(options: dict, tokenizer):
     """The metric the options name, scored on the next-token prediction of each prompt."""
-    from lorsa_surgery.patching import Loss, LogitDiff, Probability
+    from lorsa_surgery.interventions.patching import Loss, LogitDiff, Probability
 
     if options["metric"] == "loss":
         return Loss()  # mean next-token loss of each prompt
@@ -214,8 +216,9 @@ def _metric(options: dict, tokenizer):
 
 
 def _sweep(options: dict, tokenizer, handle, source) -> None:
-    from lorsa_surgery.analysis import plot_sweep, token_text
-    from lorsa_surgery.patching import cache_run, sweep
+    from lorsa_surgery.analysis.attribution import token_text
+    from lorsa_surgery.analysis.plots import plot_sweep
+    from lorsa_surgery.interventions.patching import cache_run, sweep
 
     if not options["prompts"]:
         raise LorsaSurgeryError("A sweep needs --prompt (the run that is patched).")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import models
+from lorsa_surgery.host import models
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.heads import layers_named
-from lorsa_surgery.patched import is_patched_folder, load_patched, module_for, read_root
-from lorsa_surgery.placement import DTYPES, dtype_of, parse_max_memory
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.interventions.heads import layers_named
+from lorsa_surgery.publishing.patched import is_patched_folder, load_patched, module_for, read_root
+from lorsa_surgery.host.placement import DTYPES, dtype_of, parse_max_memory
+from lorsa_surgery.host.splicing import splice
 
 LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'. Repeatable."
 
@@ -146,8 +146,8 @@ def _patched_repo_root(spec: str, revision: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    from lorsa_surgery.hub import HUB_FAILURES, hub_error
-    from lorsa_surgery.patched import ROOT_FILE
+    from lorsa_surgery.io.hub import HUB_FAILURES, hub_error
+    from lorsa_surgery.publishing.patched import ROOT_FILE
 
     try:
         # A download, not file_exists: it answers from the cache under HF_HUB_OFFLINE=1, and the file is small

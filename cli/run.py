@@ -6,14 +6,16 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import corpus, files, models
+from lorsa_surgery.host import corpus, models
+
+from lorsa_surgery.io import files
 from lorsa_surgery.cli.interventions import intervention_options, interventions_from_options, require_splice
 from lorsa_surgery.cli.loading import (LORSA_HELP, POSITIVE, TEXT, Finite, load_host, load_with_modules, overwrite_option, parse_layer_specs,
                                         placement_options)
-from lorsa_surgery.metrics import splice_report
-from lorsa_surgery.patched import save_patched
-from lorsa_surgery.placement import dtype_of
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.host.metrics import splice_report
+from lorsa_surgery.publishing.patched import save_patched
+from lorsa_surgery.host.placement import dtype_of
+from lorsa_surgery.host.splicing import splice
 
 
 @click.command()

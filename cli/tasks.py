@@ -6,9 +6,9 @@ from pathlib import Path
 import click
 
 from lorsa_surgery.cli.config import MAX_THREADS, config_options
-from lorsa_surgery.lorsa import check_number
-from lorsa_surgery.tasks import multihop
-from lorsa_surgery.tasks import train as training
+from lorsa_surgery.lorsa.config import check_number
+from lorsa_surgery.multihop import tasks as multihop
+from lorsa_surgery.multihop import train as training
 
 TASK = click.Choice(list(multihop.TASKS))
 

@@ -3,8 +3,8 @@
 import click
 
 from lorsa_surgery.cli.config import MAX_THREADS, config_options
-from lorsa_surgery.lorsa import check_number
-from lorsa_surgery.training import TrainConfig, layer_folder, train as run_training
+from lorsa_surgery.lorsa.config import check_number
+from lorsa_surgery.training.trainer import TrainConfig, layer_folder, train as run_training
 
 
 @click.command(context_settings={"max_content_width": 120})

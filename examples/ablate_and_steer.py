@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 
 from lorsa_surgery import Lorsa
-from lorsa_surgery.analysis import dashboard, logit_attribution, token_text
-from lorsa_surgery.corpus import load_texts
-from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Recorder, Steer
-from lorsa_surgery.metrics import token_windows
-from lorsa_surgery.models import load_model
-from lorsa_surgery.patching import cache_run, forward
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.analysis.attribution import logit_attribution, token_text
+from lorsa_surgery.analysis.pages import dashboard
+from lorsa_surgery.host.corpus import load_texts
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch, Recorder, Steer
+from lorsa_surgery.host.metrics import token_windows
+from lorsa_surgery.host.models import load_model
+from lorsa_surgery.interventions.patching import cache_run, forward
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 
 LAYERS = (17, 18)
 N_HEADS, HEAD_DIM = 9, 64  # SmolLM2-135M attention
@@ -43,7 +45,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model, tok = load_model("smollm2")
-    handle = splice(model, {layer: Lorsa.from_attention(model, layer) for layer in LAYERS}, mode="exact")
+    handle = splice(model, {layer: exact_copy(model, layer) for layer in LAYERS}, mode="exact")
 
     n = 16
     half = torch.randint(1000, 20000, (2, n))

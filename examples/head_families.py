@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 import lorsa_surgery as ls
-from lorsa_surgery.analysis import token_text, unembedding
-from lorsa_surgery.causal import BEHAVIOURS, WORDS, behaviour, behaviour_probe, causal_check
-from lorsa_surgery.families import FAMILIES, catalog_entries
+from lorsa_surgery.analysis.attribution import token_text, unembedding
+from lorsa_surgery.analysis.causal import BEHAVIOURS, WORDS, behaviour, behaviour_probe, causal_check
+from lorsa_surgery.analysis.families import FAMILIES, catalog_entries
 
 
 def main() -> None:
@@ -124,7 +124,7 @@ def induction_without_other_layers(model, tokenizer, layer, lorsa, scores, ranke
     more as induction heads ablated in every run (through exact copies spliced there), so the family cannot lean on
     them."""
     others = list(range(max(0, layer - 6), layer))
-    copies = {other: ls.Lorsa.from_attention(model, other) for other in others}
+    copies = {other: ls.exact_copy(model, other) for other in others}
     also, rest = [], []
     for other, copy in copies.items():
         best = ls.detect(model, tokenizer, other, None, families=["induction"], n_prompts=n)["induction"].scores

@@ -22,7 +22,7 @@ import lorsa_surgery as ls
 
 
 def sparse_copy(model, layer: int, k: int) -> ls.Lorsa:
-    lorsa = ls.Lorsa.from_attention(model, layer)
+    lorsa = ls.exact_copy(model, layer)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", k
     return lorsa
 

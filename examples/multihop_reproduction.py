@@ -24,11 +24,17 @@ from pathlib import Path
 
 import torch
 
-from lorsa_surgery import Lorsa, LorsaConfig, files, models, positional
-from lorsa_surgery.arch import arch_for
-from lorsa_surgery.tasks import multihop
-from lorsa_surgery.tasks import train as training
-from lorsa_surgery.training import capture
+from lorsa_surgery import Lorsa, LorsaConfig
+
+from lorsa_surgery.io import files
+
+from lorsa_surgery.host import models
+
+from lorsa_surgery.multihop import positional
+from lorsa_surgery.host.arch import arch_for
+from lorsa_surgery.multihop import tasks as multihop
+from lorsa_surgery.multihop import train as training
+from lorsa_surgery.training.trainer import capture
 
 EXTRAS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 833, 1007]
 """Extra window tokens per length test: inputs of 17 to 1024 tokens (850, where the paper reports the letter task)."""
@@ -41,7 +47,7 @@ def task_prompts(task: str, n: int, seed: str, extra: int = 0) -> torch.Tensor:
 
 def fit_lorsa(model, task: str, layer: int, n_qk_heads: int, steps: int, seed: int = 0) -> tuple[Lorsa, float]:
     """A top-K Lorsa module for `layer`, queries and keys initialised at random, fitted by squared error to
-    the attention output on task prompts. (`lorsa_surgery.training.train` reads text through a tokenizer;
+    the attention output on task prompts. (`lorsa_surgery.training.trainer.train` reads text through a tokenizer;
     the task models have none, so the few lines of the fit are here.) Returns it and its explained variance."""
     x, y = capture(model, layer, task_prompts(task, 8192, "lorsa"))
     held_x, held_y = capture(model, layer, task_prompts(task, 512, "lorsa-eval"))

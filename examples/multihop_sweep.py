@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lorsa_surgery import files
-from lorsa_surgery.tasks import train as training
+from lorsa_surgery.io import files
+from lorsa_surgery.multihop import train as training
 
 RUNS = {
     "small": {},

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 import lorsa_surgery as ls
-from lorsa_surgery.analysis import plot_sweep, token_text, unembedding
-from lorsa_surgery.demo import IOI, NAMES
-from lorsa_surgery.patching import forward
+from lorsa_surgery.analysis.attribution import token_text, unembedding
+from lorsa_surgery.analysis.plots import plot_sweep
+from lorsa_surgery.demo.report import IOI, NAMES
+from lorsa_surgery.interventions.patching import forward
 
 LAYER = 23
 

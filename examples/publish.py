@@ -13,11 +13,11 @@ from pathlib import Path
 
 from huggingface_hub import constants, get_token
 
-from lorsa_surgery import corpus, models
-from lorsa_surgery.hub import push_folder
-from lorsa_surgery.metrics import splice_report
-from lorsa_surgery.patched import module_for, save_patched
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.host import corpus, models
+from lorsa_surgery.io.hub import push_folder
+from lorsa_surgery.host.metrics import splice_report
+from lorsa_surgery.publishing.patched import module_for, save_patched
+from lorsa_surgery.host.splicing import splice
 
 LAYER = 3
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import get_token
 
 import lorsa_surgery as ls
-from lorsa_surgery.analysis import token_text
+from lorsa_surgery.analysis.attribution import token_text
 
 PROMPT = "The lighthouse keeper climbed the stairs and"
 

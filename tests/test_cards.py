@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from lorsa_surgery.interventions import Ablate, InterventionSet
-from lorsa_surgery.models import base_record
-from lorsa_surgery.patched import save_patched
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet
+from lorsa_surgery.host.models import base_record
+from lorsa_surgery.publishing.patched import save_patched
+from lorsa_surgery.host.splicing import splice
 from test_splice import LAYER, sparse_module, tiny
 
 HOSTILE_CATALOG = {

@@ -24,9 +24,9 @@ def _blocks(language: str) -> list[str]:
 
 
 def test_the_public_api_is_reached_from_the_top_level():
-    from lorsa_surgery.interventions import Ablate
-    from lorsa_surgery.splicing import splice
-    from lorsa_surgery.training import train
+    from lorsa_surgery.interventions.edits import Ablate
+    from lorsa_surgery.host.splicing import splice
+    from lorsa_surgery.training.trainer import train
 
     assert ls.splice is splice and ls.train is train and ls.Ablate is Ablate
     for name in ("unsplice", "load_model", "load_patched", "save_patched", "Steer", "Patch", "InterventionSet",

@@ -103,8 +103,8 @@ def test_demo_refuses_a_file_for_its_output_folder_before_any_work(tmp_path):
 _PUBLISH_TWICE = """
 import json, os, sys
 from pathlib import Path
-from lorsa_surgery.demo import _publish
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.demo.report import _publish
+from lorsa_surgery.host.splicing import splice
 from test_splice import LAYER, sparse_module, tiny
 
 model = tiny("llama")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorsa_surgery import Lorsa, LorsaConfig
-from lorsa_surgery.families import (ATTENTION_THRESHOLD, FAMILIES, FamilyScores, catalog_entries, detect, random_probe, repeated_probe, score_heads,
+from lorsa_surgery.analysis.families import (ATTENTION_THRESHOLD, FAMILIES, FamilyScores, catalog_entries, detect, random_probe, repeated_probe, score_heads,
                                     word_tokens)
 
 D_TOKEN, ROT, CONTENT = 64, 16, 64
@@ -123,7 +123,7 @@ def test_mhsa_induction_heads_of_smollm2_are_found_through_the_exact_copy(smollm
 
 @pytest.mark.slow
 def test_every_detector_runs_on_the_shipped_layer3_module(smollm2):
-    from lorsa_surgery.patched import module_for
+    from lorsa_surgery.publishing.patched import module_for
 
     model, tokenizer = smollm2
     lorsa = module_for(model, 3, "default")
@@ -168,8 +168,8 @@ def test_detect_writes_the_catalog_and_causal_ablates_a_labelled_family(smollm2_
     for key in ("clean", "ablated", "control_ablated", "effect"):
         assert check[key]["low"] <= check[key]["mean"] <= check[key]["high"]
 
-    from lorsa_surgery.causal import family_words
-    from lorsa_surgery.families import word_tokens
+    from lorsa_surgery.analysis.causal import family_words
+    from lorsa_surgery.analysis.families import word_tokens
 
     out = CliRunner().invoke(main, ["heads", "causal", "smollm2", "--lorsa", f"3={folder}", "--family", "induction",
                                     "--heads", "L3:previous_token", "-n", "4", "--words", "family", "--json"])
@@ -182,14 +182,14 @@ def test_detect_writes_the_catalog_and_causal_ablates_a_labelled_family(smollm2_
     heads = [int(h.split(".H")[1]) for h in check["heads"]]
     words = family_words(handle, 3, heads, tok)
     assert len(words) == pool and set(words) <= set(word_tokens(tok, len(tok)))
-    scores = lorsa_surgery.analysis.logit_scores(handle, 3, heads[:1])[0]
+    scores = lorsa_surgery.analysis.attribution.logit_scores(handle, 3, heads[:1])[0]
     assert max(word_tokens(tok, len(tok)), key=lambda t: float(scores[t])) in words  # each head's best word is in
 
 
 def test_provenance_of_host_started_heads_lies_in_one_mhsa_head_and_of_random_heads_does_not():
     import transformers as tf
 
-    from lorsa_surgery.arch import exact_copy, from_host_subspaces, provenance
+    from lorsa_surgery.host.arch import exact_copy, from_host_subspaces, provenance
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -241,7 +241,7 @@ def test_ablating_the_layer18_induction_family_costs_far_more_than_its_matched_c
     circuit runs is causal, beyond heads that fire as often, and patching it back restores the behaviour. These heads
     read the token to copy but do not promote it through the direct logits (`induction_attention`)."""
     import lorsa_surgery as ls
-    from lorsa_surgery.causal import causal_check
+    from lorsa_surgery.analysis.causal import causal_check
 
     model, tok = smollm2
     with ls.splice(model, {18: ls.module_for(model, 18, "default")}) as handle:
@@ -265,10 +265,10 @@ def test_ablating_the_layer18_induction_family_costs_far_more_than_its_matched_c
 def test_heads_ablated_throughout_shape_every_run_of_a_causal_check(smollm2_gguf):
     import lorsa_surgery as ls
     from lorsa_surgery import Lorsa
-    from lorsa_surgery.causal import causal_check
+    from lorsa_surgery.analysis.causal import causal_check
 
     model, tok = ls.load_model("smollm2")
-    handle = ls.splice(model, {2: Lorsa.from_attention(model, 2), 3: ls.module_for(model, 3, "default")})
+    handle = ls.splice(model, {2: exact_copy(model, 2), 3: ls.module_for(model, 3, "default")})
     heads = list(range(0, 1152, 40))
     plain = causal_check(handle, tok, 3, "induction", heads, n_prompts=4)
     without_l2 = causal_check(handle, tok, 3, "induction", heads, n_prompts=4, also_ablate=["L2.H0-1151"])
@@ -281,7 +281,7 @@ def test_heads_ablated_throughout_shape_every_run_of_a_causal_check(smollm2_gguf
 
 def test_causal_check_refuses_unknown_word_sources_before_running():
     from lorsa_surgery import LorsaSurgeryError
-    from lorsa_surgery.causal import causal_check
+    from lorsa_surgery.analysis.causal import causal_check
 
     with pytest.raises(LorsaSurgeryError, match="words must be one of random, family"):
         causal_check(None, None, 3, "induction", [1], words="names")

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 import lorsa_surgery as ls
 from lorsa_surgery import LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.healing import original_model
+from lorsa_surgery.training.healing import original_model
 from test_publish import IDS, _tokenizer
 from test_splice import LAYER, sparse_module, tiny
 
@@ -80,12 +80,12 @@ def opinionated() -> torch.nn.Module:
 
 def healed(text: Path, mode: str = "replace", space: str = "hf", **changes):
     model = opinionated()
-    lorsa = ls.Lorsa.from_attention(model, LAYER)
+    lorsa = ls.exact_copy(model, LAYER)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", lorsa.cfg.n_ov_heads // 16
     if space == "processed":
         with torch.no_grad():
             model.model.layers[LAYER].input_layernorm.weight.uniform_(0.5, 2.0)
-        lorsa = ls.Lorsa.from_attention(model, LAYER, input_space="processed")
+        lorsa = ls.exact_copy(model, LAYER, input_space="processed")
         lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", lorsa.cfg.n_ov_heads // 16
     lorsa.catalog = {5: {"label": "five"}}
     handle = ls.splice(model, {LAYER: lorsa}, mode=mode)

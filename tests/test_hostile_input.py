@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lorsa_surgery import LorsaSurgeryError
-from lorsa_surgery.lorsa import Lorsa
-from lorsa_surgery.patched import load_patched
+from lorsa_surgery.lorsa.model import Lorsa
+from lorsa_surgery.publishing.patched import load_patched
 from test_interventions import cli, tiny_folders
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lorsa_reference"
@@ -205,7 +205,7 @@ def test_bad_flags_give_one_line(folders, tmp_path, args):
 def test_an_unexpected_error_is_one_line_unless_verbose(folders, monkeypatch):
     import errno
 
-    from lorsa_surgery import patched
+    from lorsa_surgery.publishing import patched
 
     model_dir, lorsa_dir = folders
 

@@ -1,4 +1,4 @@
-"""Publishing folders to the Hub and fetching them back (lorsa_surgery.hub, `lorsa-surgery push/pull`).
+"""Publishing folders to the Hub and fetching them back (lorsa_surgery.io.hub, `lorsa-surgery push/pull`).
 
 Everything runs against the local Hub server started in conftest.py, through the real client.
 """
@@ -21,10 +21,10 @@ from huggingface_hub.utils import logging as hf_logging
 from safetensors.torch import save_file
 
 from lorsa_surgery import LorsaSurgeryError
-from lorsa_surgery import hub as hub_module
+from lorsa_surgery.io import hub as hub_module
 from lorsa_surgery.cli import main
-from lorsa_surgery.files import MARKER
-from lorsa_surgery.hub import LOCAL_HINT, hub_error, pull, push_folder
+from lorsa_surgery.io.files import MARKER
+from lorsa_surgery.io.hub import LOCAL_HINT, hub_error, pull, push_folder
 
 
 def _write_model(folder: Path, version: int) -> Path:
@@ -190,7 +190,7 @@ def test_transformers_loads_a_pushed_model_then_offline_from_the_cache_with_no_r
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from lorsa_surgery.hub import pull\n"
+        "from lorsa_surgery.io.hub import pull\n"
         "print(pull('lib/tiny-llama'))\n"
         "model = AutoModelForCausalLM.from_pretrained('lib/tiny-llama')\n"
         "torch.save(model(torch.tensor([[1, 2, 3, 4]])).logits, sys.argv[1])\n"
@@ -416,6 +416,6 @@ def test_the_hub_module_does_not_import_patched_models():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names}
     assert not [name for name in imported if name and name.endswith("patched")]
-    from lorsa_surgery import patched
+    from lorsa_surgery.publishing import patched
 
     assert patched.LOCAL_HINT == LOCAL_HINT  # one file name, wherever it is read

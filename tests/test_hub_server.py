@@ -1,4 +1,4 @@
-"""The local Hub server (lorsa_surgery/hub_server.py) answers the real huggingface_hub client as the Hub does."""
+"""The local Hub server (lorsa_surgery/io/hub_server.py) answers the real huggingface_hub client as the Hub does."""
 
 import base64
 import hashlib
@@ -192,7 +192,7 @@ def test_fault_switches_refuse_one_commit_and_cut_uploads_the_client_then_retrie
 
 
 def test_server_runs_as_a_separate_process():
-    server = subprocess.Popen([sys.executable, "-m", "lorsa_surgery.hub_server"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "lorsa_surgery.io.hub_server"], stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().strip()
         request = urllib.request.Request(f"{url}/api/whoami-v2", headers={"Authorization": "Bearer x"})

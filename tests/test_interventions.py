@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
-from lorsa_surgery.analysis import logit_attribution
-from lorsa_surgery.heads import HeadRef, head_name, parse_heads, resolve_heads
-from lorsa_surgery.interventions import (
+from lorsa_surgery.analysis.attribution import logit_attribution
+from lorsa_surgery.interventions.heads import HeadRef, head_name, parse_heads, resolve_heads
+from lorsa_surgery.interventions.edits import (
     Ablate, InterventionSet, Patch, Recorder, Steer, parse_positions, parse_steer, position_mask,
 )
-from lorsa_surgery.patching import cache_run
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.interventions.patching import cache_run
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 from test_splice import tiny, sparse_module
 
 LAYER = 1
@@ -95,7 +96,7 @@ def test_known_answer_mhsa_head_ablation_and_patch(mode):
 
     clean, without_1, without_2 = model(ids).logits, zeroing([1]), zeroing([2])
     layer_out = {}
-    with splice(model, {LAYER: Lorsa.from_attention(model, LAYER)}, mode=mode) as handle:
+    with splice(model, {LAYER: exact_copy(model, LAYER)}, mode=mode) as handle:
         handle[LAYER].register_forward_hook(lambda m, a, out: layer_out.__setitem__("out", out[0]))
         run = lambda records: _run(model, ids, records, layer_out)
         ablated_1, out_1 = run([Ablate(group(1))])
@@ -216,7 +217,7 @@ def test_unsplice_takes_attached_interventions_and_their_hooks_out():
 
 
 def test_a_failed_report_leaves_no_hook_behind(monkeypatch):
-    from lorsa_surgery import metrics
+    from lorsa_surgery.host import metrics
 
     model = tiny("llama")
 
@@ -301,8 +302,8 @@ def test_json_round_trip_gives_the_same_run(tmp_path):
 
 @torch.no_grad()
 def test_attach_persists_and_is_saved_with_the_patched_model(tmp_path):
-    from lorsa_surgery.files import read_json
-    from lorsa_surgery.patched import INTERVENTIONS_FILE, save_patched
+    from lorsa_surgery.io.files import read_json
+    from lorsa_surgery.publishing.patched import INTERVENTIONS_FILE, save_patched
 
     model, handle = spliced()
     ids = torch.randint(3, 97, (1, 8))
@@ -406,8 +407,8 @@ def cli(*args):
 
 
 def test_cli_ablate_steer_patch_and_save(tmp_path):
-    from lorsa_surgery.models import load_model
-    from lorsa_surgery.patching import effect
+    from lorsa_surgery.host.models import load_model
+    from lorsa_surgery.interventions.patching import effect
 
     model_dir, lorsa_dir = tiny_folders(tmp_path)
     common = [model_dir, "--lorsa", f"1={lorsa_dir}", "--prompt", "The cat sat on the mat."]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lorsa_surgery import Lorsa, LorsaCache, LorsaConfig, LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.lorsa import build_mask
+from lorsa_surgery.lorsa.model import build_mask
 from conftest import FIXTURES
 
 REF = FIXTURES / "lorsa_reference"

@@ -10,11 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorsa_surgery import Lorsa, LorsaSurgeryError, models
-from lorsa_surgery.healing import HealConfig
-from lorsa_surgery.interventions import InterventionSet, Steer, parse_positions, parse_steer
-from lorsa_surgery.tasks import train as multihop
-from lorsa_surgery.training import TrainConfig
+from lorsa_surgery import Lorsa, LorsaSurgeryError
+
+from lorsa_surgery.host import models
+from lorsa_surgery.training.healing import HealConfig
+from lorsa_surgery.interventions.edits import InterventionSet, Steer, parse_positions, parse_steer
+from lorsa_surgery.multihop import train as multihop
+from lorsa_surgery.training.trainer import TrainConfig
 from test_interventions import cli, spliced, tiny_folders
 from test_lorsa import random_reference_weights, reference_config, write_reference
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
-from lorsa_surgery.interventions import Ablate, InterventionSet, Patch, Recorder
-from lorsa_surgery.patching import Effect, LogitDiff, Loss, Probability, cache_run, effect, forward, sweep
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch, Recorder
+from lorsa_surgery.interventions.patching import Effect, LogitDiff, Loss, Probability, cache_run, effect, forward, sweep
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 from test_interventions import char_tokenizer, spliced
 
 
@@ -108,7 +109,7 @@ def test_induction_heads_of_smollm2_known_answer(smollm2):
             logits = forward(model, ids)
         return float((logits[:, n:-1].argmax(-1) == ids[:, n + 1 :]).float().mean())
 
-    with splice(model, {17: Lorsa.from_attention(model, 17), 18: Lorsa.from_attention(model, 18)}):
+    with splice(model, {17: exact_copy(model, 17), 18: exact_copy(model, 18)}):
         with Recorder(model, induction) as clean:
             base = accuracy([])
         assert base > 0.6

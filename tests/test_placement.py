@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import lorsa_surgery as ls
 from lorsa_surgery import LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.placement import lorsa_parameter_count, parse_max_memory
+from lorsa_surgery.host.placement import lorsa_parameter_count, parse_max_memory
 from test_splice import FAMILIES, LAYER, sparse_module, tiny
 
 REF = "tests/fixtures/lorsa_reference/a"
@@ -143,7 +143,7 @@ def test_smollm2_split_between_cpu_and_disk_runs_as_on_one_device(tmp_path):
 
 
 def sparse_copy(model, layer: int) -> ls.Lorsa:
-    lorsa = ls.Lorsa.from_attention(model, layer)
+    lorsa = ls.exact_copy(model, layer)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", 64
     return lorsa
 

@@ -16,8 +16,9 @@ from transformers import (
 )
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
-from lorsa_surgery import positional as P
-from lorsa_surgery.tasks import multihop
+from lorsa_surgery.multihop import positional as P
+from lorsa_surgery.multihop import tasks as multihop
+from lorsa_surgery.host.arch import exact_copy
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -148,7 +149,7 @@ def test_head_scores_restore_the_model_and_check_layers():
 def test_lorsa_qk_heads_score_like_the_heads_they_copy(family):
     model = _tiny(family)
     ids = torch.randint(0, 40, (2, T))
-    lorsa = Lorsa.from_attention(model, 1)
+    lorsa = exact_copy(model, 1)
     mhsa = P.head_scores(model, ids, layers=[1], progress=False)
     qk = P.head_scores(model, ids, lorsa={1: lorsa}, progress=False)
     torch.testing.assert_close(qk.positional, mhsa.positional, atol=1e-5, rtol=0)
@@ -311,7 +312,7 @@ def test_a_processed_space_module_is_scored_on_the_inputs_it_was_trained_for():
         for layer in model.model.layers:
             layer.input_layernorm.weight.uniform_(0.2, 3.0)
     ids = torch.randint(0, 40, (2, T))
-    processed = Lorsa.from_attention(model, 1, input_space="processed")
+    processed = exact_copy(model, 1, input_space="processed")
     mhsa = P.head_scores(model, ids, layers=[1], progress=False)
     qk = P.head_scores(model, ids, lorsa={1: processed}, progress=False)
     torch.testing.assert_close(qk.positional, mhsa.positional, atol=1e-5, rtol=0)
@@ -322,7 +323,7 @@ def test_a_processed_space_module_is_scored_on_the_inputs_it_was_trained_for():
 
 
 def test_borderline_heads_are_those_whose_class_the_prompts_do_not_settle():
-    from lorsa_surgery.positional import HeadScores
+    from lorsa_surgery.multihop.positional import HeadScores
 
     pos, sym = torch.tensor([[0.99, 0.93, 0.5]]), torch.tensor([[0.0, 0.02, 0.5]])
     scores = HeadScores([0], pos, sym, torch.zeros(1, 3), torch.tensor([[0.01, 0.2, 0.01]]), torch.tensor([[0.01, 0.01, 0.01]]), 16)

@@ -2,7 +2,7 @@
 
 Everything runs against the local Hub server started in conftest.py, through the real client. The rendered
 card is compared with tests/fixtures/card_snapshot.md; after an intended change to the card template or
-to `lorsa_surgery.cards`, rewrite the snapshot with
+to `lorsa_surgery.publishing.cards`, rewrite the snapshot with
 
     UPDATE_SNAPSHOTS=1 pytest tests/test_publish.py -k snapshot
 
@@ -24,11 +24,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.hub import pull, push_folder
-from lorsa_surgery.interventions import Ablate, InterventionSet
-from lorsa_surgery.models import generate_text
-from lorsa_surgery.patched import LOCAL_HINT, export_full, load_patched, read_root, save_patched
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.io.hub import pull, push_folder
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet
+from lorsa_surgery.host.models import generate_text
+from lorsa_surgery.publishing.patched import LOCAL_HINT, export_full, load_patched, read_root, save_patched
+from lorsa_surgery.host.splicing import splice
 from test_hub import _files
 from test_splice import LAYER, sparse_module, tiny
 
@@ -65,7 +65,7 @@ def _assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 _FRESH_LOAD = f"""
 import sys, torch
-from lorsa_surgery.patched import load_patched
+from lorsa_surgery.publishing.patched import load_patched
 out, repo_id, revisions = sys.argv[1], sys.argv[2], sys.argv[3:]
 with torch.no_grad():
     torch.save([load_patched(repo_id, revision=rev)[0](torch.tensor({IDS.tolist()})).logits for rev in revisions], out)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorsa_surgery import LorsaSurgeryError, models
-from lorsa_surgery.analysis import sweep_changes
-from lorsa_surgery.patching import SweepResult
+from lorsa_surgery import LorsaSurgeryError
+
+from lorsa_surgery.host import models
+from lorsa_surgery.analysis.plots import sweep_changes
+from lorsa_surgery.interventions.patching import SweepResult
 from test_interventions import cli, tiny_folders
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +150,7 @@ def test_the_training_example_writes_only_under_its_out(tmp_path):
 
 
 def test_config_errors_are_plain_sentences():
-    from lorsa_surgery.healing import HealConfig
+    from lorsa_surgery.training.healing import HealConfig
 
     with pytest.raises(LorsaSurgeryError, match="lora_rank must not be negative"):
         HealConfig(lora_rank=-1)

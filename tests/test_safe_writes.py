@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorsa_surgery import LorsaSurgeryError, files, models
-from lorsa_surgery.lorsa import Lorsa
-from lorsa_surgery.patched import LOCAL_HINT, ROOT_FILE, load_patched, read_root, save_patched
-from lorsa_surgery.scan import HeadStore
-from lorsa_surgery.splicing import splice
+from lorsa_surgery import LorsaSurgeryError
+
+from lorsa_surgery.io import files
+
+from lorsa_surgery.host import models
+from lorsa_surgery.lorsa.model import Lorsa
+from lorsa_surgery.publishing.patched import LOCAL_HINT, ROOT_FILE, load_patched, read_root, save_patched
+from lorsa_surgery.analysis.scan import HeadStore
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 from test_interventions import cli, tiny_folders
 from test_training import host, text, tiny_config  # noqa: F401  (fixtures)
 
@@ -162,7 +167,7 @@ def every_kill(work, check, limit: int = 400, stride: int = 1) -> int:
 
 def test_a_patched_save_killed_at_every_file_operation_leaves_the_old_folder_or_the_new(tmp_path):
     model = __import__("test_splice").tiny("llama")
-    handle = splice(model, {LAYER: Lorsa.from_attention(model, LAYER)})
+    handle = splice(model, {LAYER: exact_copy(model, LAYER)})
     handle.base = {"id": "tiny/llama", "revision": None}
     out = tmp_path / "patched"
     save_patched(handle, out, metrics={"run": "old"})
@@ -212,7 +217,7 @@ def test_a_rescan_killed_at_every_file_operation_never_serves_the_old_key_over_n
 
 @pytest.mark.slow
 def test_a_training_run_killed_at_its_file_operations_resumes_to_the_same_module(host, text, tmp_path):  # noqa: F811
-    from lorsa_surgery.training import train
+    from lorsa_surgery.training.trainer import train
 
     torch.set_num_threads(1)
     whole = tmp_path / "whole"

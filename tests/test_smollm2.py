@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from lorsa_surgery import Lorsa
 from lorsa_surgery.cli import main
-from lorsa_surgery.patched import load_patched
-from lorsa_surgery.splicing import splice
+from lorsa_surgery.publishing.patched import load_patched
+from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.arch import exact_copy
 
 pytestmark = pytest.mark.slow
 LAYER = 3
@@ -17,7 +18,7 @@ LAYER = 3
 
 def sparse_copy(model) -> Lorsa:
     """Layer 3's exact Lorsa copy restricted to its top 64 heads per token: sparse, and close to the original."""
-    lorsa = Lorsa.from_attention(model, LAYER)
+    lorsa = exact_copy(model, LAYER)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", 64
     return lorsa
 

@@ -7,8 +7,9 @@ import torch
 import transformers as tf
 
 from lorsa_surgery import Lorsa, LorsaConfig, LorsaSurgeryError
-from lorsa_surgery.arch import arch_for
-from lorsa_surgery.splicing import CACHE_KEYWORDS, cache_keyword, splice
+from lorsa_surgery.host.arch import arch_for
+from lorsa_surgery.host.splicing import CACHE_KEYWORDS, cache_keyword, splice
+from lorsa_surgery.host.arch import exact_copy
 
 COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
 
@@ -57,7 +58,7 @@ LAYER = 1
 
 def sparse_module(model) -> Lorsa:
     """A sparse Lorsa (top-K of a quarter of the heads) that behaves differently from the original."""
-    lorsa = Lorsa.from_attention(model, LAYER)
+    lorsa = exact_copy(model, LAYER)
     lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", lorsa.cfg.n_ov_heads // 4
     return lorsa
 
@@ -90,9 +91,9 @@ def test_from_attention_reproduces_logits(family, space):
     base = model(ids).logits
     if space == "processed" and arch_for(model).post_attention_norm:
         with pytest.raises(LorsaSurgeryError, match="post-attention norm"):
-            Lorsa.from_attention(model, LAYER, input_space=space)
+            exact_copy(model, LAYER, input_space=space)
         return
-    with splice(model, {LAYER: Lorsa.from_attention(model, LAYER, input_space=space)}):
+    with splice(model, {LAYER: exact_copy(model, LAYER, input_space=space)}):
         spliced = model(ids).logits
     assert (spliced - base).abs().max().item() <= 1e-4
     with splice(model, {LAYER: sparse_module(model)}):
@@ -221,7 +222,7 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
 
     model = tiny("llama")
     ids = torch.randint(3, 97, (1, 8))
-    lorsa, exact_copy = sparse_module(model), Lorsa.from_attention(model, LAYER)
+    lorsa, exact = sparse_module(model), exact_copy(model, LAYER)
     edit = lambda acts, ctx: acts * 3.0  # noqa: E731 (so exact mode runs its delta path and Lorsa's cache slot)
     with splice(model, {LAYER: lorsa}, mode=mode) as handle:
         handle[LAYER].hooks.append(edit)
@@ -231,9 +232,9 @@ def test_splice_into_a_model_offloaded_by_accelerate(tmp_path, mode):
                   "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
     assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
-    copy = Lorsa.from_attention(model, LAYER)  # read through the offload hook's weights
+    copy = exact_copy(model, LAYER)  # read through the offload hook's weights
     assert model.model.layers[LAYER].self_attn.q_proj.weight.device.type == "meta"
-    assert all(torch.equal(v, reference) for v, reference in zip(copy.state_dict().values(), exact_copy.state_dict().values()))
+    assert all(torch.equal(v, reference) for v, reference in zip(copy.state_dict().values(), exact.state_dict().values()))
     with splice(model, {LAYER: lorsa}, mode=mode) as handle:
         handle[LAYER].hooks.append(edit)
         assert torch.equal(model(ids).logits, expected)
@@ -306,4 +307,4 @@ def test_a_multimodal_model_fails_in_one_line():
     )
     model = tf.Gemma3ForConditionalGeneration(config)
     with pytest.raises(LorsaSurgeryError, match="Gemma3ForConditionalGeneration has no model.layers .* multimodal"):
-        Lorsa.from_attention(model, 1)
+        exact_copy(model, 1)

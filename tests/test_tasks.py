@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from lorsa_surgery import LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.tasks import multihop as M
-from lorsa_surgery.tasks import train as TR
+from lorsa_surgery.multihop import tasks as M
+from lorsa_surgery.multihop import train as TR
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -153,7 +153,7 @@ def test_a_rotary_base_other_than_gptjs_is_built_and_survives_a_reload(tmp_path)
     loaded, _ = TR.load_checkpoint(tmp_path)
     assert torch.equal(table_of(loaded), table)
     assert loaded.config.rope_theta == 500.0
-    from lorsa_surgery.arch import arch_for
+    from lorsa_surgery.host.arch import arch_for
 
     assert arch_for(loaded).rotary(loaded.config, 0)["rotary_base"] == 500.0
 

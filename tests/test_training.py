@@ -16,10 +16,11 @@ import transformers as tf
 from click.testing import CliRunner
 
 from lorsa_surgery import Lorsa, LorsaConfig, LorsaSurgeryError
-from lorsa_surgery import training
+from lorsa_surgery.training import trainer as training
 from lorsa_surgery.cli import main
-from lorsa_surgery.corpus import BUILTIN_TEXT, load_dataset_texts, sample_from_model
-from lorsa_surgery.training import LinearBaseline, TrainConfig, capture, linear_baseline_ev, lm_loss_change, token_sequences, train
+from lorsa_surgery.host.corpus import BUILTIN_TEXT, load_dataset_texts, sample_from_model
+from lorsa_surgery.training.trainer import LinearBaseline, TrainConfig, capture, linear_baseline_ev, lm_loss_change, token_sequences, train
+from lorsa_surgery.host.arch import exact_copy
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_capture_gives_what_attention_sees_and_stops_there(host):
     x, y = capture(model, 1, ids)
     assert x.shape == y.shape == (2, 12, 64) and not later
     # The exact copy of the host layer maps the captured input to the captured output: HF coordinates.
-    assert torch.allclose(Lorsa.from_attention(model, 1)(x), y, atol=1e-5)
+    assert torch.allclose(exact_copy(model, 1)(x), y, atol=1e-5)
     with pytest.raises(LorsaSurgeryError, match="out of range"):
         capture(model, 3, ids)
 
@@ -123,7 +124,7 @@ def test_linear_baseline_is_exact_on_affine_targets_and_below_one_otherwise():
 def test_lm_loss_change_is_zero_for_the_exact_copy(host):
     model = tf.AutoModelForCausalLM.from_pretrained(host).eval()
     ids = torch.randint(4, 300, (2, 16))
-    original, spliced = lm_loss_change(model, Lorsa.from_attention(model, 1), 1, ids)
+    original, spliced = lm_loss_change(model, exact_copy(model, 1), 1, ids)
     assert original == pytest.approx(spliced, abs=1e-5) and original > 0
 
 
@@ -327,7 +328,7 @@ def _inputs(host: Path):
 
 
 def test_host_subspaces_at_the_exact_size_reproduce_the_layer(host):
-    from lorsa_surgery.arch import from_host_subspaces
+    from lorsa_surgery.host.arch import from_host_subspaces
 
     model, ids, x, y = _inputs(host)
     H, hd = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
@@ -338,7 +339,7 @@ def test_host_subspaces_at_the_exact_size_reproduce_the_layer(host):
 def test_host_subspaces_order_heads_by_the_variance_they_carry(host):
     """Within each QK group, rank-1 parts come in signed pairs by falling output variance; a group bigger than its
     head's 2 x hd parts is filled with more directions in the same subspace."""
-    from lorsa_surgery.arch import from_host_subspaces
+    from lorsa_surgery.host.arch import from_host_subspaces
 
     model, ids, x, y = _inputs(host)
     H, hd = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads

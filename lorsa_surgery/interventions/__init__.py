@@ -1,0 +1,1 @@
+"""Heads by name, and what is done to them: ablate, steer, patch, record; activation patching."""

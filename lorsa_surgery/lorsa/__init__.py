@@ -1,0 +1,1 @@
+"""The Lorsa module (its math, in one file) and the checkpoint formats it reads and writes."""

@@ -1,0 +1,406 @@
+"""Lorsa, low-rank sparse attention: the module and its rotary embedding, in one file (its config: `config.py`).
+
+A Lorsa module reads what one attention layer reads and reproduces what it writes, with many rank-1 OV
+heads of which only a few fire at each token. OV head i shares query-key head i // group_size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.io import files
+from lorsa_surgery.lorsa import formats
+from lorsa_surgery.lorsa.config import LorsaConfig, rotary_inverse_wavelengths
+
+class KVStore(Protocol):
+    """Where an incremental run keeps keys [B, n_qk, S, d_qk] and values [B, n_qk, S, group]."""
+
+    def seq_length(self) -> int: ...
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class LorsaCache:
+    """A minimal KVStore for running a Lorsa module on its own one chunk at a time."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def seq_length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Lorsa(nn.Module):
+    """Low-rank sparse attention: `lorsa(x)` reconstructs the attention output from its input.
+
+    Parameters use the reference names: W_Q, W_K [n_qk, d_model, d_qk]; b_Q, b_K [n_qk, d_qk];
+    W_V, W_O [n_ov, d_model]; b_V [n_ov]; b_D [d_model]; optional q_norm, k_norm [n_qk, d_qk] and
+    log_jumprelu_threshold [n_ov].
+    """
+
+    def __init__(self, cfg: LorsaConfig):
+        super().__init__()
+        self.cfg = cfg
+        n_qk, d, dq, n = cfg.n_qk_heads, cfg.d_model, cfg.d_qk_head, cfg.n_ov_heads
+        self.W_Q = nn.Parameter(torch.empty(n_qk, d, dq))
+        self.W_K = nn.Parameter(torch.empty(n_qk, d, dq))
+        self.b_Q = nn.Parameter(torch.zeros(n_qk, dq))
+        self.b_K = nn.Parameter(torch.zeros(n_qk, dq))
+        self.W_V = nn.Parameter(torch.empty(n, d))
+        self.b_V = nn.Parameter(torch.zeros(n))
+        self.W_O = nn.Parameter(torch.empty(n, d))
+        self.b_D = nn.Parameter(torch.zeros(d)) if cfg.use_decoder_bias else None
+        if cfg.use_post_qk_ln:
+            self.q_norm = nn.Parameter(torch.ones(n_qk, dq))
+            self.k_norm = nn.Parameter(torch.ones(n_qk, dq))
+        if cfg.act_fn == "jumprelu":
+            self.log_jumprelu_threshold = nn.Parameter(torch.zeros(n))
+        self.register_buffer("rotary_inv_freq", rotary_inverse_wavelengths(cfg), persistent=False)
+        self.catalog: dict[int, dict[str, str]] = {}
+        """Head catalog: head index -> {"label": ..., "note": ...}; saved beside the weights."""
+        self.origin: dict[str, Any] = {}
+        """Where this module was loaded from (format, path, folded norms); empty for a new module."""
+        self.training_info: dict[str, Any] = {}
+        """How the module was trained and what it scored (tokens, K, explained variance, LM loss change...);
+        saved as training.json and shown in model cards."""
+        self._derived_cache: dict[str, tuple[tuple, Any]] = {}
+        self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # Whatever the module is cast to, rotary frequencies stay float32: positions times a bfloat16 frequency
+        # drift far from the host's angles.
+        super()._apply(fn, recurse)
+        self.rotary_inv_freq = rotary_inverse_wavelengths(self.cfg).to(self.W_Q.device)
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d, n = self.cfg.d_model, self.cfg.n_ov_heads
+        nn.init.normal_(self.W_Q, std=d**-0.5)
+        nn.init.normal_(self.W_K, std=d**-0.5)
+        nn.init.normal_(self.W_V, std=n**-0.5)
+        nn.init.normal_(self.W_O, std=d**-0.5)
+
+    # ---- the forward pass, in pieces -------------------------------------------------------------
+
+    def _derived(self, name: str, params: tuple[nn.Parameter, ...], build):
+        """A tensor derived from parameters, rebuilt only when one of them changed (or gradients are needed),
+        so decode steps reuse it instead of recomputing it per token."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        # Tensors built under inference mode cannot enter a later autograd graph (e.g. a frozen module in a
+        # model being fine-tuned), so the mode is part of the key.
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        cached = self._derived_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._derived_cache[name] = (key, build())
+        return cached[1]
+
+    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q, K and V projections fused into one [2*n_qk*d_qk + n_ov, d_model] matrix and its bias."""
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        return self._derived("qkv", params, self._build_qkv_weight)
+
+    def _build_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.d_model
+        weight = torch.cat(
+            [self.W_Q.transpose(1, 2).reshape(-1, d), self.W_K.transpose(1, 2).reshape(-1, d), self.W_V]
+        )
+        bias = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V])
+        return weight, bias
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [B, n_qk, T, d_qk] at absolute positions [B, T]."""
+        rd = self.cfg.rotary_dim
+        angles = position_ids.to(torch.float32)[:, None, :, None] * self.rotary_inv_freq.float()
+        if self.cfg.rotary_adjacent_pairs:
+            angles = angles.repeat_interleave(2, dim=-1)
+        else:
+            angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x_rot, x_pass = x[..., :rd], x[..., rd:]
+        if self.cfg.rotary_adjacent_pairs:
+            flipped = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
+        else:
+            flipped = torch.cat([-x_rot[..., rd // 2 :], x_rot[..., : rd // 2]], dim=-1)
+        return torch.cat([x_rot * cos + flipped * sin, x_pass], dim=-1)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.qk_ln_eps)
+        return (x32 * weight[:, None, :].float()).to(x.dtype)
+
+    def project(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys [B, n_qk, T, d_qk] (normed and rotated) and values [B, n_qk, T, group]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        weight, bias = self._qkv_weight()
+        qkv = F.linear(x.to(weight.dtype), weight, bias)
+        nq = cfg.n_qk_heads * cfg.d_qk_head
+        # One split, not three slices: the backward pass then concatenates once instead of zero-filling thrice.
+        q, k, v = qkv.split([nq, nq, cfg.n_ov_heads], dim=-1)
+        q = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        k = k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
+        v = v.reshape(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
+        if cfg.use_post_qk_ln:
+            q, k = self._rms(q, self.q_norm), self._rms(k, self.k_norm)
+        if cfg.positional_embedding_type == "rotary":
+            q, k = self._rotate(q, position_ids), self._rotate(k, position_ids)
+        return q, k, v
+
+    def _attend_inputs(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVStore | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries, all keys and values (cached ones included) and a boolean mask, or None for plain causal."""
+        B, T, d = x.shape
+        if d != self.cfg.d_model:
+            raise LorsaSurgeryError(f"Input has width {d} but this Lorsa module expects d_model={self.cfg.d_model}.")
+        past = cache.seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
+        q, k, v = self.project(x, position_ids)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        mask = build_mask(attention_mask, B, T, k.shape[2], x.device)
+        return q, k, v, mask
+
+    def hidden_pre(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention."""
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache)
+        if self.cfg.attn_logit_softcap is not None:  # no fused kernel caps scores: materialise the pattern
+            z = self._pattern(q, k, mask).to(v.dtype) @ v
+            return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
+        # Fused attention kernels want values as wide as queries; a group wider than that goes in slices.
+        z = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
+                )
+                for part in v.split(q.shape[-1], dim=-1)
+            ],
+            dim=-1,
+        )
+        return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
+
+    def decoder_norm(self) -> torch.Tensor:
+        """Norm of each head's output direction, [n_ov]."""
+        return self._derived("decoder_norm", (self.W_O,), lambda: self.W_O.norm(dim=1))
+
+    def _topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices [.., K] of the selected heads and their activations."""
+        score = z.relu() if self.cfg.topk_score == "relu" else z.abs()
+        if self.cfg.sparsity_include_decoder_norm:
+            score = score * self.decoder_norm()
+        idx = score.topk(self.cfg.top_k, dim=-1, sorted=False).indices
+        vals = z.gather(-1, idx)
+        return idx, vals.relu() if self.cfg.topk_score == "relu" else vals
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """Sparse head activations [B, T, n_ov] from pre-activations (zero where a head did not fire)."""
+        if self.cfg.act_fn == "topk":
+            idx, vals = self._topk(z)
+            return torch.zeros_like(z).scatter(-1, idx, vals)
+        if self.cfg.act_fn == "jumprelu":
+            scaled = z * self.decoder_norm() if self.cfg.sparsity_include_decoder_norm else z
+            return z * (scaled > self.log_jumprelu_threshold.exp())
+        return z.relu()
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Head activations [B, T, n_ov] for input x [B, T, d_model]."""
+        return self.activate(self.hidden_pre(x, position_ids, attention_mask, cache))
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """Output [B, T, d_model] from head activations [B, T, n_ov]."""
+        out = acts.to(self.W_O.dtype) @ self.W_O
+        return out + self.b_D if self.b_D is not None else out
+
+    def decode_sparse(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """Output from the K selected heads only: gathers K rows of W_O, so cost does not grow with n_ov."""
+        shape = idx.shape[:-1]
+        out = F.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]), self.W_O, per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_O.dtype),
+            mode="sum",
+        ).view(*shape, self.cfg.d_model)
+        return out + self.b_D if self.b_D is not None else out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVStore | None = None,
+    ) -> torch.Tensor:
+        """Reconstruction [B, T, d_model] of the attention output.
+
+        position_ids [B, T] are absolute (rotary works at any position); attention_mask is a [B, S] padding
+        mask over all keys (cached ones included) or a 4-D boolean / additive mask; cache makes this an
+        incremental step that appends this chunk's keys and values and attends over all of them.
+        """
+        return self.reconstruct(self.hidden_pre(x, position_ids, attention_mask, cache))
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        """Output from pre-activations by the fastest route (gathering only the K selected heads for top-K)."""
+        if self.cfg.act_fn == "topk":
+            return self.decode_sparse(*self._topk(z))
+        return self.decode(self.activate(z))
+
+    # ---- analysis ----------------------------------------------------------------------------
+
+    def attention_pattern(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of every QK head, [B, n_qk, T, S]; materialised, so meant for analysis only."""
+        q, k, _, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        return self._pattern(q, k, mask)
+
+    def _pattern(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)) / self.cfg.attn_scale
+        if self.cfg.attn_logit_softcap is not None:
+            scores = torch.tanh(scores / self.cfg.attn_logit_softcap) * self.cfg.attn_logit_softcap
+        if mask is None:
+            mask = build_mask(None, q.shape[0], q.shape[2], k.shape[2], q.device, force=True)
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+    def z_pattern(
+        self,
+        x: torch.Tensor,
+        heads: list[int] | torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-source contributions to each listed head's pre-activation, [B, len(heads), T, S].
+
+        Summing over S gives hidden_pre for those heads: entry [b, i, t, s] is A[t, s] * v_head[s].
+        """
+        heads = torch.as_tensor(heads, dtype=torch.long, device=x.device)
+        if heads.numel() and (heads.min() < 0 or heads.max() >= self.cfg.n_ov_heads):
+            raise LorsaSurgeryError(f"Head index out of range 0..{self.cfg.n_ov_heads - 1}.")
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        pattern = self._pattern(q, k, mask)
+        values = v.transpose(2, 3).reshape(x.shape[0], self.cfg.n_ov_heads, -1)[:, heads]  # [B, H, S]
+        return pattern[:, heads // self.cfg.group_size] * values[:, :, None, :]
+
+    # ---- construction and coordinates ----------------------------------------------------------
+
+    @torch.no_grad()
+    def in_input_space(self, space: Literal["hf", "processed"], gain: torch.Tensor, bias: torch.Tensor | None = None) -> "Lorsa":
+        """A copy re-expressed for the other input space, where the HF input is h = gain * normalised + bias.
+
+        processed -> hf folds 1/gain (and -bias/gain) into W_Q, W_K, W_V and their biases; hf -> processed
+        is the inverse. Outputs and head activations are unchanged for corresponding inputs.
+        """
+        if space == self.cfg.input_space:
+            return self
+        import copy
+
+        gain = gain.to(self.W_Q.device, torch.float32)
+        bias = torch.zeros_like(gain) if bias is None else bias.to(gain)
+        if space == "hf" and (gain == 0).any():
+            raise LorsaSurgeryError("The input norm has a zero gain; a processed-space module cannot be mapped to it.")
+        out = copy.deepcopy(self)
+        out.cfg.input_space = space
+        # to hf: n = (h - bias) / gain; to processed: h = gain * n + bias.
+        scale, shift = (1.0 / gain, -bias / gain) if space == "hf" else (gain, bias)
+        for W, b in ((out.W_Q, out.b_Q), (out.W_K, out.b_K)):
+            b.add_(torch.einsum("d,hde->he", shift, W.float()).to(b.dtype))
+            W.mul_(scale[None, :, None].to(W.dtype))
+        out.b_V.add_((out.W_V.float() @ shift).to(out.b_V.dtype))
+        out.W_V.mul_(scale[None, :].to(out.W_V.dtype))
+        out._derived_cache = {}
+        return out
+
+    # ---- files ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> "Lorsa":
+        """Load a native, reference (llamascopium / lm-saes) or paper-era checkpoint onto `device` (default CPU)
+        in `dtype` (default float32); the module is built without weights first, so they are never held twice.
+
+        `path` is a folder, a Hub repo id, or `repo_id:subfolder`. Paper-era `final.pth` files are pickles
+        and load only with `allow_pickle=True` (and then with `weights_only=True`).
+        """
+        return formats.load(path, cls._without_weights, allow_pickle=allow_pickle, revision=revision, device=device, dtype=dtype)
+
+    @classmethod
+    def _without_weights(cls, cfg: LorsaConfig) -> "Lorsa":
+        """A module with no storage behind its parameters (meta device): loading gives it the checkpoint's tensors, so
+        the weights are never held twice."""
+        with torch.device("meta"):
+            return cls(cfg)
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the native format (lorsa_config.json, lorsa.safetensors, head_catalog.json) as a new folder, whole;
+        an existing one is replaced only if this toolkit wrote it and `overwrite` is set."""
+        with files.new_folder(path, overwrite=overwrite, kind=formats.NATIVE_FORMAT) as staging:
+            formats.save_native(self, staging)
+        return Path(path)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"d_model={c.d_model}, n_ov_heads={c.n_ov_heads}, n_qk_heads={c.n_qk_heads}x{c.d_qk_head}, "
+            f"act_fn={c.act_fn}" + (f", top_k={c.top_k}" if c.act_fn == "topk" else "")
+        )
+
+
+def build_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, S: int, device: torch.device, force: bool = False
+) -> torch.Tensor | None:
+    """A boolean [B, 1, T, S] mask (True = attend) for T queries ending at key S-1, or None for plain causal.
+
+    Accepts None, a [B, S] padding mask (1 = real token) or a 4-D boolean / additive float mask as produced
+    by the attention implementations of transformers. Rows that would attend nowhere (queries at padding)
+    attend everywhere instead, so they stay finite and never turn later layers into NaN.
+    """
+    if attention_mask is None and (T == S or T == 1) and not force:
+        return None  # plain causal, or one query that may see every key
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    if attention_mask is None:
+        mask = causal[None, None].expand(B, 1, T, S)
+    elif attention_mask.dim() == 2:
+        if attention_mask.shape != (B, S):
+            raise LorsaSurgeryError(f"Padding mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}.")
+        mask = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    elif attention_mask.dim() == 4:
+        mask = attention_mask.to(device)
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        if mask.shape[-2:] != (T, S):
+            raise LorsaSurgeryError(f"Attention mask covers {tuple(mask.shape[-2:])} but there are {T} queries and {S} keys.")
+        mask = mask[:, :1]
+    else:
+        raise LorsaSurgeryError(f"Attention mask must be 2-D or 4-D, got {attention_mask.dim()}-D.")
+    return mask | ~mask.any(-1, keepdim=True)

@@ -1,0 +1,1 @@
+"""Patched-model folders, their model cards, and what goes to the Hub."""

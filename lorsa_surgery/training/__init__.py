@@ -1,0 +1,1 @@
+"""Training Lorsa modules on a host, and healing a spliced model."""

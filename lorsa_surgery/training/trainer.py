@@ -1,0 +1,1020 @@
+"""Training Lorsa modules for any layers of any supported model, from one CPU to many GPUs.
+
+One config, one trainer. The host model runs once per batch, only up to the deepest chosen layer; hooks capture
+what each chosen attention module receives and returns (HF coordinates; README, "Input space") and one Lorsa
+module per layer learns to reproduce its layer's output, top-K sparse, with its own Adam optimiser.
+`accelerate launch` runs the same code data-parallel (DDP).
+
+A run folder holds one folder per layer (`L3/`: the finished module, loadable with `Lorsa.from_pretrained`,
+its training record, `metrics.jsonl` and `training.png`) and `checkpoints/`, from which `resume=True`
+continues exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, NoReturn
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lorsa_surgery.host import corpus
+
+from lorsa_surgery.io import files
+
+from lorsa_surgery.lorsa import formats
+from lorsa_surgery.host.arch import arch_for, exact_copy, from_host_subspaces
+from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.lorsa.formats import fold_dataset_norms
+from lorsa_surgery.lorsa.config import MAX_CONTEXT, MAX_INDEX, check_module_size, check_number
+from lorsa_surgery.lorsa.model import Lorsa
+from lorsa_surgery.host.metrics import explained_variance
+from lorsa_surgery.host.placement import input_device
+from lorsa_surgery.host.splicing import splice
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "training.png"
+CHECKPOINTS = "checkpoints"
+SAMPLED_CORPUS = "sampled_corpus.jsonl"
+INITS = ("host", "attention", "qk", "random")
+MAX_EXPANSION = 1024.0
+"""The largest expansion accepted: published modules use 8 to 64; beyond this a module outgrows any accelerator."""
+
+
+def layer_folder(out: str | Path, layer: int) -> Path:
+    """Where a run keeps the module (and metrics, plot) for one layer."""
+    return Path(out) / f"L{layer}"
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how. Sizes left as None follow the host layer; the defaults are the settings that gave
+    the best held-out modules in the measurements of docs/training.md."""
+
+    model: str
+    """Host model: Hub id, local folder, .gguf file, or "smollm2" (the embedded default)."""
+    layers: tuple[int, ...] = field(metadata={"flags": ("--layer", "--layers")})
+    """Attention layers to reproduce, one module each, trained together from one host pass (an int is one layer)."""
+    out: str
+    """Run folder: one folder per layer (L3/: module, metrics, plot) and the checkpoints."""
+    revision: str | None = None
+    """Hub revision of the host model."""
+    n_heads: int | None = field(default=None, metadata={"flags": ("--heads",)})
+    """OV heads (dictionary size). Give this or `expansion`; None with neither means expansion 8, except with
+    init "attention" (the exact copy's size, twice the host's head count times head width)."""
+    expansion: float | None = None
+    """OV heads as a multiple of d_model."""
+    n_qk_heads: int | None = field(default=None, metadata={"flags": ("--qk-heads",)})
+    """Query-key heads, each shared by n_heads / n_qk_heads OV heads; None means the host's head count."""
+    k: int = 64
+    """Heads that fire per token (top-K)."""
+    k_start: int | None = None
+    """K at the first step when annealing; None means all heads."""
+    k_anneal: float = 0.0
+    """Fraction of the steps over which K falls linearly from k_start to k (0: no annealing)."""
+    tokens: int = 1_000_000
+    """Training tokens (rounded up to whole steps of batch_size x context)."""
+    batch_size: int = 8
+    """Sequences per optimiser step across all processes (the global batch)."""
+    context: int = 256
+    """Tokens per sequence, the first being the BOS token."""
+    pack: bool = True
+    """Pack documents end to end (separated by EOS); False starts every document in a new, padded sequence."""
+    texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--text",)})
+    """Training text: .txt files (one document each) and .jsonl files (one document per line). With no texts,
+    dataset or sample_tokens, the built-in offline corpus (`lorsa_surgery.host.corpus.python_documentation`)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl lines and dataset rows."""
+    dataset: str | None = None
+    """A `datasets` dataset ("name" or "name:config", Hub id or local folder); needs the datasets extra."""
+    dataset_split: str = "train"
+    """Split of `dataset` to read."""
+    sample_tokens: int = 0
+    """Also sample this many tokens of text from the host model itself (offline, any model)."""
+    eval_tokens: int = 8192
+    """Held-out tokens of the training text (never trained on) for explained variance and the linear baseline."""
+    ood_texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--ood-text",)})
+    """Out-of-domain text for a second held-out evaluation (.txt or .jsonl); none: the built-in English prose
+    sample (`lorsa_surgery.host.corpus.prose`, 14 documents far from the Python documentation)."""
+    lm_loss_tokens: int = 2048
+    """Held-out tokens on which the LM loss is measured with and without the module spliced in (0: skip)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    init: Literal["host", "attention", "qk", "random"] = "host"
+    """host: Q/K copied from the host heads and OV heads along each head's principal output directions, any
+    size (`arch.from_host_subspaces`); attention: the exact host copy made sparse (fixes the head counts);
+    qk: Q/K copied, random OV heads; random: all weights random."""
+    lr: float = 5e-4
+    """Peak Adam learning rate (with init host, 5e-4 beat 2e-4, 1e-3 and 3e-3; docs/training.md)."""
+    warmup: float = 0.05
+    """Fraction of the steps for the linear learning-rate warm-up."""
+    cooldown: float = 0.2
+    """Fraction of the steps at the end for the linear decay to zero."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    dead_window: int = 250_000
+    """A head is dead if it has not fired in this many recent training tokens."""
+    log_every: int = 10
+    """Write a metrics line and refresh the progress bar every this many steps."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (0: never)."""
+    cache_dir: str | None = field(default=None, metadata={"flags": ("--cache",)})
+    """Keep captured activations here as safetensors shards and reuse them across runs (float32: about
+    4.6 KB per token and layer for d_model 576)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Host model dtype."""
+    device_map: str | None = None
+    """Place the host with Accelerate, as in transformers ("auto", "balanced", ...; a host bigger than one device);
+    None: the whole host on the training device."""
+    max_memory: str | None = None
+    """Memory per device for the host's placement, e.g. "0=20GiB,cpu=60GiB" (implies device_map "auto")."""
+    offload_dir: str | None = None
+    """Folder for host weights offloaded to disk."""
+    autocast: bool = True
+    """bf16 autocast for the Lorsa forward on GPU (never on CPU)."""
+    seed: int = 0
+    """Seeds the weights, the held-out split and the order of the training data."""
+    resume: bool = False
+    """Continue from the last checkpoint in `out` (a fresh start when there is none)."""
+
+    def __post_init__(self) -> None:
+        self.layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
+        if not self.layers:
+            raise LorsaSurgeryError("Name at least one layer to train.")
+        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_INDEX for n in self.layers) \
+                or len(set(self.layers)) < len(self.layers):
+            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)!r:.80}.")
+        if self.n_heads is not None and self.expansion is not None:
+            raise LorsaSurgeryError("Give either n_heads or expansion, not both.")
+        # Sizes are bounded here so that a typo is refused before the host loads or anything is allocated.
+        counts = ["k", "tokens", "batch_size", "eval_tokens", "log_every", "dead_window"]
+        counts += [n for n in ("n_heads", "n_qk_heads", "k_start") if getattr(self, n) is not None]
+        for name in counts:
+            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
+        for name in ("sample_tokens", "lm_loss_tokens", "eval_every", "checkpoint_every"):
+            check_number(getattr(self, name), name, integer=True, minimum=0, maximum=MAX_INDEX)
+        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
+        check_number(self.context, "context (BOS plus at least one token)", integer=True, minimum=2, maximum=MAX_CONTEXT)
+        if self.expansion is not None:
+            self.expansion = check_number(self.expansion, "expansion", above=0, maximum=MAX_EXPANSION)
+        if self.eval_tokens < self.context:
+            raise LorsaSurgeryError(f"eval_tokens ({self.eval_tokens}) must cover at least one sequence of {self.context}.")
+        for name in ("k_anneal", "warmup", "cooldown"):
+            setattr(self, name, check_number(getattr(self, name), name, minimum=0, maximum=1))
+        if self.warmup + self.cooldown > 1:
+            raise LorsaSurgeryError("warmup and cooldown together must not exceed the whole run.")
+        self.lr = check_number(self.lr, "lr", above=0)  # a finite but diverging rate is stopped by the training loop
+        self.grad_clip = check_number(self.grad_clip, "grad_clip", minimum=0)
+        for name in ("pack", "autocast", "resume"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
+        if self.init not in INITS:
+            raise LorsaSurgeryError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.max_memory is not None:
+            from lorsa_surgery.host.placement import parse_max_memory
+
+            parse_max_memory(self.max_memory)
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise LorsaSurgeryError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(layers=list(self.layers), texts=list(self.texts), ood_texts=list(self.ood_texts))
+        return d
+
+
+# ---- text to token sequences -------------------------------------------------------------------------
+
+
+def _special_ids(tokenizer) -> tuple[int, int, int]:
+    """(start, separator, pad) token ids: BOS opens every sequence, EOS separates packed documents."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to open sequences with.")
+    start = bos if bos is not None else eos
+    sep = eos if eos is not None else bos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    return start, sep, pad
+
+
+def token_sequences(docs: list[str], tokenizer, context: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, context] and padding mask [N, context]; each row starts with BOS.
+
+    Packed, documents run end to end separated by EOS; unpacked, each document starts a row. The last
+    row of a stream is right-padded rather than dropped.
+    """
+    start, sep, pad = _special_ids(tokenizer)
+    encoded = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    streams = [[t for doc in encoded for t in (*doc, sep)]] if pack else [doc for doc in encoded if doc]
+    rows, width = [], context - 1
+    for stream in streams:
+        rows += [stream[i : i + width] for i in range(0, len(stream), width)]
+    if not rows:
+        raise LorsaSurgeryError("The training text is empty.")
+    ids = torch.full((len(rows), context), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), context, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 0], ids[i, 1 : len(row) + 1] = start, torch.tensor(row)
+        mask[i, : len(row) + 1] = 1
+    return ids, mask
+
+
+def _documents(config: TrainConfig, model, tokenizer, out: Path, accelerator) -> list[str]:
+    docs = corpus.load_texts(list(config.texts), jsonl_field=config.text_field) if config.texts else []
+    if config.dataset:
+        wanted = 6 * (config.tokens + config.eval_tokens)  # characters; about 4-5 per token in English
+        docs += corpus.load_dataset_texts(config.dataset, wanted, split=config.dataset_split, field=config.text_field)
+    if config.sample_tokens:
+        path = out / SAMPLED_CORPUS
+        # Sampling is slow and random: do it once (main process first) and reuse the file on resume.
+        with accelerator.main_process_first():
+            if not path.exists():
+                sampled = corpus.sample_from_model(model, tokenizer, config.sample_tokens, seed=config.seed)
+                files.write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in sampled))
+        docs += corpus.load_texts([path])
+    if not docs:
+        accelerator.print(f"No training text given: training on the built-in offline corpus, {corpus.BUILTIN_CORPUS}.")
+        docs = corpus.python_documentation()
+    return docs
+
+
+# ---- activations ---------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised from the output hook so the host model does not run the layers after the deepest chosen one."""
+
+
+@torch.no_grad()
+def capture_layers(model: nn.Module, layers: list[int] | tuple[int, ...], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each layer, what its attention module receives (hidden_states) and returns (output[0]), [B, T, d]; the
+    host runs once, up to the deepest of them."""
+    arch = arch_for(model)
+    blocks = arch.layer_list(model)
+    for layer in layers:
+        if not 0 <= layer < len(blocks):
+            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(blocks)} layers.")
+    seen: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    deepest = max(layers)
+
+    def hooks(layer: int):
+        def before(module, args, kwargs):
+            seen[layer]["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        def after(module, args, kwargs, output):
+            seen[layer]["y"] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _Stop
+
+        return before, after
+
+    handles = []
+    for layer in layers:
+        attention = getattr(blocks[layer], arch.attention)
+        before, after = hooks(layer)
+        handles += [attention.register_forward_pre_hook(before, with_kwargs=True),
+                    attention.register_forward_hook(after, with_kwargs=True)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (s["x"], s["y"]) for layer, s in seen.items()}
+
+
+def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What layer `layer`'s attention module receives (hidden_states) and returns (output[0]), [B, T, d]."""
+    return capture_layers(model, [layer], input_ids, attention_mask)[layer]
+
+
+class ActivationSource:
+    """Attention inputs and outputs of some host layers for numbered token sequences, optionally cached on disk.
+
+    The cache is a folder per (host, layer, token sequences) holding safetensors shards; each shard lists
+    the sequence numbers it holds, so any run over the same text reuses whatever an earlier run captured,
+    whatever its seed, batch size, number of processes or other layers.
+    """
+
+    def __init__(self, model: nn.Module, layers: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 cache_dir: str | Path | None = None, host: dict[str, Any] | None = None,
+                 device: torch.device | None = None):
+        self.model, self.layers = model, tuple(layers)
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.device = device or input_device(model)
+        """Where batches go (the Lorsa modules' device); the host may be spread over others."""
+        self.folders: dict[int, Path] = {}
+        self.index: dict[int, dict[int, tuple[Path, int]]] = {layer: {} for layer in self.layers}
+        if cache_dir is None:
+            return
+        digest = hashlib.sha256(input_ids.numpy().tobytes() + attention_mask.numpy().tobytes()).hexdigest()
+        for layer in self.layers:
+            key = {"host": host or {}, "layer": layer, "dtype": str(next(model.parameters()).dtype),
+                   "sequences": digest, "shape": list(input_ids.shape)}
+            name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            folder = self.folders[layer] = Path(cache_dir) / f"L{layer}-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / "key.json").exists():
+                files.write_json(folder / "key.json", key)
+            for shard in sorted(folder.glob("shard-*.safetensors")):
+                with safe_open(str(shard), "pt") as f:
+                    for row, seq in enumerate(f.get_tensor("sequence").tolist()):
+                        self.index[layer].setdefault(seq, (shard, row))
+
+    def get(self, sequences: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """Per layer: x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
+        missing = sorted({s for layer in self.layers for s in sequences if s not in self.index[layer]})
+        fresh: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        if missing:
+            host = input_device(self.model)
+            captured = capture_layers(self.model, self.layers, self.input_ids[missing].to(host),
+                                      self.attention_mask[missing].to(host))
+            for layer, (x, y) in captured.items():
+                fresh[layer] = {s: (x[i], y[i]) for i, s in enumerate(missing)}
+                new = [i for i, s in enumerate(missing) if s not in self.index[layer]]
+                if layer in self.folders and new:
+                    shard = self.folders[layer] / f"shard-{uuid.uuid4().hex}.safetensors"
+                    files.write_safetensors(shard, {"sequence": torch.tensor([missing[i] for i in new]), "x": x[new], "y": y[new]})
+                    self.index[layer].update({missing[i]: (shard, j) for j, i in enumerate(new)})
+        batches = {}
+        for layer in self.layers:
+            xs, ys = [], []
+            for s in sequences:
+                if s in fresh.get(layer, {}):
+                    x, y = fresh[layer][s]
+                else:
+                    shard, row = self.index[layer][s]
+                    with safe_open(str(shard), "pt") as f:
+                        x, y = f.get_slice("x")[row], f.get_slice("y")[row]
+                xs.append(x.to(self.device))
+                ys.append(y.to(self.device))
+            batches[layer] = _batch(torch.stack(xs), torch.stack(ys), self.input_ids[sequences],
+                                    self.attention_mask[sequences], self.model)
+        return batches
+
+
+def _batch(x, y, input_ids, attention_mask, model) -> dict[str, torch.Tensor]:
+    bos = getattr(model.config, "bos_token_id", None)
+    device = x.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    loss_mask = attention_mask.bool()
+    loss_mask[:, 0] = False  # the BOS every sequence opens with: an attention sink, not text
+    if isinstance(bos, int):
+        loss_mask &= input_ids != bos
+    return {
+        "x": x, "y": y, "input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0),
+    }
+
+
+# ---- evaluation helpers ----------------------------------------------------------------------------------
+
+
+def _target_sums(target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[tokens, sum of |target|^2, sum of target (d values)] over the masked tokens, float64."""
+    target = target.reshape(-1, target.shape[-1]).double()
+    if mask is not None:
+        target = target[mask.reshape(-1).bool()]
+    n = torch.tensor([float(len(target))], dtype=torch.float64, device=target.device)
+    return torch.cat([n, target.pow(2).sum()[None], target.sum(0)])
+
+
+def _ev_sums(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[squared error, tokens, sum of |target|^2, sum of target]: `metrics.explained_variance` in a form that
+    adds up across batches and processes."""
+    error = (pred.double() - target.double()).pow(2).sum(-1)
+    if mask is not None:
+        error = error[mask.bool()]
+    return torch.cat([error.sum()[None], _target_sums(target, mask)])
+
+
+def _ev_from_sums(sums: torch.Tensor) -> float:
+    sse, n, sq, total = sums[0], sums[1], sums[2], sums[3:]
+    variance = sq - total.pow(2).sum() / n.clamp_min(1)
+    return float(1 - sse / variance) if variance > 0 else float("nan")
+
+
+class LinearBaseline:
+    """The best least-squares affine map from the attention input to its output, token by token.
+
+    Fitted from streamed tokens through the normal equations (float64), so it costs no memory to fit on a
+    whole training run. Attention mixes tokens; this map cannot, which makes it the baseline to beat.
+    """
+
+    def __init__(self, d_in: int, d_out: int | None = None, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(d_in + 1, d_out or d_in, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def _augment(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, x.shape[-1]).double()
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add tokens: inputs x [N, d_in], outputs y [N, d_out]."""
+        xa = self._augment(x)
+        self.xtx += xa.T @ xa
+        self.xty += xa.T @ y.reshape(-1, y.shape[-1]).double()
+
+    def solve(self) -> torch.Tensor:
+        """The map [d_in + 1, d_out] (last row: bias); a whisper of ridge keeps it defined on too few tokens."""
+        ridge = 1e-9 * self.xtx.diagonal().mean().clamp_min(1e-30)
+        eye = torch.eye(len(self.xtx), dtype=self.xtx.dtype, device=self.xtx.device)
+        return torch.linalg.solve(self.xtx + ridge * eye, self.xty)
+
+    def predict(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        weights = self.solve() if weights is None else weights
+        return (self._augment(x) @ weights).reshape(*x.shape[:-1], weights.shape[1])
+
+
+def linear_baseline_ev(x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor | None = None,
+                       eval_y: torch.Tensor | None = None) -> float:
+    """Explained variance of the best linear map from x to y [N, d], fitted on (x, y) and scored on the eval
+    tokens (or in-sample when none are given, which is the best any linear map can do on them)."""
+    baseline = LinearBaseline(x.shape[-1], y.shape[-1], x.device)
+    baseline.update(x, y)
+    eval_x, eval_y = (x, y) if eval_x is None else (eval_x, eval_y)
+    return explained_variance(baseline.predict(eval_x), eval_y)
+
+
+@torch.no_grad()
+def _lm_loss_sums(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
+    """[summed next-token loss, predicted tokens] over real (unpadded) targets."""
+    device = input_device(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(input_ids), batch_size):
+        ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += torch.tensor([nll[keep].double().sum().item(), keep.sum().item()], dtype=torch.float64)
+    return total
+
+
+def lm_loss_change(model: nn.Module, lorsa: Lorsa, layer: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean next-token loss of the host on these tokens: (original, with `lorsa` spliced in at `layer`)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    original = _lm_loss_sums(model, input_ids, attention_mask)
+    with splice(model, {layer: lorsa}):
+        spliced = _lm_loss_sums(model, input_ids, attention_mask)
+    return float(original[0] / original[1]), float(spliced[0] / spliced[1])
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------
+
+
+class _Objective(nn.Module):
+    """What DDP wraps: the module's top-K forward and the summed squared error, plus the heads that fired."""
+
+    def __init__(self, lorsa: Lorsa):
+        super().__init__()
+        self.lorsa = lorsa
+
+    def forward(self, x, y, position_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        # Lorsa.forward's top-K path, split open to see which heads fired (for dead-head tracking).
+        z = self.lorsa.hidden_pre(x, position_ids, attention_mask)
+        idx, vals = self.lorsa._topk(z)
+        out = self.lorsa.decode_sparse(idx, vals)
+        sse = (out.float() - y.float()).pow(2).sum(-1)
+        # A head selected with activation zero (fewer than K heads positive at that token) has not fired.
+        return (sse * loss_mask).sum(), idx[(vals > 0) & loss_mask[..., None]]
+
+
+def _schedule(config: TrainConfig, steps: int) -> Callable[[int], float]:
+    warm, cool = round(config.warmup * steps), round(config.cooldown * steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cool and step >= steps - cool:  # a run too short for a cool-down has none (and no division by zero)
+            return max(0.0, (steps - step) / cool)
+        return 1.0
+
+    return factor
+
+
+def _current_k(config: TrainConfig, n_heads: int, steps: int, step: int) -> int:
+    anneal = round(config.k_anneal * steps)
+    if step >= anneal:
+        return config.k
+    start = min(config.k_start or n_heads, n_heads)
+    return math.ceil(start - (start - config.k) * step / anneal)
+
+
+def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
+    """(QK heads, OV heads) the run will train, from the host's config alone, checked against K and the layer
+    count: so a bad setting is reported before the host loads."""
+    from lorsa_surgery.host.arch import _head_counts
+
+    text = host_config.get_text_config(decoder=True)
+    d, (H, _, hd) = text.hidden_size, _head_counts(host_config)
+    n_layers = text.num_hidden_layers
+    if any(layer >= n_layers for layer in config.layers):
+        raise LorsaSurgeryError(f"Layer {max(config.layers)} is out of range: the model has {n_layers} layers.")
+    exact = 2 * H * hd  # the size of the exact copy
+    if config.init == "attention":
+        n_qk, n_ov = config.n_qk_heads or H, config.n_heads or exact
+        if config.expansion is not None:
+            n_ov = round(d * config.expansion)
+        if (n_qk, n_ov) != (H, exact):
+            raise LorsaSurgeryError(f"init 'attention' copies the host layer exactly: it needs {exact} heads and {H} QK heads.")
+    else:
+        n_qk = config.n_qk_heads or H
+        n_ov = config.n_heads or round(d * (config.expansion or 8))
+    check_module_size(d, n_qk, hd, n_ov)
+    if n_ov % n_qk:
+        raise LorsaSurgeryError(f"The number of heads ({n_ov}) must be a multiple of the QK heads ({n_qk}).")
+    if config.k > n_ov or (config.k_start or 0) > n_ov:
+        raise LorsaSurgeryError(f"k ({config.k}) and k_start cannot exceed the number of heads ({n_ov}).")
+    return n_qk, n_ov
+
+
+def _scales(norms: dict[str, float], d: int) -> tuple[float, float]:
+    """Factors that bring inputs and outputs to an average norm of sqrt(d_model), the coordinates trained in."""
+    return math.sqrt(d) / norms["in"], math.sqrt(d) / norms["out"]
+
+
+def _norms(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    keep = batch["loss_mask"]
+    return {"in": float(batch["x"][keep].double().norm(dim=-1).mean()), "out": float(batch["y"][keep].double().norm(dim=-1).mean())}
+
+
+@torch.no_grad()
+def _build(config: TrainConfig, model: nn.Module, layer: int, host: dict[str, Any], first: dict[str, torch.Tensor],
+           norms: dict[str, float]) -> Lorsa:
+    """A new module for one host layer: sizes resolved, weights initialised as config.init says, in the scaled
+    coordinates it trains in. `first` is the first global batch, which the host initialisation measures on."""
+    n_qk, n_ov = planned_heads(config, model.config)
+    mask = None if bool(first["attention_mask"].all()) else first["attention_mask"]
+    if config.init == "host":
+        source = from_host_subspaces(model, layer, n_qk, n_ov, first["x"], first["position_ids"], mask,
+                                     first["loss_mask"], seed=config.seed)
+    else:
+        source = exact_copy(model, layer)
+    d, H = source.cfg.d_model, source.cfg.n_qk_heads
+    cfg = dataclasses.replace(
+        source.cfg, n_qk_heads=n_qk, n_ov_heads=n_ov, act_fn="topk", top_k=config.k, use_decoder_bias=True,
+        n_ctx=config.context, input_space="hf", host_model=host.get("id"),
+        host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
+    )
+    torch.manual_seed(config.seed)  # per layer, so a layer's module does not depend on what trains beside it
+    lorsa = Lorsa(cfg).to(first["x"].device)  # random weights, drawn for the scaled coordinates as the reference draws them
+    scale_in, scale_out = _scales(norms, d)
+    if config.init in ("host", "attention"):
+        for name, value in source.state_dict().items():
+            lorsa.get_parameter(name).copy_(value)
+        fold_dataset_norms(lorsa, d / norms["in"], d / norms["out"])  # the inverse fold: into the scaled coordinates
+    elif config.init == "qk":
+        heads = torch.arange(n_qk) * H // n_qk  # contiguous blocks of copies when n_qk is a multiple of H
+        for name in ("W_Q", "W_K", "b_Q", "b_K") + (("q_norm", "k_norm") if cfg.use_post_qk_ln else ()):
+            lorsa.get_parameter(name).copy_(source.get_parameter(name)[heads])
+        lorsa.W_Q.mul_(1 / scale_in)  # queries and keys of scaled inputs equal the host's
+        lorsa.W_K.mul_(1 / scale_in)
+    keep = first["loss_mask"]
+    target = first["y"][keep].double() * scale_out
+    if config.init == "host":
+        # The heads top-K drops leave a mean behind: the bias takes what the kept heads miss on average.
+        z = lorsa.hidden_pre(first["x"] * scale_in, first["position_ids"], mask)
+        idx, vals = lorsa._topk(z)
+        lorsa.b_D.zero_()
+        lorsa.b_D.copy_((target - lorsa.decode_sparse(idx, vals)[keep].double()).mean(0))
+    elif config.init != "attention":
+        lorsa.b_D.copy_(target.mean(0))
+    return lorsa
+
+
+_WATCHED = ("loss", "ev", "ood_ev", "lm_loss_spliced", "ood_lm_loss_spliced")
+"""Figures of a metrics record that stay finite in a sound run; a module that makes them NaN or inf is not saved."""
+
+
+def _diverged(layer: int, step: int, what: str) -> NoReturn:
+    raise LorsaSurgeryError(f"Training layer {layer} diverged at step {step} ({what}), so its module was not saved; "
+                            "lower lr or keep grad_clip on.")
+
+
+class _LayerRun:
+    """One layer's module and everything that trains it: optimiser, schedule, linear baseline, the clock of when each
+    head last fired, metrics and its folder."""
+
+    def __init__(self, trainer: "Trainer", layer: int, first: dict[str, torch.Tensor] | None,
+                 resumed: tuple[dict[str, Any], dict[str, torch.Tensor]] | None):
+        config, acc = trainer.config, trainer.acc
+        self.layer, self.folder, self.main = layer, layer_folder(config.out, layer), acc.is_main_process
+        self.norms = resumed[0]["norms"] if resumed else _norms(first)
+        if resumed:  # the weights come from the checkpoint; the batch only fixes shapes and the device
+            first = trainer.source.get(trainer.batch_sequences(0, everyone=True)[:1])[layer]
+        self.lorsa = _build(config, trainer.model, layer, trainer.host, first, self.norms)
+        d, n = self.lorsa.cfg.d_model, self.lorsa.cfg.n_ov_heads
+        self.scale_in, self.scale_out = _scales(self.norms, d)
+        self.baseline = LinearBaseline(d, device=acc.device)
+        self.last_fired = torch.zeros(n, dtype=torch.long, device=acc.device)
+        self.objective = acc.prepare_model(_Objective(self.lorsa))
+        self.optimizer = torch.optim.Adam(self.lorsa.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, trainer.steps))
+        self.lorsa_s = 0.0
+        self.window: list[torch.Tensor] = []
+        self.history: list[dict[str, Any]] = []
+        if resumed:
+            self._restore(*resumed, trainer.start)
+        elif self.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / METRICS_FILE).unlink(missing_ok=True)
+
+    def step(self, trainer: "Trainer", batch: dict[str, torch.Tensor], n_global: torch.Tensor, step: int) -> None:
+        config, P = trainer.config, trainer.acc.num_processes
+        t0 = time.perf_counter()
+        self.lorsa.cfg.top_k = _current_k(config, self.lorsa.cfg.n_ov_heads, trainer.steps, step)
+        mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
+        with torch.autocast(trainer.acc.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+            sse, fired = self.objective(batch["x"] * self.scale_in, batch["y"] * self.scale_out, batch["position_ids"], mask,
+                                        batch["loss_mask"])
+        # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
+        (sse * P / n_global).backward()
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lorsa.parameters(), config.grad_clip or math.inf))
+        if not math.isfinite(self.grad_norm):  # a NaN or inf loss gives one too; stop before the update spreads it
+            _diverged(self.layer, step + 1, f"gradient norm {self.grad_norm}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lorsa_s += time.perf_counter() - t0
+        keep = batch["loss_mask"]
+        self.baseline.update(batch["x"][keep], batch["y"][keep])
+        self.last_fired[fired.unique()] = (step + 1) * config.batch_size * config.context
+        self.window.append(torch.cat([sse.detach().double()[None], _target_sums(batch["y"] * self.scale_out, keep)]))
+
+    def train_record(self, trainer: "Trainer", done: int, tokens: int) -> dict[str, Any]:
+        acc = trainer.acc
+        sums = acc.reduce(torch.stack(self.window).sum(0), "sum")
+        self.window = []
+        fired = acc.gather(self.last_fired[None]).amax(0)
+        return {"kind": "train", "step": done, "tokens": tokens, "loss": float(sums[0] / sums[1]), "ev": _ev_from_sums(sums),
+                "lr": self.scheduler.get_last_lr()[0], "k": self.lorsa.cfg.top_k, "grad_norm": self.grad_norm,
+                "dead_frac": _dead_fraction(fired, tokens, trainer.config.dead_window),
+                "tokens_per_s": _rate(trainer.config, done, trainer.timing["train_s"])}
+
+    def log(self, record: dict[str, Any]) -> None:
+        bad = [k for k in _WATCHED if isinstance(record.get(k), float) and not math.isfinite(record[k])]
+        if bad:
+            _diverged(self.layer, record["step"], ", ".join(f"{k} {record[k]}" for k in bad))
+        self.history.append(record)
+        if self.main:
+            with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint_tensors(self, acc) -> dict[str, torch.Tensor]:
+        """Weights, Adam moments, when each head last fired and the baseline's sums, gathered from all processes
+        (every process must call this)."""
+        tensors = {f"lorsa.{k}": v for k, v in self.lorsa.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"adam.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+        tensors["last_fired"] = acc.gather(self.last_fired[None]).amax(0)
+        tensors["baseline.xtx"] = acc.reduce(self.baseline.xtx.clone(), "sum")
+        tensors["baseline.xty"] = acc.reduce(self.baseline.xty.clone(), "sum")
+        return tensors
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"norms": self.norms, "scheduler": self.scheduler.state_dict(), "lorsa_s": self.lorsa_s,
+                "param_groups": self.optimizer.state_dict()["param_groups"]}
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], start: int) -> None:
+        self.lorsa.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("lorsa.")})
+        adam = self.optimizer.state_dict()
+        adam["state"] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                _, index, name = key.split(".", 2)
+                adam["state"].setdefault(int(index), {})[name] = value
+        adam["param_groups"] = state["param_groups"]
+        self.optimizer.load_state_dict(adam)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.lorsa_s = state["lorsa_s"]
+        self.last_fired.copy_(tensors["last_fired"])
+        if self.main:  # the accumulated sums live once, on the main process
+            self.baseline.xtx.copy_(tensors["baseline.xtx"])
+            self.baseline.xty.copy_(tensors["baseline.xty"])
+        self.history = [r for r in _read_metrics(self.folder) if r["step"] <= start]
+        if self.main:
+            files.write_text(self.folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    @torch.no_grad()
+    def evaluate(self, trainer: "Trainer", step: int, tokens: int) -> dict[str, Any]:
+        """Held-out explained variance on the training text and out of its domain, each beside the best linear map
+        fitted on the training tokens, and the LM loss with the module spliced in."""
+        acc, lorsa, d = trainer.acc, self.lorsa, self.lorsa.cfg.d_model
+        global_baseline = LinearBaseline(d, device=acc.device)
+        global_baseline.xtx = acc.reduce(self.baseline.xtx.clone(), "sum")
+        global_baseline.xty = acc.reduce(self.baseline.xty.clone(), "sum")
+        weights = global_baseline.solve()
+        result: dict[str, Any] = {"kind": "eval", "step": step, "tokens": tokens}
+        for prefix, batches in (("", trainer.eval_batches()), ("ood_", trainer.ood_batches())):
+            sums = torch.zeros(3 + d, dtype=torch.float64, device=acc.device)
+            linear = torch.zeros_like(sums)
+            for both in batches:
+                b = both[self.layer]
+                mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
+                # Explained variance does not depend on the scale: compare in the scaled coordinates trained in.
+                pred = lorsa(b["x"] * self.scale_in, b["position_ids"], mask)
+                sums += _ev_sums(pred, b["y"] * self.scale_out, b["loss_mask"])
+                linear += _ev_sums(global_baseline.predict(b["x"], weights), b["y"], b["loss_mask"])
+            sums, linear = acc.reduce(sums, "sum"), acc.reduce(linear, "sum")
+            result.update({f"{prefix}ev": _ev_from_sums(sums), f"{prefix}linear_ev": _ev_from_sums(linear),
+                           f"{prefix}eval_tokens": int(sums[1])})
+        folded = copy.deepcopy(lorsa)
+        fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
+        for prefix, (ids, mask, original) in trainer.lm_loss_texts().items():
+            with splice(trainer.model, {self.layer: folded}):
+                spliced = acc.reduce(_lm_loss_sums(trainer.model, ids, mask).to(acc.device), "sum")
+            result.update({f"{prefix}lm_loss_original": float(original[0] / original[1]),
+                           f"{prefix}lm_loss_spliced": float(spliced[0] / spliced[1]), f"{prefix}lm_loss_tokens": int(spliced[1])})
+        return result
+
+    def plot(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        train = [r for r in self.history if r["kind"] == "train"]
+        evals = [r for r in self.history if r["kind"] == "eval"]
+        fig = Figure(figsize=(11, 3.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        loss, ev, dead = fig.subplots(1, 3)
+        loss.plot([r["tokens"] for r in train], [r["loss"] for r in train])
+        loss.set(xlabel="training tokens", ylabel="squared error per token (scaled)", yscale="log",
+                 title=f"layer {self.layer}: training loss")
+        ev.plot([r["tokens"] for r in train], [r["ev"] for r in train], alpha=0.5, label="training batch")
+        ev.plot([r["tokens"] for r in evals], [r["ev"] for r in evals], "o-", label="held out")
+        ev.plot([r["tokens"] for r in evals], [r["ood_ev"] for r in evals], "s-", label="held out, other domain")
+        if evals:
+            ev.axhline(evals[-1]["linear_ev"], ls="--", color="gray", label="best linear map (held out)")
+            ev.axhline(evals[-1]["ood_linear_ev"], ls=":", color="gray", label="best linear map (other domain)")
+        ev.set(xlabel="training tokens", ylabel="explained variance", title="explained variance")
+        ev.legend(fontsize=7)
+        dead.plot([r["tokens"] for r in train], [r["dead_frac"] for r in train])
+        dead.set(xlabel="training tokens", ylabel="fraction of heads", title="dead heads", ylim=(0, 1))
+        files.write_figure(self.folder / PLOT_FILE, fig)
+
+    def finish(self, trainer: "Trainer") -> Lorsa:
+        config, lorsa = trainer.config, self.lorsa
+        lorsa.cfg.top_k = config.k
+        with torch.no_grad():
+            fold_dataset_norms(lorsa, self.norms["in"], self.norms["out"])
+        final = next(r for r in reversed(self.history) if r["kind"] == "eval")
+        last = next(r for r in reversed(self.history) if r["kind"] == "train")
+        host, steps = trainer.host, trainer.steps
+        lorsa.training_info = {
+            "model": host.get("id"), "revision": host.get("revision") or host.get("sha256"), "layer": self.layer,
+            "trained_with": list(config.layers), "tokens": steps * config.batch_size * config.context, "steps": steps,
+            "k": config.k, "k_anneal": config.k_anneal, "lr": config.lr, "n_heads": lorsa.cfg.n_ov_heads,
+            "n_qk_heads": lorsa.cfg.n_qk_heads, "batch_size": config.batch_size, "context": config.context,
+            "init": config.init, "seed": config.seed, "processes": trainer.acc.num_processes,
+            "explained_variance": final["ev"], "linear_baseline_ev": final["linear_ev"], "eval_tokens": final["eval_tokens"],
+            "ood_explained_variance": final["ood_ev"], "ood_linear_baseline_ev": final["ood_linear_ev"],
+            "ood_eval_tokens": final["ood_eval_tokens"],
+            **{k: final.get(k) for k in ("lm_loss_original", "lm_loss_spliced", "ood_lm_loss_original", "ood_lm_loss_spliced")},
+            "dead_heads_fraction": last["dead_frac"],
+            "tokens_per_s": _rate(config, steps, trainer.timing["train_s"]),
+            "lorsa_step_tokens_per_s": _rate(config, steps, self.lorsa_s), "device": trainer.acc.device.type,
+        }
+        if self.main:  # beside the layer's metrics, in the run folder claimed at the start
+            formats.save_native(lorsa, self.folder)
+        return lorsa
+
+
+class Trainer:
+    """One run: the host, its text as numbered sequences, and one `_LayerRun` per layer, all stepped from the same
+    host pass. `Trainer(config).fit()` trains and saves every module; `train(config)` is the same in one call."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer=None):
+        from accelerate import Accelerator
+
+        from lorsa_surgery.host.models import base_record, load_config, load_model, public_record
+
+        self.config = config
+        # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
+        self.acc = acc = Accelerator(cpu=not torch.cuda.is_available())
+        if acc.num_processes > 1 and (config.device_map or config.max_memory):
+            raise LorsaSurgeryError("A host placed with device_map or max_memory trains in one process; DDP copies the host to each.")
+        if config.batch_size % acc.num_processes:
+            raise LorsaSurgeryError(f"batch_size ({config.batch_size}) must be divisible by the number of processes "
+                                    f"({acc.num_processes}).")
+        self.out = Path(config.out)
+        # Sizes and layers are checked from the host's config before anything is written or the host loads.
+        planned_heads(config, model.config if model is not None else load_config(config.model, config.revision))
+        if acc.is_main_process:
+            _prepare_folder(config, self.out)
+        acc.wait_for_everyone()
+        if model is None:
+            model, tokenizer = load_model(config.model, revision=config.revision, dtype=config.dtype, device_map=config.device_map,
+                                          max_memory=config.max_memory, offload_dir=config.offload_dir)
+            if getattr(model, "hf_device_map", None) is None:  # a dispatched host stays where Accelerate put it
+                model.to(acc.device)
+        elif tokenizer is None:
+            raise LorsaSurgeryError("Pass the tokenizer together with the model.")
+        model.requires_grad_(False)
+        self.model, self.tokenizer = model, tokenizer
+        self.host = public_record(base_record(config.model, config.revision))  # never a local path: checkpoints are shared
+        self.autocast = config.autocast and acc.device.type == "cuda"
+
+        # Data: numbered sequences; a seeded random subset is held out, the rest is shuffled anew each epoch.
+        ids, mask = token_sequences(_documents(config, model, tokenizer, self.out, acc), tokenizer, config.context, config.pack)
+        n_eval = max(1, config.eval_tokens // config.context)
+        if len(ids) <= n_eval:
+            raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than the {n_eval} held out.")
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
+        self.eval_seqs, self.train_seqs = order[:n_eval].sort().values.tolist(), order[n_eval:].tolist()
+        self.source = ActivationSource(model, config.layers, ids, mask, config.cache_dir, self.host, device=acc.device)
+        ood_docs = corpus.load_texts(list(config.ood_texts), jsonl_field=config.text_field) if config.ood_texts else corpus.prose()
+        self.ood = ActivationSource(model, config.layers, *token_sequences(ood_docs, tokenizer, config.context, config.pack),
+                                    config.cache_dir, self.host, device=acc.device)
+        self.steps = math.ceil(config.tokens / (config.batch_size * config.context))
+        self.timing = {"train_s": 0.0}
+        self._eval_batches: dict[str, list[dict[int, dict[str, torch.Tensor]]]] = {}
+        self._lm_loss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+        resumed = self._latest() if config.resume else None
+        self.start = resumed[0]["step"] if resumed else 0
+        first = None if resumed else self.source.get(self.batch_sequences(0, everyone=True))
+        self.runs = {
+            layer: _LayerRun(self, layer, first and first[layer],
+                             resumed and (resumed[0]["layers"][str(layer)], resumed[1][layer]))
+            for layer in config.layers
+        }
+        if resumed:
+            self.timing = resumed[0]["timing"]
+            torch.set_rng_state(resumed[2]["rng.cpu"])
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([resumed[2][f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+
+    def batch_sequences(self, step: int, everyone: bool = False) -> list[int]:
+        """The training sequences of a step: this process's share, or the whole global batch."""
+        config, P, rank = self.config, self.acc.num_processes, self.acc.process_index
+        local = config.batch_size // P
+        first = step * config.batch_size + (0 if everyone else rank * local)
+        picked = []
+        for i in range(first, first + (config.batch_size if everyone else local)):
+            epoch, j = divmod(i, len(self.train_seqs))
+            perm = torch.randperm(len(self.train_seqs), generator=torch.Generator().manual_seed(config.seed + 1 + epoch))
+            picked.append(self.train_seqs[perm[j]])
+        return picked
+
+    def eval_batches(self) -> list[dict[int, dict[str, torch.Tensor]]]:
+        """This process's share of the held-out sequences, captured once."""
+        return self._held_out("", self.source, self.eval_seqs)
+
+    def ood_batches(self) -> list[dict[int, dict[str, torch.Tensor]]]:
+        return self._held_out("ood", self.ood, list(range(len(self.ood.input_ids))))
+
+    def _held_out(self, name: str, source: ActivationSource, seqs: list[int]) -> list[dict[int, dict[str, torch.Tensor]]]:
+        if name not in self._eval_batches:
+            mine = seqs[self.acc.process_index :: self.acc.num_processes]
+            size = max(1, self.config.batch_size // self.acc.num_processes)
+            self._eval_batches[name] = [source.get(mine[i : i + size]) for i in range(0, len(mine), size)]
+        return self._eval_batches[name]
+
+    def lm_loss_texts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per evaluation text ("" held-out training text, "ood_" the other domain): this process's token ids and
+        mask, and the host's own loss sums on all of them (computed once)."""
+        if self._lm_loss is None:
+            self._lm_loss = {}
+            if self.config.lm_loss_tokens:
+                acc, n = self.acc, max(1, self.config.lm_loss_tokens // self.config.context)
+                for prefix, source, seqs in (("", self.source, self.eval_seqs[:n]),
+                                             ("ood_", self.ood, list(range(min(n, len(self.ood.input_ids)))))):
+                    mine = seqs[acc.process_index :: acc.num_processes]
+                    ids, mask = source.input_ids[mine], source.attention_mask[mine]
+                    self._lm_loss[prefix] = (ids, mask, acc.reduce(_lm_loss_sums(self.model, ids, mask).to(acc.device), "sum"))
+        return self._lm_loss
+
+    def fit(self, on_step: Callable[[int, dict[int, dict[str, Any]]], None] | None = None) -> dict[int, Lorsa]:
+        """Train to the end (from the last checkpoint when resuming); the finished modules by layer, saved in
+        `out/L{layer}`. `on_step(step, records)` runs on every process after each optimiser step (records: the
+        metrics logged at that step, by layer); an exception raised there stops the run, which `resume=True`
+        continues from the last checkpoint."""
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.acc
+        names = ",".join(map(str, config.layers))
+        bar = tqdm(total=self.steps, initial=self.start, disable=not acc.is_main_process, desc=f"train L{names}", dynamic_ncols=True)
+        for step in range(self.start, self.steps):
+            t0 = time.perf_counter()
+            batches = self.source.get(self.batch_sequences(step))
+            n_global = acc.reduce(next(iter(batches.values()))["loss_mask"].sum().double(), "sum").clamp_min(1)
+            for layer, run in self.runs.items():
+                run.step(self, batches[layer], n_global, step)
+            self.timing["train_s"] += time.perf_counter() - t0
+            done = step + 1
+            tokens = done * config.batch_size * config.context
+            records: dict[int, dict[str, Any]] = {}
+            if done % config.log_every == 0 or done == self.steps:
+                for layer, run in self.runs.items():
+                    records[layer] = run.train_record(self, done, tokens)
+                    run.log(records[layer])
+                bar.set_postfix(ev="/".join(f"{r['ev']:.3f}" for r in records.values()),
+                                dead="/".join(f"{r['dead_frac']:.2f}" for r in records.values()),
+                                k=next(iter(records.values()))["k"], tok_s=f"{records[config.layers[0]]['tokens_per_s']:.0f}")
+            bar.update(1)
+            if (config.eval_every and done % config.eval_every == 0) or done == self.steps:
+                for layer, run in self.runs.items():
+                    result = run.evaluate(self, done, tokens)
+                    run.log(result)
+                    bar.write(f"step {done}, layer {layer}: held-out EV {result['ev']:.4f} (best linear map {result['linear_ev']:.4f}), "
+                              f"other domain {result['ood_ev']:.4f} ({result['ood_linear_ev']:.4f})"
+                              + (f", LM loss {result['lm_loss_original']:.4f} -> {result['lm_loss_spliced']:.4f}"
+                                 if result.get("lm_loss_spliced") is not None else ""))
+                    if acc.is_main_process:
+                        run.plot()
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < self.steps:
+                self._checkpoint(done)
+            if on_step is not None:
+                on_step(done, records)
+        bar.close()
+        modules = {layer: run.finish(self) for layer, run in self.runs.items()}
+        acc.wait_for_everyone()
+        return modules
+
+    def _checkpoint(self, step: int) -> None:
+        """Every layer's state at `step`, then the pointer to it: a run killed mid-checkpoint resumes from the last whole one."""
+        tensors = {layer: run.checkpoint_tensors(self.acc) for layer, run in self.runs.items()}
+        if self.acc.is_main_process:
+            root = self.out / CHECKPOINTS
+            folder = root / f"step_{step:07d}"
+            with files.new_folder(folder, overwrite=True, kind="training-checkpoint") as staging:
+                for layer, t in tensors.items():
+                    files.write_safetensors(staging / f"L{layer}.safetensors", t)
+                rng = {"rng.cpu": torch.get_rng_state()}
+                if torch.cuda.is_available():
+                    rng.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+                files.write_safetensors(staging / "rng.safetensors", rng)
+                files.write_json(staging / "state.json", {"step": step, "timing": self.timing,
+                                                          "layers": {str(l): r.checkpoint_state() for l, r in self.runs.items()}})
+            files.write_json(root / "latest.json", {"step": step})
+            for old in root.glob("*step_*"):  # earlier checkpoints, and what a killed checkpoint left half-written
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _latest(self) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        pointer = self.out / CHECKPOINTS / "latest.json"
+        if not pointer.exists():
+            return None
+        step = files.read_json(pointer, expect=dict).get("step")
+        if type(step) is not int or step < 0:
+            raise LorsaSurgeryError(f"{pointer} does not name a checkpoint step; start the run afresh in another folder.")
+        folder = self.out / CHECKPOINTS / f"step_{step:07d}"
+        layers = {layer: files.read_safetensors(folder / f"L{layer}.safetensors") for layer in self.config.layers}
+        return files.read_json(folder / "state.json", expect=dict), layers, files.read_safetensors(folder / "rng.safetensors")
+
+
+def train(config: TrainConfig, *, model: nn.Module | None = None, tokenizer=None,
+          on_step: Callable[[int, dict[int, dict[str, Any]]], None] | None = None) -> dict[int, Lorsa]:
+    """Train one Lorsa module per layer in `config.layers` of `config.model` and save each in `out/L{layer}`; the
+    modules by layer, ready for `splice`.
+
+    `model`, `tokenizer`: the host, already loaded (else loaded from config.model). Under `accelerate launch`
+    every process runs this. See `Trainer.fit` for `on_step`.
+    """
+    return Trainer(config, model, tokenizer).fit(on_step)
+
+
+def _rate(config: TrainConfig, steps: int, seconds: float) -> float:
+    return steps * config.batch_size * config.context / max(seconds, 1e-9)
+
+
+def _dead_fraction(last_fired: torch.Tensor, tokens: int, window: int) -> float:
+    return float((last_fired <= max(0, tokens - window)).float().mean())
+
+
+def _read_metrics(folder: Path) -> list[dict[str, Any]]:
+    path = folder / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _prepare_folder(config: TrainConfig, out: Path) -> None:
+    """Refuse to mix runs: a folder with a run in it is only continued, with the same settings."""
+    saved = out / CONFIG_FILE
+    if saved.exists():
+        if not config.resume:
+            raise LorsaSurgeryError(f"{out} already holds a training run; resume it or choose another folder.")
+        before = files.read_json(saved, expect=dict)
+        changed = sorted(k for k, v in config.to_dict().items() if k != "resume" and before.get(k) != v)
+        if changed:
+            raise LorsaSurgeryError(f"Cannot resume {out} with different settings: {', '.join(changed)}.")
+    files.claim(out, kind="training-run")
+    files.write_json(saved, config.to_dict())
