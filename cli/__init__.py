@@ -1,4 +1,10 @@
-"""The `lorsa-surgery` command line: a thin click layer over the library's public functions."""
+"""The `lorsa-surgery` command line: a thin click layer over the library's public functions.
+
+The command modules import the library inside their commands, and generate options from configs that import no
+torch, so `--help` and a mistyped option answer at once, without loading torch or transformers.
+"""
+
+import functools
 
 import click
 
@@ -32,7 +38,11 @@ class _Group(click.Group):
 @click.option("--verbose", is_flag=True, help="Show the loaders' progress bars and warnings (hidden otherwise).")
 def main(verbose: bool) -> None:
     """Splice Lorsa modules into Hugging Face causal LMs and work with their heads."""
-    # Loading a model prints a bar per file and a warning per quirk; the work itself keeps its own bars.
+
+
+def _set_loaders_verbosity(verbose: bool) -> None:
+    """Loading a model prints a bar per file and a warning per quirk: shown with --verbose only (the work itself
+    keeps its own bars)."""
     import huggingface_hub.utils
     import transformers
 
@@ -47,25 +57,31 @@ def main(verbose: bool) -> None:
         logging.set_verbosity_error()
 
 
+def _loaders_set_when_run(command: click.Command) -> None:
+    """Make `command` (every command of a group) set the loaders' verbosity as it starts to run: not in the group's
+    callback, which also runs before a command's --help or a refused option, and would load transformers for them."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _loaders_set_when_run(sub)
+        return
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        _set_loaders_verbosity(bool(click.get_current_context().find_root().params.get("verbose")))
+        return callback(*args, **kwargs)
+
+    command.callback = run
+
+
 def _register() -> None:
-    from lorsa_surgery.cli import checkpoint, demo, heal, hub, interventions, run, train
+    # heads_analysis adds top, zpattern, dashboard, label and the others to the `heads` group
+    from lorsa_surgery.cli import checkpoint, demo, heads, heads_analysis, heal, hub, interventions, run, tasks, train  # noqa: F401
 
-    main.add_command(checkpoint.inspect)
-    main.add_command(hub.push)
-    main.add_command(hub.pull)
-    main.add_command(run.replace)
-    main.add_command(run.generate)
-    main.add_command(train.train)
-    main.add_command(heal.heal)
-    main.add_command(interventions.ablate)
-    main.add_command(interventions.steer)
-    main.add_command(interventions.patch)
-    main.add_command(demo.demo)
-
-    from lorsa_surgery.cli import heads, heads_analysis, tasks
-
-    main.add_command(tasks.tasks)
-    main.add_command(heads.heads)  # heads_analysis adds top, zpattern, dashboard and label to this group
+    for command in (checkpoint.inspect, hub.push, hub.pull, run.replace, run.generate, train.train, heal.heal,
+                    interventions.ablate, interventions.steer, interventions.patch, demo.demo, tasks.tasks, heads.heads):
+        _loaders_set_when_run(command)
+        main.add_command(command)
 
 
 _register()

@@ -5,9 +5,12 @@ import math
 
 import click
 
-from lorsa_surgery import Lorsa
-from lorsa_surgery.lorsa.formats import describe
-from lorsa_surgery.publishing.patched import is_patched_folder, module_folders, read_root
+
+def describe(lorsa) -> dict:
+    """`lorsa_surgery.lorsa.formats.describe`, imported when `inspect` runs (it loads torch)."""
+    from lorsa_surgery.lorsa.formats import describe as described
+
+    return described(lorsa)
 
 
 @click.command()
@@ -18,6 +21,9 @@ from lorsa_surgery.publishing.patched import is_patched_folder, module_folders, 
 def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool) -> None:
     """Describe the Lorsa checkpoint at PATH (folder, Hub repo id, or repo_id:subfolder), or every module of a
     patched-model folder, with the labels of their head catalogs."""
+    from lorsa_surgery.lorsa.model import Lorsa
+    from lorsa_surgery.publishing.patched import is_patched_folder, module_folders, read_root
+
     if is_patched_folder(path):
         root = read_root(path)
         info = {

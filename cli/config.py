@@ -13,9 +13,19 @@ from typing import Any, Callable
 
 import click
 
+from lorsa_surgery.lorsa.config import check_number
 
 MAX_THREADS = 4096
 """More CPU threads than any machine has; torch refuses a count it cannot hold with a traceback."""
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads, from a --threads option (None: torch's choice)."""
+    if threads is not None:
+        check_number(threads, "--threads", integer=True, minimum=1, maximum=MAX_THREADS)  # before torch loads
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -58,7 +68,7 @@ def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[s
     """A decorator adding an argument per `positional` field and an option per other field of `cls` but those in
     `exclude`; the command receives them under the field names (lists of numbers flattened into tuples). With
     `overrides`, every option defaults to None (an empty tuple for lists): the command overrides only what was
-    given, e.g. on a named preset."""
+    given, e.g. on a named preset. A list field with `files` in its metadata takes paths of existing files."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     params = []
@@ -80,7 +90,8 @@ def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[s
             continue
         if typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
-            settings.update(multiple=True, default=(), type=_ListOf(item) if item in (int, float) else click.STRING)
+            files = click.Path(exists=True, dir_okay=False) if f.metadata.get("files") else click.STRING
+            settings.update(multiple=True, default=(), type=_ListOf(item) if item in (int, float) else files)
         elif typing.get_origin(kind) is typing.Literal:
             settings.update(type=click.Choice([str(c) for c in typing.get_args(kind)]), default=default)
         else:
@@ -96,7 +107,8 @@ def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[s
             return command(**values)
 
         flatten.__name__, flatten.__doc__ = command.__name__, command.__doc__
-        flatten.__click_params__ = list(reversed(params)) + getattr(command, "__click_params__", [])
+        # After the parameters of the decorators below, as click lists those of a decorator where it stands.
+        flatten.__click_params__ = getattr(command, "__click_params__", []) + list(reversed(params))
         return flatten
 
     return decorate

@@ -3,18 +3,21 @@
 Other modules add their subcommands with `@heads.command()`.
 """
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from lorsa_surgery.multihop import positional
 from lorsa_surgery.cli.loading import load_host, parse_layer_specs, placement_options
 from lorsa_surgery.cli.tasks import int_list, outside_model_options
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.publishing.patched import module_for
 from lorsa_surgery.multihop import tasks as multihop
-from lorsa_surgery.multihop import train as training
+
+if TYPE_CHECKING:
+    from lorsa_surgery.multihop.positional import HeadScores
 
 
 @click.group()
@@ -48,6 +51,10 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
     """Positional/symbolic scores and class of every head of MODEL (a Hub id, folder, .gguf, 'smollm2', a
     checkpoint of `tasks train`, or a multi-hop model trained elsewhere with --task and --token-map), at the last
     token of each prompt."""
+    from lorsa_surgery.multihop import positional
+    from lorsa_surgery.multihop import train as training
+    from lorsa_surgery.publishing.patched import module_for
+
     specs = parse_layer_specs(lorsa_specs)
     mapping = None
     if (Path(model) / "trainer.json").is_file() or token_map:
@@ -93,7 +100,7 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
         positional.plot_scores(mhsa, plot, title=f"{model}: {source}", gamma=gamma)
 
 
-def _table(scores: positional.HeadScores, gamma: float, name) -> None:
+def _table(scores: HeadScores, gamma: float, name) -> None:
     labels = scores.labels(gamma)
     borderline = scores.borderline(gamma) if scores.prompts > 1 else None
     click.echo(f"  {'head':<28} {'s_pos':>6} {'+-':>5} {'s_sym':>6} {'+-':>5} {'entropy':>8}  class"

@@ -5,32 +5,15 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery import Lorsa
-
-from lorsa_surgery.host import corpus
-
-from lorsa_surgery.io import files
+from lorsa_surgery.analysis.names import BEHAVIOURS, FAMILY_NAMES, WORDS
 from lorsa_surgery.cli.heads import heads
-from lorsa_surgery.cli.loading import PLACEMENT, POSITIVE, TEXT, Finite, load_with_modules, parse_layer_specs, placement_options
+from lorsa_surgery.cli.loading import (PLACEMENT, POSITIVE, TEXT, Finite, load_with_modules, loading_options, lorsa_option,
+                                        parse_layer_specs, placement_options)
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.analysis.causal import BEHAVIOURS, WORDS
-from lorsa_surgery.analysis.families import FAMILIES
-from lorsa_surgery.interventions.heads import HeadRef
-from lorsa_surgery.host.models import prompt_ids
 
 
 def _model_options(command):
-    for option in reversed([
-        click.argument("model"),
-        click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
-                     help="The Lorsa module of a layer, as in `replace`. Repeatable."),
-        click.option("--revision", default=None, help="Hub revision of MODEL."),
-        click.option("--base", default=None, help="Base model override for a patched model."),
-        click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
-        placement_options,
-    ]):
-        command = option(command)
-    return command
+    return click.argument("model")(lorsa_option(loading_options(command)))
 
 
 def _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=()):
@@ -52,6 +35,7 @@ def zpattern(model, lorsa_specs, revision, base, allow_pickle, placement, head_s
     """Which source tokens of PROMPT feed HEAD at one token, and how much."""
     from lorsa_surgery.analysis.attribution import token_text, z_pattern
     from lorsa_surgery.analysis.plots import plot_z_pattern
+    from lorsa_surgery.host.models import prompt_ids
 
     tokenizer, handle = _load(model, lorsa_specs, revision, base, allow_pickle, placement, heads=[head_spec])
     ids = prompt_ids(handle.model, tokenizer, prompt)
@@ -84,7 +68,9 @@ def label_head(path, head_spec, label, note):
 
     An empty LABEL removes the head from the catalog.
     """
+    from lorsa_surgery.interventions.heads import HeadRef
     from lorsa_surgery.lorsa.formats import NATIVE_CONFIG, save_catalog
+    from lorsa_surgery.lorsa.model import Lorsa
     from lorsa_surgery.publishing.patched import is_patched_folder, module_folders
 
     ref = HeadRef.parse(head_spec)
@@ -118,6 +104,7 @@ TOKENIZER_FOLDER = "tokenizer"
 def _stores(folder: Path):
     """(record, the layer stores) of a scan folder, wherever it has been moved or copied."""
     from lorsa_surgery.analysis.scan import HeadStore
+    from lorsa_surgery.io import files
 
     record = files.read_json(folder / SCAN_FILE, expect=dict)
     layers = record.get("layers")
@@ -129,6 +116,8 @@ def _stores(folder: Path):
 def _tokenizer(folder: Path):
     """The tokenizer a scan saved beside its stores (read from the scan folder, so a moved scan still finds it)."""
     from transformers import AutoTokenizer
+
+    from lorsa_surgery.io import files
 
     return AutoTokenizer.from_pretrained(str(files.inside(folder, TOKENIZER_FOLDER, what="the scan's tokenizer")))
 
@@ -150,6 +139,8 @@ def scan_command(model, lorsa_specs, revision, base, allow_pickle, placement, te
     dashboard, index.html); an unchanged module and corpus are not scanned again."""
     from lorsa_surgery.analysis.pages import write_site
     from lorsa_surgery.analysis.scan import corpus_windows, ensure
+    from lorsa_surgery.host import corpus
+    from lorsa_surgery.io import files
 
     if min(max_length, max_tokens, bands, per_band + 1, k + 1) < 1 or max_length < 2:
         raise LorsaSurgeryError("--max-length must be at least 2, --max-tokens and --bands positive, -k and --per-band not negative.")
@@ -210,6 +201,7 @@ def _firing_on(record: dict, prompt: str) -> set[str]:
     """Heads (refs) that fire at any token of the prompt, in the scanned model."""
     import torch
 
+    from lorsa_surgery.host.models import prompt_ids
     from lorsa_surgery.interventions.edits import Recorder
 
     placement = {**dict.fromkeys(PLACEMENT), "dtype": "float32"}  # the defaults of the placement options
@@ -305,7 +297,7 @@ def _columns(stores, head_spec: str):
 @click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
               help="Score the heads of this Lorsa module (folder, Hub id, 'default' or 'from-attention'). Repeatable.")
 @click.option("--layer", "mhsa_layers", multiple=True, type=int, help="Score the MHSA heads of this layer. Repeatable.")
-@click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(FAMILIES) + ".")
+@click.option("--families", default=None, help="Comma-separated families [default: all]: " + ", ".join(FAMILY_NAMES) + ".")
 @click.option("-n", "--prompts", "n", default=16, show_default=True, help="Prompts per probe (IOI and arithmetic: 4x).")
 @click.option("--top", "n_top", default=5, show_default=True, type=POSITIVE, help="Heads listed per family.")
 @click.option("--seed", default=0, show_default=True)
@@ -326,10 +318,10 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     from lorsa_surgery.analysis.families import ATTENTION_THRESHOLD, catalog_entries, detect as run_detect
     from lorsa_surgery.lorsa.formats import NATIVE_CONFIG, save_catalog
 
-    names = families.split(",") if families else list(FAMILIES)
-    unknown = [f for f in names if f not in FAMILIES]
+    names = families.split(",") if families else list(FAMILY_NAMES)
+    unknown = [f for f in names if f not in FAMILY_NAMES]
     if unknown:
-        raise LorsaSurgeryError(f"Unknown head families: {', '.join(unknown)} (known: {', '.join(FAMILIES)}).")
+        raise LorsaSurgeryError(f"Unknown head families: {', '.join(unknown)} (known: {', '.join(FAMILY_NAMES)}).")
     specs = parse_layer_specs(lorsa_specs)
     if not specs and not mhsa_layers:
         raise LorsaSurgeryError("Name what to score: --lorsa LAYER=PATH for a module's heads, --layer L for MHSA heads.")
@@ -390,8 +382,8 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
 @click.option("--words", type=click.Choice(WORDS), default="random", show_default=True,
               help="Induction prompts: random words, or the words the family's heads promote.")
 @click.option("--also-ablate", "also_spec", default="",
-              help="Heads of other spliced layers ablated in every run, the clean one included (`L18.H768-1023`: MHSA "
-                   "heads A6-A7 of an exact copy, 2 x head width rank-1 heads each), to measure the family without them.")
+              help="Heads of other spliced layers ablated in every run, the clean one included (`L18.A6-7`: MHSA heads "
+                   "6 and 7 through an exact copy, `--lorsa 18=from-attention`), to measure the family without them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, head_spec, n, seed, words, also_spec,
            as_json):

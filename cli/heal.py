@@ -1,35 +1,22 @@
-"""`lorsa-surgery heal`: fine-tune a patched model back towards its base model's predictions."""
+"""`lorsa-surgery heal`: fine-tune a patched model back towards its base model's predictions; every training option
+is a `HealConfig` field."""
 
 import os
 from pathlib import Path
 
 import click
 
-from lorsa_surgery.io import files
+from lorsa_surgery.cli.config import config_options
 from lorsa_surgery.cli.loading import overwrite_option, placement_options
-from lorsa_surgery.training.healing import HealConfig, heal as run_heal
-from lorsa_surgery.io.hub import pull
-from lorsa_surgery.publishing.patched import load_patched, read_root, save_patched
+from lorsa_surgery.training.config import HealConfig
 
 LOG = "heal.jsonl"
 
 
-@click.command()
+@click.command(context_settings={"max_content_width": 120})
 @click.argument("patched")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the healed patched model.")
-@click.option("--tokens", type=int, default=HealConfig.tokens, show_default=True, help="Training tokens.")
-@click.option("--lora-rank", type=int, default=HealConfig.lora_rank, show_default=True,
-              help="Rank of LoRA adapters on every linear layer that runs (0: none).")
-@click.option("--train-lorsa/--no-train-lorsa", default=HealConfig.train_lorsa, show_default=True,
-              help="Also train the Lorsa modules end to end (K and heads stay).")
-@click.option("--lr", type=float, default=HealConfig.lr, show_default=True, help="Peak learning rate of the LoRA adapters.")
-@click.option("--lorsa-lr", type=float, default=HealConfig.lorsa_lr, show_default=True, help="Peak learning rate of the Lorsa modules.")
-@click.option("--batch-size", type=int, default=HealConfig.batch_size, show_default=True)
-@click.option("--context", type=int, default=HealConfig.context, show_default=True, help="Tokens per sequence.")
-@click.option("--eval-tokens", type=int, default=HealConfig.eval_tokens, show_default=True, help="Held-out tokens.")
-@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Training text (.txt or .jsonl); none: the built-in offline corpus, the Python documentation.")
-@click.option("--seed", type=int, default=HealConfig.seed, show_default=True)
+@config_options(HealConfig)
 @click.option("--revision", default=None, help="Hub revision of PATCHED.")
 @click.option("--base", default=None, help="Base model override (Hub id, folder or .gguf).")
 @overwrite_option
@@ -37,6 +24,11 @@ LOG = "heal.jsonl"
 def heal(patched, out, revision, base, overwrite, placement, **options) -> None:
     """Heal PATCHED (a patched-model folder or Hub repo): train its Lorsa modules and/or LoRA adapters so that its
     next-token distribution comes back to the base model's (KL divergence), and save it to --out."""
+    from lorsa_surgery.io import files
+    from lorsa_surgery.io.hub import pull
+    from lorsa_surgery.publishing.patched import load_patched, read_root, save_patched
+    from lorsa_surgery.training.healing import heal as run_heal
+
     config = HealConfig(**options)  # checked before the model loads
     files.check_out(out, overwrite=overwrite)
     folder = pull(patched, revision=revision)

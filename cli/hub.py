@@ -4,9 +4,6 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.io.hub import pull as pull_source
-from lorsa_surgery.io.hub import push_folder
-
 
 @click.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -17,6 +14,8 @@ from lorsa_surgery.io.hub import push_folder
 @click.option("--commit-message", help="Commit title.")
 def push(folder: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool, commit_message: str | None) -> None:
     """Upload every file in FOLDER to a Hub repo as one commit; print the commit (or pull request) URL."""
+    from lorsa_surgery.io.hub import push_folder
+
     info = push_folder(
         folder, repo_id, private=private, revision=revision, create_pr=create_pr, commit_message=commit_message
     )
@@ -32,4 +31,6 @@ def pull(source: str, revision: str | None, out_dir: Path, overwrite: bool) -> N
     """Download the Hub repo SOURCE (NS/NAME, or NS/NAME:SUBFOLDER for one subfolder) into --out; print the folder.
 
     --out is written whole: a pull that fails leaves it as it was."""
+    from lorsa_surgery.io.hub import pull as pull_source
+
     click.echo(pull_source(source, revision=revision, out_dir=out_dir, overwrite=overwrite))

@@ -5,22 +5,24 @@ Each command builds one intervention, measures it on prompts or text files (loss
 `intervention_options`.
 """
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lorsa_surgery.host import corpus
 
-from lorsa_surgery.io import files
-from lorsa_surgery.cli.loading import POSITIVE, TEXT, load_with_modules, overwrite_option, placement_options
+from lorsa_surgery.cli.loading import POSITIVE, TEXT, load_with_modules, loading_options, lorsa_option, overwrite_option
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.interventions.heads import parse_heads
-from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch, Steer, parse_positions, parse_steer
-from lorsa_surgery.host.models import prompt_ids
-from lorsa_surgery.publishing.patched import save_patched
 
-HEADS_HELP = "Heads: L3.H5, a range L3.H0-127, or a catalog label L3:induction; comma-separated."
+if TYPE_CHECKING:
+    from lorsa_surgery.interventions.edits import InterventionSet
+
+HEADS_HELP = ("Heads: L3.H5, a range L3.H0-127, a catalog label L3:induction, a QK group L3.QK2, or an MHSA head L3.A2 (with "
+              "--lorsa 3=from-attention); comma-separated.")
 POSITIONS_HELP = "all, prompt, generated, a list (0,4,-1; negatives count back from the prompt's end) or a slice (2:10)."
 
 
@@ -38,6 +40,8 @@ def intervention_options(command):
 
 
 def interventions_from_options(ablations: tuple[str, ...], steers: tuple[str, ...], interventions_file: str | None) -> InterventionSet:
+    from lorsa_surgery.interventions.edits import Ablate, InterventionSet, parse_steer
+
     chosen = InterventionSet.load(interventions_file) if interventions_file else InterventionSet()
     return chosen + InterventionSet([Ablate(h) for h in ablations] + [parse_steer(s) for s in steers])
 
@@ -53,8 +57,7 @@ def require_splice(handle, chosen: InterventionSet) -> None:
 def _common(command):
     for option in reversed([
         click.argument("model"),
-        click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
-                     help="The Lorsa module of a layer, as in `replace`. Repeatable."),
+        lorsa_option,
         click.option("--mode", type=click.Choice(["replace", "exact"]), default=None, help="Splice mode (default: replace, or the patched model's)."),
         click.option("--heads", required=True, help=HEADS_HELP),
         click.option("--positions", default="all", show_default=True, help=POSITIONS_HELP),
@@ -64,10 +67,7 @@ def _common(command):
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
         click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), help="Write a patched model with the intervention attached."),
         overwrite_option,
-        click.option("--revision", default=None, help="Hub revision of MODEL."),
-        click.option("--base", default=None, help="Base model override for a patched model."),
-        click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
-        placement_options,
+        loading_options,
     ]):
         command = option(command)
     return command
@@ -75,6 +75,10 @@ def _common(command):
 
 def _load(options: dict):
     """(model, tokenizer, splice handle), after checking the head and position syntax (before the slow load)."""
+    from lorsa_surgery.interventions.edits import parse_positions
+    from lorsa_surgery.interventions.heads import parse_heads
+    from lorsa_surgery.io import files
+
     parse_heads(options["heads"])
     parse_positions(options["positions"])
     if options["save_dir"] is not None:
@@ -92,7 +96,9 @@ def _load(options: dict):
 
 def _report(options: dict, host, tokenizer, handle, chosen: InterventionSet, metric=None) -> None:
     """Measure the set on the prompts / texts (and `metric` on each prompt), print, and save the patched model if asked."""
+    from lorsa_surgery.host.models import prompt_ids
     from lorsa_surgery.interventions.patching import effect, forward
+    from lorsa_surgery.publishing.patched import save_patched
 
     inputs, labels = list(options["prompts"]), list(options["prompts"])
     for path in options["texts"]:
@@ -146,6 +152,8 @@ def ablate(**options) -> None:
     """Ablate HEADS of MODEL (zero, corpus mean, or resampled from another prompt) and show the effect."""
     from lorsa_surgery.analysis.scan import mean_activations
     from lorsa_surgery.host.metrics import token_windows
+    from lorsa_surgery.host.models import prompt_ids
+    from lorsa_surgery.interventions.edits import Ablate, InterventionSet
     from lorsa_surgery.interventions.patching import cache_run
 
     host, tokenizer, handle = _load(options)
@@ -167,6 +175,8 @@ def ablate(**options) -> None:
 @click.option("--clamp", type=float, help="Set the heads' activations to this.")
 def steer(**options) -> None:
     """Steer HEADS of MODEL (add, scale or clamp their activations) and show the effect."""
+    from lorsa_surgery.interventions.edits import InterventionSet, Steer
+
     record = Steer(options["heads"], add=options["add"], scale=options["scale"], clamp=options["clamp"], positions=options["positions"])
     host, tokenizer, handle = _load(options)
     _report(options, host, tokenizer, handle, InterventionSet([record]))
@@ -184,6 +194,8 @@ def steer(**options) -> None:
 @click.option("--top", default=20, show_default=True, type=POSITIVE, help="With --sweep: rows of the table.")
 def patch(**options) -> None:
     """Patch HEADS of MODEL from a run on --source and show the effect, or sweep heads x positions (--sweep)."""
+    from lorsa_surgery.host.models import prompt_ids
+    from lorsa_surgery.interventions.edits import InterventionSet, Patch
     from lorsa_surgery.interventions.patching import cache_run
 
     host, tokenizer, handle = _load(options)
@@ -218,6 +230,8 @@ def _metric(options: dict, tokenizer):
 def _sweep(options: dict, tokenizer, handle, source) -> None:
     from lorsa_surgery.analysis.attribution import token_text
     from lorsa_surgery.analysis.plots import plot_sweep
+    from lorsa_surgery.host.models import prompt_ids
+    from lorsa_surgery.interventions.edits import parse_positions
     from lorsa_surgery.interventions.patching import cache_run, sweep
 
     if not options["prompts"]:

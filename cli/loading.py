@@ -7,12 +7,8 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.host import models
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.interventions.heads import layers_named
-from lorsa_surgery.publishing.patched import is_patched_folder, load_patched, module_for, read_root
-from lorsa_surgery.host.placement import DTYPES, dtype_of, parse_max_memory
-from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.host.settings import DTYPE_NAMES, parse_max_memory
 
 LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'. Repeatable."
 
@@ -78,7 +74,7 @@ def placement_options(command):
                 raise click.BadParameter(f"not JSON ({e.msg})", param_hint="--device-map") from None
         return command(*args, placement=chosen, **kwargs)
 
-    dtypes = click.Choice(list(DTYPES))
+    dtypes = click.Choice(list(DTYPE_NAMES))
     for option in reversed([
         click.option("--dtype", type=dtypes, default="float32", show_default=True, help="dtype the host model loads in."),
         click.option("--lorsa-dtype", type=dtypes, default=None, help="dtype the Lorsa modules compute in [default: the host's]."),
@@ -93,10 +89,30 @@ def placement_options(command):
     return run
 
 
+lorsa_option = click.option("--lorsa", "lorsa_specs", multiple=True, metavar="LAYER=PATH",
+                            help="The Lorsa module of a layer, as in `replace`. Repeatable.")
+
+
+def loading_options(command):
+    """--revision, --base, --allow-pickle and the placement options: how MODEL loads, a host with its --lorsa modules
+    or a patched model (`load_with_modules`)."""
+    for option in reversed([
+        click.option("--revision", default=None, help="Hub revision of MODEL."),
+        click.option("--base", default=None, help="Base model override for a patched model."),
+        click.option("--allow-pickle", is_flag=True, help="Allow paper-era final.pth pickles (trusted sources only)."),
+        placement_options,
+    ]):
+        command = option(command)
+    return command
+
+
 def load_host(model_spec: str, specs: dict[int, str], revision: str | None, allow_pickle: bool, placement: dict):
     """(model, tokenizer, {layer: Lorsa}) for a plain model and its --lorsa modules. Checkpoints are read first, so a
     bad one fails before the slow host load and an automatic device map counts them; exact copies
     (from-attention) are sized on the empty host and made from the loaded one."""
+    from lorsa_surgery.host import models
+    from lorsa_surgery.publishing.patched import module_for
+
     modules = {layer: module_for(None, layer, spec, allow_pickle=allow_pickle)
                for layer, spec in specs.items() if spec != "from-attention"}
     plan = {**modules, **{layer: spec for layer, spec in specs.items() if spec == "from-attention"}}
@@ -108,6 +124,11 @@ def load_host(model_spec: str, specs: dict[int, str], revision: str | None, allo
 def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickle, placement, heads=()):
     """(model, tokenizer, handle or None) for a plain model with --lorsa options, or a patched model. `heads` (head
     specs the command will use) are checked against the spliced layers before anything slow loads."""
+    from lorsa_surgery.host.placement import dtype_of
+    from lorsa_surgery.host.splicing import splice
+    from lorsa_surgery.interventions.heads import layers_named
+    from lorsa_surgery.publishing.patched import load_patched
+
     specs = parse_layer_specs(lorsa_specs)
     root = _patched_root(model_spec, revision)
     if root is not None and specs:
@@ -131,6 +152,8 @@ def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickl
 
 def _patched_root(spec: str, revision: str | None) -> dict | None:
     """The root config of the patched model a spec names (folder or Hub repo), or None for a plain model."""
+    from lorsa_surgery.publishing.patched import is_patched_folder, read_root
+
     if is_patched_folder(spec):
         return read_root(spec)
     if Path(spec).exists():
@@ -141,6 +164,8 @@ def _patched_root(spec: str, revision: str | None) -> dict | None:
 
 def _patched_repo_root(spec: str, revision: str | None) -> str | None:
     """The root file of a Hub id that names a patched model (from the Hub, or the cache when offline), or None."""
+    from lorsa_surgery.host import models
+
     if models.resolve(spec)["kind"] != "hub":
         return None
     from huggingface_hub import hf_hub_download

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.host import corpus, models
+from lorsa_surgery.host import corpus
 
-from lorsa_surgery.io import files
 from lorsa_surgery.cli.interventions import intervention_options, interventions_from_options, require_splice
 from lorsa_surgery.cli.loading import (LORSA_HELP, POSITIVE, TEXT, Finite, load_host, load_with_modules, overwrite_option, parse_layer_specs,
                                         placement_options)
-from lorsa_surgery.host.metrics import splice_report
-from lorsa_surgery.publishing.patched import save_patched
-from lorsa_surgery.host.placement import dtype_of
-from lorsa_surgery.host.splicing import splice
+
+
+def save_patched(*args, **kwargs):
+    """`lorsa_surgery.publishing.patched.save_patched`, imported when `replace` saves (it loads torch)."""
+    from lorsa_surgery.publishing.patched import save_patched as save
+
+    return save(*args, **kwargs)
 
 
 @click.command()
@@ -32,6 +34,11 @@ from lorsa_surgery.host.splicing import splice
 @placement_options
 def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pickle, as_json, overwrite, placement):
     """Splice Lorsa modules into MODEL (Hub id, folder, .gguf or 'smollm2'), measure, and save the patched model."""
+    from lorsa_surgery.host.metrics import splice_report
+    from lorsa_surgery.host.placement import dtype_of
+    from lorsa_surgery.host.splicing import splice
+    from lorsa_surgery.io import files
+
     files.check_out(out, overwrite=overwrite)
     host, tokenizer, modules = load_host(model, parse_layer_specs(lorsa_specs), revision, allow_pickle, placement)
     report = splice_report(host, tokenizer, modules, corpus.load_texts(list(texts)), max_length)
@@ -69,6 +76,8 @@ def generate(model, prompt, max_new_tokens, chat, no_cache, lorsa_specs, mode, r
              ablations, steers, interventions_file, placement):
     """Stream text from MODEL or a patched model (folder or Hub repo), optionally with Lorsa modules spliced in."""
     import torch
+
+    from lorsa_surgery.host import models
 
     chosen = interventions_from_options(ablations, steers, interventions_file)
     torch.manual_seed(seed)

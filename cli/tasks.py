@@ -5,10 +5,9 @@ from pathlib import Path
 
 import click
 
-from lorsa_surgery.cli.config import MAX_THREADS, config_options
-from lorsa_surgery.lorsa.config import check_number
+from lorsa_surgery.cli.config import config_options, set_threads
 from lorsa_surgery.multihop import tasks as multihop
-from lorsa_surgery.multihop import train as training
+from lorsa_surgery.multihop.config import PRESETS, TRAIN_LENGTH, TaskTrainConfig, preset
 
 TASK = click.Choice(list(multihop.TASKS))
 
@@ -27,23 +26,25 @@ def tasks() -> None:
 def make(task: str, out: Path, n: int, seed: str, extra: int) -> None:
     """Write N balanced, solver-checked examples of TASK to OUT as JSON lines."""
     multihop.save_examples(multihop.generate(task, n, seed=seed, extra=extra), out)
-    click.echo(f"wrote {n} {task} examples ({training.TRAIN_LENGTH + extra} input tokens each) to {out}")
+    click.echo(f"wrote {n} {task} examples ({TRAIN_LENGTH + extra} input tokens each) to {out}")
 
 
 @tasks.command(context_settings={"max_content_width": 120})
 @click.argument("task", type=TASK)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", "preset_name", type=click.Choice(list(training.PRESETS)), default="paper", show_default=True,
+@click.option("--preset", "preset_name", type=click.Choice(list(PRESETS)), default="paper", show_default=True,
               help="paper: the paper's 12-layer recipe; small: 6 layers, learns in minutes on a CPU. Every other "
                    "option overrides one of its settings.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming from OUT_DIR's last checkpoint.")
-@config_options(training.TrainConfig, exclude=("task",), overrides=True)
+@config_options(TaskTrainConfig, exclude=("task",), overrides=True)
 def train(task: str, out_dir: Path, preset_name: str, threads: int | None, fresh: bool, **settings) -> None:
     """Train a GPT-J from scratch on TASK, writing checkpoints and history.json into OUT_DIR."""
     overrides = {k: v for k, v in settings.items() if v not in (None, ())}
-    config = training.preset(preset_name, task=task, **overrides)
-    _set_threads(threads)
+    config = preset(preset_name, task=task, **overrides)
+    set_threads(threads)
+    from lorsa_surgery.multihop import train as training
+
     history = training.train(config, out_dir, resume=not fresh)
     last = history[-1]
     per_hop = "  ".join(f"{h} hops {a:.3f}" for h, a in last["per_hop"].items())
@@ -70,6 +71,8 @@ def evaluate(checkpoint: Path, data: Path | None, n: int, seed: str, extra: int,
              token_map: Path | None) -> None:
     """Accuracy of a checkpoint of `tasks train`, or of any causal LM folder with --task and --token-map, overall
     and per hop count."""
+    from lorsa_surgery.multihop import train as training
+
     model, task, mapping = training.load_task_model(checkpoint, task, token_map)
     examples = multihop.load_examples(data) if data else multihop.generate(task, n, seed=seed, extra=extra)
     result = training.evaluate(model, task, examples, token_map=mapping)
@@ -92,6 +95,8 @@ def extrapolate(checkpoints: tuple[Path, ...], extras: str, n: int, seed: str, o
                 token_map: Path | None) -> None:
     """Accuracy of each checkpoint (or causal LM folder, with --task and --token-map) as extra window tokens
     lengthen the input."""
+    from lorsa_surgery.multihop import train as training
+
     sweeps = {}
     for path in checkpoints:
         model, model_task, mapping = training.load_task_model(path, task, token_map)
@@ -114,11 +119,3 @@ def int_list(text: str, option: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers.", param_hint=option) from None
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(check_number(threads, "--threads", integer=True, minimum=1, maximum=MAX_THREADS))
-

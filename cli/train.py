@@ -2,9 +2,8 @@
 
 import click
 
-from lorsa_surgery.cli.config import MAX_THREADS, config_options
-from lorsa_surgery.lorsa.config import check_number
-from lorsa_surgery.training.trainer import TrainConfig, layer_folder, train as run_training
+from lorsa_surgery.cli.config import config_options, set_threads
+from lorsa_surgery.training.config import TrainConfig
 
 
 @click.command(context_settings={"max_content_width": 120})
@@ -17,11 +16,10 @@ def train(threads: int | None, **options) -> None:
     output directions (init host), lr 5e-4. Each module lands in OUT/L<layer>. Run data-parallel with
     `accelerate launch --num_processes N $(which lorsa-surgery) train ...`.
     """
-    config = TrainConfig(**options)  # checks every number before anything runs
-    if threads is not None:
-        import torch
+    config = TrainConfig(**options)  # checks every number before anything loads
+    set_threads(threads)
+    from lorsa_surgery.training.trainer import layer_folder, train as run_training
 
-        torch.set_num_threads(check_number(threads, "--threads", integer=True, minimum=1, maximum=MAX_THREADS))
     for layer, lorsa in run_training(config).items():
         info = lorsa.training_info
         click.echo(

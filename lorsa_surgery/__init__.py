@@ -22,6 +22,7 @@ _EXPORTS = {
     "lorsa.config": ["LorsaConfig"],
     "errors": ["LorsaSurgeryError"],
     "host.splicing": ["splice", "unsplice", "Splice", "HeadContext"],
+    "host.hooks": ["run_with_cache", "hooks", "Cache", "HookPoint"],
     "host.arch": ["Arch", "register_arch", "exact_copy", "from_host_subspaces", "provenance"],
     "host.models": ["load_model", "generate_text", "base_record", "DEFAULT_MODEL"],
     "publishing.patched": ["save_patched", "load_patched", "export_full", "module_for"],
@@ -29,7 +30,8 @@ _EXPORTS = {
     "interventions.edits": ["Ablate", "Steer", "Patch", "InterventionSet", "Recorder", "HeadCache"],
     "interventions.patching": ["cache_run", "sweep", "effect", "LogitDiff", "Probability", "Loss", "SweepResult"],
     "host.metrics": ["splice_report", "explained_variance", "lm_loss"],
-    "training.trainer": ["train", "Trainer", "TrainConfig", "capture"],
+    "training.config": ["TrainConfig", "HealConfig"],
+    "training.trainer": ["train", "Trainer", "capture"],
     "host.corpus": ["load_texts", "python_documentation", "prose"],
     "analysis.attribution": ["z_pattern", "logit_attribution"],
     "analysis.scan": ["scan_heads", "mean_activations"],
@@ -39,7 +41,7 @@ _EXPORTS = {
     "multihop.positional": ["head_scores", "head_geometry", "classify"],
     "io.hub": ["push_folder", "pull"],
     "host.placement": ["infer_device_map", "input_device"],
-    "training.healing": ["heal", "HealConfig", "add_lora", "load_adapter"],
+    "training.healing": ["heal", "add_lora", "load_adapter"],
     "demo.report": ["run_demo"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

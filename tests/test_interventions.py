@@ -212,7 +212,7 @@ def test_unsplice_takes_attached_interventions_and_their_hooks_out():
     assert site.hooks and hooks_on(model) == before + 1  # the prompt tracker wraps generate()
     handle.unsplice()
     assert hooks_on(model) == before == 0 and site.hooks == [] and handle.interventions is None
-    assert not {"generate", "_lorsa_prompts", "_lorsa_splice"} & set(model.__dict__)
+    assert not {"generate", "_lorsa"} & set(model.__dict__)
     assert torch.equal(model(ids).logits, original)
 
 
@@ -247,7 +247,7 @@ def test_no_hooks_without_interventions_and_clean_exit():
             with inner.applied(model):
                 raise RuntimeError("boom")
         assert len(handle[LAYER].hooks) == 1
-    assert handle[LAYER].hooks == [] and "generate" not in model.__dict__ and "_lorsa_prompts" not in model.__dict__
+    assert handle[LAYER].hooks == [] and "generate" not in model.__dict__ and model._lorsa.prompts is None
     assert torch.equal(model(ids).logits, original)
 
 

@@ -308,7 +308,7 @@ def test_heal_config_refuses_bad_numbers(field, value):
 ])
 def test_multihop_config_refuses_bad_numbers(field, value, message):
     with pytest.raises(LorsaSurgeryError, match=f"^{message}"):
-        multihop.TrainConfig(**{field: value})
+        multihop.TaskTrainConfig(**{field: value})
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -337,7 +337,7 @@ def test_a_diverging_run_stops_and_writes_no_module(folders, tmp_path):
 
 
 def test_a_diverging_multihop_run_stops_before_its_checkpoint(tmp_path):
-    config = multihop.TrainConfig(n_layer=1, n_embd=16, steps=6, batch_size=4, eval_examples=8, eval_every=3,
+    config = multihop.TaskTrainConfig(n_layer=1, n_embd=16, steps=6, batch_size=4, eval_examples=8, eval_every=3,
                                   checkpoint_steps=(), lr=1e30, warmup_steps=0)
     with pytest.raises(LorsaSurgeryError, match="Training diverged at step \\d"):
         multihop.train(config, tmp_path / "run", progress=False)

@@ -19,23 +19,11 @@ from lorsa_surgery.publishing.patched import LOCAL_HINT, ROOT_FILE, load_patched
 from lorsa_surgery.analysis.scan import HeadStore
 from lorsa_surgery.host.splicing import splice
 from lorsa_surgery.host.arch import exact_copy
-from test_interventions import cli, tiny_folders
+from test_interventions import cli
+from test_rough_edges import folders, no_model_load  # noqa: F401  (fixtures)
 from test_training import host, text, tiny_config  # noqa: F401  (fixtures)
 
 LAYER = 1
-
-
-@pytest.fixture
-def folders(tmp_path):
-    return tiny_folders(tmp_path)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the output folder was checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 def listing(folder: Path) -> dict[str, object]:

@@ -282,13 +282,13 @@ def test_a_bad_entry_leaves_the_model_as_it_was():
         with pytest.raises(LorsaSurgeryError):
             splice(model, bad)
         assert all(layer.self_attn is a for layer, a in zip(model.model.layers, attentions))
-        assert not hasattr(model, "_lorsa_splice") and torch.equal(model(ids).logits, base)
+        assert not hasattr(model, "_lorsa") and torch.equal(model(ids).logits, base)
 
 
 def test_an_already_spliced_layer_is_refused():
     model = tiny("llama")
     handle = splice(model, {LAYER: sparse_module(model)})
-    del model._lorsa_splice  # the handle was dropped, the layer is still spliced
+    del model._lorsa  # the handle was dropped, the layer is still spliced
     with pytest.raises(LorsaSurgeryError, match=f"Layer {LAYER} already carries a Lorsa module"):
         splice(model, {LAYER: sparse_module(model)})
     with pytest.raises(LorsaSurgeryError, match="No Lorsa modules"):

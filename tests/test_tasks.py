@@ -101,9 +101,9 @@ def test_config_validation_and_presets():
     assert TR.PRESETS["paper"].n_layer == 12 and TR.PRESETS["paper"].lr == 1e-4
     assert TR.preset("small", task="number").task == "number"
     with pytest.raises(LorsaSurgeryError):
-        TR.TrainConfig(task="colour")
+        TR.TaskTrainConfig(task="colour")
     with pytest.raises(LorsaSurgeryError):
-        TR.TrainConfig(n_embd=30, n_head=4)
+        TR.TaskTrainConfig(n_embd=30, n_head=4)
     with pytest.raises(LorsaSurgeryError):
         TR.preset("huge")
     for bad in ({"hops": (0, 2)}, {"hops": ()}, {"rotary_base": 1.0}, {"train_extra": -1}, {"train_extra": 2000}):

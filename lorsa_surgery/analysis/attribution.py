@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,8 @@ from lorsa_surgery.host.arch import arch_for
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions.edits import splice_of
-from lorsa_surgery.interventions.patching import forward
-from lorsa_surgery.host.splicing import HeadContext, Splice
+from lorsa_surgery.host.hooks import run_with_cache
+from lorsa_surgery.host.splicing import Splice
 
 
 def one_head(head: HeadSpec, handle: Splice) -> HeadRef:
@@ -73,28 +73,16 @@ def z_pattern(
         bad = int(cols[(cols < -T) | (cols >= T)][0])
         raise LorsaSurgeryError(f"Position {bad} is out of range: the input has {T} tokens (positions 0..{T - 1}, or -{T}..-1).")
     cols = cols % T
-    seen: dict[str, Any] = {}
-
-    def grab_input(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-    def grab_context(acts: torch.Tensor, ctx: HeadContext) -> None:
-        seen["ctx"], seen["act"] = ctx, acts[..., ref.index].clone()
-
-    remover = site.register_forward_pre_hook(grab_input, with_kwargs=True)
-    site.hooks.append(grab_context)
-    try:
-        forward(handle, input_ids, attention_mask)
-    finally:
-        remover.remove()
-        site.hooks.remove(grab_context)
-    ctx = seen["ctx"]
-    parts = site.lorsa.z_pattern(seen["x"], [ref.index], ctx.position_ids, ctx.attention_mask)[:, 0]  # [B, T, S]
-    rows = torch.arange(B)
-    contributions = parts[rows, cols.to(parts.device)].float().cpu()
+    names = [f"L{ref.layer}.hook_pattern", f"L{ref.layer}.hook_v", f"L{ref.layer}.hook_acts"]
+    cache = run_with_cache(handle, input_ids, names, attention_mask=attention_mask, stop=True)
+    pattern, values, acts = (cache[name] for name in names)
+    rows, at = torch.arange(B, device=acts.device), cols.to(acts.device)
+    # Entry s of the row: the attention from the token looked at to source s, times the head's value at s.
+    parts = pattern[rows, ref.index // site.lorsa.cfg.group_size, at] * values[..., ref.index]
+    contributions = parts.float().cpu()
     return ZPattern(
         str(ref), head_name(ref, handle), input_ids, cols.tolist(), contributions, contributions.sum(-1),
-        seen["act"][rows, cols.to(seen["act"].device)].float().cpu(),
+        acts[rows, at, ref.index].float().cpu(),
     )
 
 

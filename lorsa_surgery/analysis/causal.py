@@ -20,16 +20,11 @@ import torch
 from lorsa_surgery.analysis.attribution import logit_scores
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.analysis.families import Probe, ioi_probe, repeated_probe, successor_probe, word_tokens
+from lorsa_surgery.analysis.names import BEHAVIOURS, WORDS
 from lorsa_surgery.interventions.heads import by_layer, resolve_heads
 from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch
 from lorsa_surgery.interventions.patching import cache_run, forward
 from lorsa_surgery.host.splicing import Splice
-
-BEHAVIOURS = {
-    "induction": "next-token accuracy on the second half of repeated random word sequences",
-    "name_mover": "IOI logit difference, indirect object minus subject",
-    "successor": "minus the mean rank of the next ordinal item",
-}
 
 
 @dataclass
@@ -95,10 +90,6 @@ def behaviour_probe(family: str, tokenizer, n: int, seed: int, words: list[int] 
     if family == "successor":
         return successor_probe(tokenizer, n, seed)
     raise LorsaSurgeryError(f"No causal check for {family!r}; there is one for {', '.join(BEHAVIOURS)}.")
-
-
-WORDS = ("random", "family")
-"""Where induction prompts take their words: the whole vocabulary, or the family's promoted words (`family_words`)."""
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.host.corpus import special_ids
 from lorsa_surgery.lorsa.model import Lorsa
 
 MIN_FIRINGS = 4
@@ -106,10 +107,7 @@ def word_tokens(tokenizer, n: int = 4000) -> list[int]:
 
 
 def _start(tokenizer) -> int:
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to open prompts with.")
-    return start
+    return special_ids(tokenizer)[0]
 
 
 def _pack(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ from torch import nn
 
 from lorsa_surgery.analysis.attribution import logit_scores
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.host.splicing import HeadContext, Splice
+from lorsa_surgery.host.hooks import run_with_cache
+from lorsa_surgery.host.splicing import Splice
 from lorsa_surgery.interventions.edits import splice_of
 from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, by_layer, head_name, resolve_heads
 from lorsa_surgery.io import files
@@ -262,8 +263,6 @@ def scan(
     `heads` (default all). Active interventions shape the scan as they shape any run."""
     from tqdm.auto import tqdm
 
-    from lorsa_surgery.training.trainer import capture
-
     site = handle[layer]
     lorsa = site.source
     heads = list(range(lorsa.cfg.n_ov_heads)) if heads is None else list(heads)
@@ -271,22 +270,15 @@ def scan(
         raise LorsaSurgeryError("No windows to scan.")
     cols = torch.tensor(heads)
     H, N, W = len(heads), len(windows), max(len(w[2]) for w in windows)
-    seen: dict[str, Any] = {}
-
-    def record(acts: torch.Tensor, ctx: HeadContext) -> None:
-        seen["acts"] = acts[..., cols.to(acts.device)].float().cpu()
+    point = f"L{layer}.hook_acts"
 
     entries = []
-    site.hooks.append(record)
-    try:
-        for chunk, ids, mask in tqdm(list(_batches(windows, list(range(N)), batch_size)), desc=f"scan L{layer}", disable=not progress):
-            capture(handle.model, layer, ids, mask)
-            acts = seen["acts"] * mask[..., None]
-            b, t, c = acts.nonzero(as_tuple=True)
-            entries.append(torch.stack([torch.tensor(chunk)[b], t, c]).T)
-            entries.append(acts[b, t, c][:, None])
-    finally:
-        site.hooks.remove(record)
+    for chunk, ids, mask in tqdm(list(_batches(windows, list(range(N)), batch_size)), desc=f"scan L{layer}", disable=not progress):
+        acts = run_with_cache(handle, ids, [point], attention_mask=mask, stop=True)[point]
+        acts = acts[..., cols.to(acts.device)].float().cpu() * mask[..., None]
+        b, t, c = acts.nonzero(as_tuple=True)
+        entries.append(torch.stack([torch.tensor(chunk)[b], t, c]).T)
+        entries.append(acts[b, t, c][:, None])
     where = torch.cat(entries[0::2]) if entries else torch.zeros(0, 3, dtype=torch.long)
     values = torch.cat(entries[1::2])[:, 0] if entries else torch.zeros(0)
 
@@ -299,17 +291,15 @@ def scan(
     by_window: dict[int, list[int]] = {}
     for i, w in enumerate(ex[:, 0].tolist()):
         by_window.setdefault(w, []).append(i)
+    points = [f"L{layer}.hook_pattern", f"L{layer}.hook_v"]
     for chunk, ids, mask in tqdm(list(_batches(windows, needed, batch_size)), desc=f"patterns L{layer}", disable=not progress):
-        x, _ = capture(handle.model, layer, ids, mask)
+        pattern, v = (run_with_cache(handle, ids, points, attention_mask=mask, stop=True)[p] for p in points)
         for row, w in enumerate(chunk):
             n = int(mask[row].sum())
-            q, kk, v = site.lorsa.project(x[row : row + 1, :n], torch.arange(n, device=x.device)[None])
-            pattern = site.lorsa._pattern(q, kk, None)[0].float().cpu()  # [n_qk, n, n]
-            v = v[0].float().cpu()  # [n_qk, n, g]
             for i in by_window[w]:
                 head, t = heads[int(ex[i, 2])], int(ex[i, 1])
-                attention[i, :n] = pattern[head // g, t]
-                contributions[i, :n] = pattern[head // g, t] * v[head // g, :, head % g]
+                attention[i, :n] = pattern[row, head // g, t, :n].float().cpu()
+                contributions[i, :n] = attention[i, :n] * v[row, :n, head].float().cpu()
 
     up_ids, up_values, down_ids, down_values = [], [], [], []
     for start in range(0, H, 128):  # [128, vocab] at a time

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.host import state
 from lorsa_surgery.lorsa.config import LorsaConfig
 from lorsa_surgery.lorsa.model import Lorsa
 
@@ -302,7 +303,7 @@ for _arch in (
 def host_record(model) -> dict[str, Any]:
     """The base record of a loaded model: the one `load_model` attached, else its config's name, reduced to the
     last component when it is a local path (a path would leak into shared checkpoints)."""
-    record = getattr(model, "_lorsa_base", None)
+    record = state.get(model, "base")
     if record is not None:
         return record
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None

@@ -82,6 +82,18 @@ def load_dataset_texts(name: str, n_chars: int, split: str = "train", field: str
     return docs
 
 
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(start, separator, pad) token ids: BOS opens a sequence (EOS where the tokenizer has no BOS), EOS separates
+    documents (BOS where it has no EOS), and padding is the tokenizer's pad token, else the separator."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None and eos is None:
+        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to open sequences with.")
+    start = bos if bos is not None else eos
+    sep = eos if eos is not None else bos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    return start, sep, pad
+
+
 def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: int = 256, batch_size: int = 8,
                       temperature: float = 1.0) -> list[str]:
     """About n_tokens tokens of text sampled from the model itself, each document started from its BOS token.
@@ -90,13 +102,10 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
     """
     import torch
 
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to start sampling from.")
-    stop = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     from lorsa_surgery.host.placement import input_device
 
+    start, _, pad = special_ids(tokenizer)
+    stop = tokenizer.eos_token_id
     device = input_device(model)
     docs: list[str] = []
     sampled = 0

@@ -7,6 +7,7 @@ from torch import nn
 
 from lorsa_surgery.lorsa.model import Lorsa
 from lorsa_surgery.host.placement import input_device
+from lorsa_surgery.host.hooks import hooks
 from lorsa_surgery.host.splicing import splice
 
 
@@ -34,17 +35,39 @@ def token_windows(tokenizer, texts: list[str], max_length: int):
         yield window[None]
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM loss of every prediction [B, T-1]: next-token cross-entropy (float32) and whether it counts, which is
+    when the token and the one predicting it are both real (neither is padding, left or right)."""
+    losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device),
+                                         reduction="none")
+    if attention_mask is None:
+        return losses, torch.ones_like(losses, dtype=torch.bool)
+    mask = attention_mask.to(logits.device)
+    return losses, (mask[:, 1:] * mask[:, :-1]).bool()
+
+
+@torch.no_grad()
+def lm_loss_sums(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 batch_size: int = 2) -> torch.Tensor:
+    """[summed next-token loss, predicted tokens] (float64, on the CPU) of the model on these sequences [N, T]."""
+    device = input_device(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i : i + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[i : i + batch_size].to(device)
+        losses, keep = next_token_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+        total += torch.tensor([losses[keep].double().sum().item(), keep.sum().item()], dtype=torch.float64)
+    return total
+
+
 @torch.no_grad()
 def lm_loss(model: nn.Module, tokenizer, texts: list[str], max_length: int = 256) -> tuple[float, int]:
     """Mean next-token cross-entropy over the texts and the number of predicted tokens."""
-    total, count = 0.0, 0
-    device = input_device(model)
+    total = torch.zeros(2, dtype=torch.float64)
     for ids in token_windows(tokenizer, texts, max_length):
-        ids = ids.to(device)
-        logits = model(ids).logits[0, :-1].float()
-        total += nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return total / count, count
+        total += lm_loss_sums(model, ids)
+    return float(total[0] / total[1]), int(total[1])
 
 
 @torch.no_grad()
@@ -59,22 +82,12 @@ def splice_report(
     recon: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
     target: dict[int, list[torch.Tensor]] = {layer: [] for layer in modules}
     with splice(model, modules, mode="exact") as handle:
-        removers = []
-        try:
-            for layer, site in handle.sites.items():
-                # A head hook sees the activations the splice computes anyway; returning None leaves the output exact.
-                site.hooks.append(lambda acts, ctx, layer=layer, lorsa=site.lorsa: recon[layer].append(lorsa.decode(acts)[0]))
+        def keep(into: dict[int, list[torch.Tensor]]):
+            return lambda x, ctx: into[ctx.layer].append(x.reshape(-1, x.shape[-1]))
 
-                def capture_output(module, args, output, layer=layer, post_norm=site.post_norm):
-                    out = output[0] if isinstance(output, tuple) else output
-                    target[layer].append((post_norm(out) if post_norm is not None else out)[0])
-
-                # On the original attention, which stays in the model after the splice: removed on every path.
-                removers.append(site.original.register_forward_hook(capture_output))
+        # Reading hook_out and hook_original leaves the exact-mode output the original's, bit for bit.
+        with hooks(handle, {"hook_out": keep(recon), "hook_original": keep(target)}):
             original_loss, n_tokens = lm_loss(model, tokenizer, texts, max_length)
-        finally:
-            for r in removers:
-                r.remove()
     with splice(model, modules, mode="replace"):
         spliced_loss, _ = lm_loss(model, tokenizer, texts, max_length)
     return {

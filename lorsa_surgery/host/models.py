@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lorsa_surgery.host import state
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
 
@@ -234,7 +235,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    model._lorsa_base = record  # what splices of it record as their base
+    state.put(model, "base", record)  # what splices of it record as their base
     return model, tokenizer
 
 

@@ -1,5 +1,6 @@
-"""Placing spliced models across devices with Accelerate: the device inputs go to, device maps that count the
-Lorsa modules each layer will carry, and memory limits as users write them (`0=20GiB,cpu=60GiB`).
+"""Placing spliced models across devices with Accelerate: the device a module computes on and inputs go to, dtypes,
+and device maps that count the Lorsa modules each layer will carry (memory limits as users write them, `0=20GiB,cpu=60GiB`,
+are read in `settings`, without torch).
 
 A spliced layer keeps its original attention (exact mode runs it; `unsplice` puts it back) and adds a Lorsa
 module on the same device, never split from its layer; `infer_device_map` plans for both. Memory per part and
@@ -8,18 +9,16 @@ how to place a large host: docs/placement.md.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from lorsa_surgery.host.arch import arch_for
+from lorsa_surgery.host.arch import arch_for, exact_copy
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.host.settings import DTYPE_NAMES, parse_max_memory  # noqa: F401 (parse_max_memory: read from here too)
 from lorsa_surgery.lorsa.config import LorsaConfig
 from lorsa_surgery.lorsa.model import Lorsa
-from lorsa_surgery.host.arch import exact_copy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_of(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -31,33 +30,21 @@ def dtype_of(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids belong: the execution device of its input embedding (which Accelerate records on
-    the module it dispatched), else the device of the embedding's weights."""
-    embedding = model.get_input_embeddings()
-    hook = getattr(embedding, "_hf_hook", None)
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes: the execution device Accelerate recorded on it when it dispatched the model, else
+    the device of its first weights that are not on the meta device, else the CPU."""
+    hook = getattr(module, "_hf_hook", None)
     if getattr(hook, "execution_device", None) is not None:
         return torch.device(hook.execution_device)
-    device = embedding.weight.device
-    return torch.device("cpu") if device.type == "meta" else device
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
-def parse_max_memory(text: str | dict | None) -> dict[int | str, str] | None:
-    """`0=20GiB,cpu=60GiB` -> {0: "20GiB", "cpu": "60GiB"}, as transformers' max_memory takes it."""
-    if text is None or isinstance(text, dict):
-        return text
-    limits: dict[int | str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        device, sep, amount = part.partition("=")
-        device = device.strip()
-        if not sep or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", amount.strip(), flags=re.I) or not (
-            device.isdigit() or device in ("cpu", "disk") or re.fullmatch(r"(cuda|xpu|mps|npu):\d+", device)
-        ):
-            raise LorsaSurgeryError(f"{part!r} is not DEVICE=SIZE (e.g. 0=20GiB,cpu=60GiB).")
-        limits[int(device) if device.isdigit() else device] = amount.strip()
-    if not limits:
-        raise LorsaSurgeryError("max_memory names no device.")
-    return limits
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids belong: the execution device of its input embedding."""
+    return execution_device(model.get_input_embeddings())
 
 
 def lorsa_parameter_count(cfg: LorsaConfig) -> int:

@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from lorsa_surgery.host.arch import Arch, arch_for
+from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HookPoint
 from lorsa_surgery.errors import LorsaSurgeryError
+from lorsa_surgery.host import state as host_state
+from lorsa_surgery.host.placement import execution_device
 from lorsa_surgery.lorsa.model import Lorsa
 
 Mode = Literal["replace", "exact"]
@@ -133,8 +136,38 @@ def _require_dynamic(cache, layer_idx: int) -> None:
             )
 
 
+class _Taps:
+    """The hook points inside the Lorsa forward pass of one call (`lorsa_surgery.lorsa.model.Taps`)."""
+
+    def __init__(self, site: "LorsaAttention", ctx: HeadContext):
+        self.site, self.ctx = site, ctx
+        self.wants_pattern = site.hook_pattern.live
+
+    def qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        site, ctx = self.site, self.ctx
+        if site.hook_q.live:
+            q = site.hook_q(q.transpose(1, 2), ctx).transpose(1, 2)
+        if site.hook_k.live:
+            k = site.hook_k(k.transpose(1, 2), ctx).transpose(1, 2)
+        if site.hook_v.live:  # one value per OV head, as the heads are numbered: head i is group i // g, column i % g
+            B, n_qk, T, g = v.shape
+            v = site.hook_v(v.transpose(1, 2).reshape(B, T, n_qk * g), ctx).reshape(B, T, n_qk, g).transpose(1, 2)
+        return q, k, v
+
+    def pattern(self, pattern: torch.Tensor) -> torch.Tensor:
+        return self.site.hook_pattern(pattern, self.ctx)
+
+
+def _tap(point: HookPoint, x: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+    return point(x, ctx) if point.live else x
+
+
 class LorsaAttention(nn.Module):
-    """A spliced attention layer: runs a Lorsa module in place of (replace) or beside (exact) the original."""
+    """A spliced attention layer: runs a Lorsa module in place of (replace) or beside (exact) the original.
+
+    Its hook points (`hook_in`, `hook_acts`, ...: `lorsa_surgery.host.hooks`) are identity submodules; with none of
+    them live the forward pass is the fast path: no dense activations, no attention pattern.
+    """
 
     def __init__(
         self, original: nn.Module, lorsa: Lorsa, source: Lorsa, layer: int, mode: Mode, post_norm: nn.Module | None
@@ -148,11 +181,17 @@ class LorsaAttention(nn.Module):
         self.layer_idx = getattr(original, "layer_idx", layer)
         self.mode = mode
         self.post_norm = post_norm
-        self.hooks: list[HeadHook] = []
-        """Called in order on the head activations at every forward; empty means the fast path."""
+        for name in HOOK_NAMES + (EXACT_HOOK_NAMES if mode == "exact" else ()):
+            setattr(self, name, HookPoint())
+        self._points = [module for module in self.children() if isinstance(module, HookPoint)]
         self._signature = inspect.signature(original.forward)
         self.cache_keyword = cache_keyword(original)
         """Where the host passes the KV cache (None: the signature names none, so every known alias is looked at)."""
+
+    @property
+    def hooks(self) -> list[HeadHook]:
+        """The head hooks, called in order on the activations at every forward: those of `hook_acts`."""
+        return self.hook_acts.hooks
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         if args:  # some blocks pass the cache or mask positionally; name them as the original would
@@ -170,10 +209,22 @@ class LorsaAttention(nn.Module):
         if cache is not None:
             _require_dynamic(cache, self.layer_idx)
 
+        past = self._past(cache)
+        position_ids = kw.get("position_ids")
+        B, T, _ = hidden_states.shape
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=hidden_states.device).expand(B, T)
+        mask = kw.get("attention_mask")
+        live = any(point.live for point in self._points)
+        ctx = HeadContext(self.layer, position_ids, past, mask) if live else None
+        x = _tap(self.hook_in, hidden_states, ctx) if live else hidden_states
+
         if self.mode == "exact":
-            original_out = self.original(hidden_states, *args, **kwargs)[0]
+            original_out = self.original(x, *args, **kwargs)[0]
             if self.post_norm is not None:
                 original_out = self.post_norm(original_out)
+            if live:
+                original_out = _tap(self.hook_original, original_out, ctx)
             store = None
             if cache is not None:
                 slot = cache.layers[self.layer_idx]
@@ -183,29 +234,44 @@ class LorsaAttention(nn.Module):
         else:
             store = _HostSlot(cache, self.layer_idx) if cache is not None else None
 
-        past = store.seq_length() if store is not None else 0
-        position_ids = kw.get("position_ids")
-        B, T, _ = hidden_states.shape
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=hidden_states.device).expand(B, T)
-        mask = kw.get("attention_mask")
-        z = self.lorsa.hidden_pre(hidden_states, position_ids, mask, store)
+        z = self.lorsa.hidden_pre(x, position_ids, mask, store, _Taps(self, ctx) if live else None)
+        if live:
+            z = _tap(self.hook_z, z, ctx)
+        if self.mode == "replace":
+            if live and self.hook_acts.live:
+                out = self.lorsa.decode(self.hook_acts(self.lorsa.activate(z), ctx))
+            else:
+                out = self.lorsa.reconstruct(z)  # only the K selected heads' rows of W_O
+            out = out.to(x.dtype)
+            return (_tap(self.hook_out, out, ctx) if live else out), None
+        if not live or not (self.hook_acts.live or self.hook_out.live or self.hook_error.live):
+            return original_out, None
+        return self._exact_output(original_out, z, ctx), None
 
-        if not self.hooks:
-            if self.mode == "exact":
-                return original_out, None
-            return self.lorsa.reconstruct(z).to(hidden_states.dtype), None
-
+    def _exact_output(self, original_out: torch.Tensor, z: torch.Tensor, ctx: HeadContext) -> torch.Tensor:
+        """The original output plus what the hooks changed in the reconstruction: hook_out + hook_error, computed
+        as differences from clean copies, so an unedited run is bit for bit the original's and edits in place count."""
         clean = self.lorsa.activate(z)
-        ctx = HeadContext(self.layer, position_ids, past, mask)
-        acts = clean
-        for hook in self.hooks:
-            new = hook(acts, ctx)
-            acts = acts if new is None else new
-        if self.mode == "exact":
+        acts = _tap(self.hook_acts, clean.clone(), ctx)
+        if not (self.hook_out.live or self.hook_error.live):
             delta = (acts - clean).to(self.lorsa.W_O.dtype) @ self.lorsa.W_O
-            return (original_out + delta.to(original_out.dtype)), None
-        return self.lorsa.decode(acts).to(hidden_states.dtype), None
+            return original_out + delta.to(original_out.dtype)
+        clean_out = self.lorsa.decode(clean).to(original_out.dtype)
+        out = _tap(self.hook_out, self.lorsa.decode(acts).to(original_out.dtype), ctx)
+        output = original_out + (out - clean_out)
+        if self.hook_error.live:
+            error = original_out - clean_out
+            output = output + (self.hook_error(error.clone(), ctx) - error)
+        return output
+
+    def _past(self, cache) -> int:
+        """Tokens of this layer's Lorsa keys already in the cache (its own store in exact mode), read before the call."""
+        if cache is None:
+            return 0
+        if self.mode == "replace":
+            return cache.get_seq_length(self.layer_idx)
+        slot = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+        return slot.lorsa.get_seq_length() if slot is not None and hasattr(slot, "lorsa") else 0
 
 
 class Splice:
@@ -269,8 +335,8 @@ class Splice:
             if site.post_norm is not None:
                 setattr(layers[layer], self.arch.post_attention_norm, site.post_norm)
         self.sites.clear()
-        if getattr(self.model, "_lorsa_splice", None) is self:
-            del self.model._lorsa_splice
+        if host_state.get(self.model, "splice") is self:
+            host_state.put(self.model, "splice", None)
         return self.model
 
     @contextlib.contextmanager
@@ -300,16 +366,6 @@ class Splice:
         return f"Splice(mode={self.mode}, layers={self.layers})"
 
 
-def _execution_device(module: nn.Module) -> torch.device:
-    hook = getattr(module, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 def host_view(arch: Arch, block: nn.Module, lorsa: Lorsa) -> tuple[Lorsa, nn.Module | None]:
     """The module as it runs inside a host decoder layer, and the post-attention norm it takes over (or None).
 
@@ -337,7 +393,7 @@ def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace", 
         raise LorsaSurgeryError("No Lorsa modules to splice: give {layer: module}.")
     arch = arch_for(model)
     layers = arch.layer_list(model)
-    existing = getattr(model, "_lorsa_splice", None)
+    existing = spliced(model)
     if existing is not None and existing.sites:
         raise LorsaSurgeryError(f"This model already has Lorsa modules spliced at layers {existing.layers}; unsplice them first.")
     hidden = model.config.get_text_config(decoder=True).hidden_size
@@ -356,22 +412,27 @@ def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace", 
         if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:
             warnings.warn(f"A Lorsa module trained for layer {lorsa.cfg.host_layer} is spliced at layer {layer}.", stacklevel=2)
         mapped, post_norm = host_view(arch, block, lorsa)
-        mapped = mapped.to(device=_execution_device(original), dtype=dtype or next(original.parameters()).dtype)
+        mapped = mapped.to(device=execution_device(original), dtype=dtype or next(original.parameters()).dtype)
         planned.append((block, LorsaAttention(original, mapped, lorsa, layer, mode, post_norm)))
     handle = Splice(model, arch, mode)
-    handle.base = getattr(model, "_lorsa_base", None)  # set by lorsa_surgery.host.models.load_model
+    handle.base = host_state.get(model, "base")  # set by lorsa_surgery.host.models.load_model
     for block, site in sorted(planned, key=lambda p: p[1].layer):
         setattr(block, arch.attention, site)
         if site.post_norm is not None:
             setattr(block, arch.post_attention_norm, nn.Identity())
         handle.sites[site.layer] = site
-    model._lorsa_splice = handle
+    host_state.put(model, "splice", handle)
     return handle
 
 
 def unsplice(model: nn.Module) -> nn.Module:
     """Take the spliced Lorsa modules out of `model` (as `handle.unsplice()` does) and return it as it was."""
-    handle = getattr(model, "_lorsa_splice", None)
+    handle = spliced(model)
     if handle is None:
         raise LorsaSurgeryError("This model has no Lorsa modules spliced.")
     return handle.unsplice()
+
+
+def spliced(model: nn.Module) -> Splice | None:
+    """The splice in place in `model`, or None."""
+    return host_state.get(model, "splice")

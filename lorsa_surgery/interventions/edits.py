@@ -28,9 +28,13 @@ from torch import nn
 
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, by_layer, parse_heads, resolve_heads
+from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, by_layer, mhsa_named, parse_heads, resolve_heads, split_heads
+from lorsa_surgery.interventions.mhsa import edit_heads
 from lorsa_surgery.lorsa.config import MAX_INDEX, check_number
-from lorsa_surgery.host.splicing import HeadContext, Splice
+from lorsa_surgery.host.hooks import add_hooks
+from lorsa_surgery.host import state as host_state
+from lorsa_surgery.host.arch import arch_for
+from lorsa_surgery.host.splicing import HeadContext, Splice, spliced
 
 FORMAT = "lorsa-surgery.interventions"
 FORMAT_VERSION = 1
@@ -145,28 +149,31 @@ def position_mask(
 class _Prompts:
     """Each row's prompt length in the current run of one model, shared by every set applied to it.
 
-    Outside generate() the prompt is whatever a call without cache history covers. generate() is wrapped (on the
-    instance) so that its first call defines the prompt: its uncached steps re-run the whole sequence without cache
-    history, and would otherwise count the tokens generated so far as prompt.
+    The prompt is what a call without cache history covers, except within generate(), whose first call defines it.
     """
 
     def __init__(self, model: nn.Module):
         self.lengths: torch.Tensor | None = None
         self.in_generate = False
         self.users = 0
+        # generate() is wrapped on the instance, only to mark where each call begins and ends. Without a cache
+        # (use_cache=False) every step of generate() is a forward call that re-runs the whole sequence from position 0,
+        # as a new prompt does, and transformers passes nothing that tells the two apart (no cache, no cache_position;
+        # 5.18 and 5.25 alike). The calls themselves cannot either: the steps of generate(p, max_new_tokens=2) and then
+        # generate(on its output) are, call for call, those of generate(p, max_new_tokens=3). So no forward hook can
+        # find the boundary, and a logits processor would have to be added through generate()'s own arguments.
         original = model.generate
-        # A weak reference: the wrapper lives on the model, and must not keep it alive through a cycle.
+        # Weak references: the wrapper lives on the model, and must not keep it alive through a cycle.
         call = weakref.WeakMethod(original) if inspect.ismethod(original) else (lambda: original)
+        owner = weakref.ref(model)
 
         def generate(*args, **kwargs):
             self.lengths, self.in_generate = None, True
-            if len(args) < 3:  # logits_processor is generate()'s third positional parameter
-                from transformers import LogitsProcessorList
-
-                kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), _finite_logits])
+            check = owner().register_forward_hook(_finite_logits)
             try:
                 return call()(*args, **kwargs)
             finally:
+                check.remove()
                 self.in_generate = False
 
         generate.__doc__ = original.__doc__  # not functools.wraps: its __wrapped__ would hold the model strongly
@@ -190,32 +197,33 @@ class _Prompts:
         return self.lengths
 
 
-def _finite_logits(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """A logits processor that stops generation whose next-token logits turned NaN or +inf under interventions,
-    instead of decoding garbage. One reduction per step: max propagates NaN, and -inf (a token ruled out) is allowed."""
-    top = float(scores.amax()) if scores.numel() else 0.0
+def _finite_logits(model: nn.Module, args: Any, output: Any) -> None:
+    """A forward hook on the model during generate() that stops generation whose next-token logits turned NaN or +inf
+    under interventions, instead of decoding garbage. One reduction per step: max propagates NaN, and -inf (a token
+    ruled out) is allowed."""
+    logits = getattr(output, "logits", None)
+    top = float(logits[:, -1].amax()) if logits is not None and logits.numel() else 0.0
     if math.isnan(top) or top == math.inf:
         raise LorsaSurgeryError("With the interventions applied the model's logits became NaN or infinite: a steering value "
                                 "too large for the model's number format; choose a smaller one.")
-    return scores
 
 
 def _acquire_prompts(model: nn.Module) -> _Prompts:
-    prompts = model.__dict__.get("_lorsa_prompts")
+    prompts = host_state.get(model, "prompts")
     if prompts is None:
         prompts = _Prompts(model)
-        model.__dict__["_lorsa_prompts"] = prompts
+        host_state.put(model, "prompts", prompts)
     prompts.users += 1
     return prompts
 
 
 def _release_prompts(model: nn.Module) -> None:
-    prompts = model.__dict__.get("_lorsa_prompts")
+    prompts = host_state.get(model, "prompts")
     if prompts is None:
         return
     prompts.users -= 1
     if prompts.users == 0:
-        del model.__dict__["_lorsa_prompts"]
+        host_state.put(model, "prompts", None)
         model.__dict__.pop("generate", None)
 
 
@@ -375,6 +383,12 @@ class Steer:
         self.heads = parse_heads(self.heads)
         self.positions = parse_positions(self.positions)
         self.add, self.scale, self.clamp = (_finite(n, getattr(self, n)) for n in ("add", "scale", "clamp"))
+        mhsa = mhsa_named(self.heads) if self.add is not None or self.clamp is not None else []
+        if mhsa:  # through an exact copy, a head is pairs of rank-1 parts of opposite sign: an added value cancels
+            raise LorsaSurgeryError(
+                f"Only scale steers an MHSA head ({mhsa[0]}): adding to or clamping its signed rank-1 parts cancels out; "
+                f"scale it ({mhsa[0]}*=2 on the command line), or steer single Lorsa heads (L<layer>.H<index>)."
+            )
         if self.clamp is None and self.add is None and self.scale is None:
             raise LorsaSurgeryError("Steer needs add, scale or clamp.")
         if self.clamp is not None and (self.add is not None or self.scale is not None):
@@ -483,9 +497,12 @@ def _record_from_dict(d: dict[str, Any]) -> Intervention:
 # ---- sets -------------------------------------------------------------------------------------------------------
 
 
-def splice_of(target: Splice | nn.Module) -> Splice:
-    """The splice handle of a model (or the handle itself)."""
-    handle = target if isinstance(target, Splice) else getattr(target, "_lorsa_splice", None)
+def splice_of(target: Splice | nn.Module, bare: bool = False) -> Splice:
+    """The splice handle of a model (or the handle itself). With `bare`, a model with none gets a handle of no layers
+    (kept nowhere), through which interventions reach the MHSA heads of its attention layers."""
+    handle = target if isinstance(target, Splice) else spliced(target)
+    if handle is None and bare and isinstance(target, nn.Module):
+        return Splice(target, arch_for(target), "replace")
     if handle is None or not handle.sites:
         raise LorsaSurgeryError("This model has no Lorsa modules spliced; splice them first (lorsa_surgery.splice).")
     return handle
@@ -578,25 +595,27 @@ class InterventionSet:
     # ---- running
 
     def _install(self, handle: Splice) -> Callable[[], None]:
-        """Append one hook per touched layer; returns the function that takes them out again."""
+        """Append one hook per touched layer at its `hook_acts` (for MHSA heads of an unspliced layer, on its attention:
+        `lorsa_surgery.interventions.mhsa`); returns the function that takes them out again."""
         ops: dict[int, list[tuple[torch.Tensor, Any, Edit]]] = {}
+        on_attention: dict[int, list[tuple[torch.Tensor, Any, Edit]]] = {}  # MHSA heads of unspliced layers
         for record in self.records:
-            refs = resolve_heads(record.heads, handle)
-            for layer, indices in by_layer(refs).items():
-                edit = record._edit([r for r in refs if r.layer == layer])
-                ops.setdefault(layer, []).append((torch.tensor(indices), record.positions, edit))
-        if not ops:
+            on_lorsa, direct = split_heads(record.heads, handle)
+            for refs, table in ((on_lorsa, ops), (direct, on_attention)):
+                for layer, indices in by_layer(refs).items():
+                    edit = record._edit([r for r in refs if r.layer == layer])
+                    table.setdefault(layer, []).append((torch.tensor(indices), record.positions, edit))
+        if not ops and not on_attention:
             return lambda: None
         prompts = _acquire_prompts(handle.model)
-        installed = [(handle[layer], _layer_hook(layer_ops, prompts)) for layer, layer_ops in ops.items()]
-        for site, hook in installed:
-            site.hooks.append(hook)
+        remove_hooks = add_hooks(handle, {f"L{layer}.hook_acts": _layer_hook(layer_ops, prompts) for layer, layer_ops in ops.items()})
+        remove_direct = edit_heads(handle.model, handle.arch,
+                                   {layer: _layer_hook(layer_ops, prompts) for layer, layer_ops in on_attention.items()})
         model = weakref.ref(handle.model)
 
         def remove() -> None:
-            for site, hook in installed:
-                if hook in site.hooks:
-                    site.hooks.remove(hook)
+            remove_hooks()
+            remove_direct()
             if model() is not None:
                 _release_prompts(model())
 
@@ -604,8 +623,9 @@ class InterventionSet:
 
     @contextlib.contextmanager
     def applied(self, target: Splice | nn.Module) -> Iterator[Splice]:
-        """Active inside the `with` block, around forward passes and generate() alike; yields the splice handle."""
-        handle = splice_of(target)
+        """Active inside the `with` block, around forward passes and generate() alike; yields the splice handle (one
+        of no layers for a model with none spliced, whose MHSA heads the set may still name)."""
+        handle = splice_of(target, bare=True)
         remove = self._install(handle)
         try:
             yield handle
@@ -664,25 +684,22 @@ class Recorder:
         self.handle = splice_of(target)
         self.refs = resolve_heads(heads, self.handle)
         self._chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._installed: list[tuple[Any, Callable]] = []
+        self._remove: Callable[[], None] = lambda: None
 
     def __enter__(self) -> "Recorder":
-        for layer, indices in by_layer(self.refs).items():
-            chunks = self._chunks.setdefault(layer, [])
-            cols = torch.tensor(indices)
-
-            def hook(acts: torch.Tensor, ctx: HeadContext, chunks=chunks, cols=cols) -> None:
+        def record(chunks: list, cols: torch.Tensor) -> Callable[[torch.Tensor, HeadContext], None]:
+            def hook(acts: torch.Tensor, ctx: HeadContext) -> None:
                 chunks.append((full_context(ctx, acts).position_ids.detach(), acts[..., cols.to(acts.device)].detach()))
 
-            self.handle[layer].hooks.append(hook)
-            self._installed.append((self.handle[layer], hook))
+            return hook
+
+        self._remove = add_hooks(self.handle, {f"L{layer}.hook_acts": record(self._chunks.setdefault(layer, []), torch.tensor(indices))
+                                               for layer, indices in by_layer(self.refs).items()})
         return self
 
     def __exit__(self, *exc) -> None:
-        for site, hook in self._installed:
-            if hook in site.hooks:
-                site.hooks.remove(hook)
-        self._installed.clear()
+        self._remove()
+        self._remove = lambda: None
 
     def _assemble(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense activations [B, S, len(refs)] and the covered positions [B, S]."""

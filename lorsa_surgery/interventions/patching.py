@@ -9,20 +9,18 @@ Metrics take (logits [B, T, V], input_ids [B, T], attention_mask [B, T] or None)
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.interventions.heads import HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions.edits import HeadCache, InterventionSet, Recorder, full_context, splice_of
-from lorsa_surgery.host.metrics import token_windows
-from lorsa_surgery.host.placement import input_device
+from lorsa_surgery.host.metrics import next_token_loss, token_windows
+from lorsa_surgery.host.hooks import model_inputs
 from lorsa_surgery.host.splicing import HeadContext, Splice
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -38,14 +36,7 @@ def forward(target: Splice | nn.Module, input_ids: torch.Tensor, attention_mask:
     """Logits [B, T, V] of one uncached pass. With a padding mask, positions count from each row's first real token,
     as generate() counts them, so left-padded rows see the positions they would see alone."""
     model = splice_of(target).model
-    device = input_device(model)
-    kwargs: dict[str, Any] = {"input_ids": _as_batch(input_ids).to(device), "use_cache": False}
-    if attention_mask is not None:
-        mask = attention_mask.to(device)
-        kwargs["attention_mask"] = mask
-        if "position_ids" in inspect.signature(model.forward).parameters:
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    return model(**kwargs).logits
+    return model(**model_inputs(model, input_ids, attention_mask)).logits
 
 
 @torch.no_grad()
@@ -108,10 +99,8 @@ class Loss:
         return "loss"
 
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].to(logits.device), reduction="none")
-        # A token counts when it and the token predicting it are real (not the first real token after padding).
-        weights = torch.ones_like(losses) if attention_mask is None else (attention_mask[:, 1:] * attention_mask[:, :-1]).to(losses)
-        return (losses * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+        losses, keep = next_token_loss(logits, input_ids, attention_mask)
+        return (losses * keep).sum(-1) / keep.sum(-1).clamp_min(1)
 
 
 Metric = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -276,12 +265,11 @@ def effect(
             before = forward(handle, ids).float()
             with interventions.applied(handle):
                 after = forward(handle, ids).float()
-            targets = ids[0, 1:].to(before.device)
             if not (before.isfinite().all() and after.isfinite().all()):
                 which = "the model's" if not before.isfinite().all() else "with the interventions applied, the"
                 raise LorsaSurgeryError(f"On {text[:40]!r} {which} logits are NaN or infinite; no effect can be measured.")
             for i, logits in enumerate((before, after)):
-                loss[i] += F.cross_entropy(logits[0, :-1], targets, reduction="sum").item()
+                loss[i] += next_token_loss(logits, ids)[0].sum().item()
             logp, logq = before[0, :-1].log_softmax(-1), after[0, :-1].log_softmax(-1)
             kl += float((logp.exp() * (logp - logq)).sum())
             count += ids.shape[1] - 1

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorsa_surgery.errors import LorsaSurgeryError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_INDEX = 2**31 - 1
 """The largest size, count or position read from a file or flag: no model comes near it, and torch indexes with it safely."""
@@ -192,6 +193,8 @@ class LorsaConfig:
 
 def rotary_inverse_wavelengths(cfg: LorsaConfig) -> torch.Tensor:
     """Per rotary pair, the angle step per position, with NTK-by-parts scaling when configured."""
+    import torch  # here, so that configs and the limits on numbers read without torch (the CLI's --help)
+
     half = cfg.rotary_dim // 2
     # Same arithmetic as the reference (base ** (i / half)) so reference checkpoints match to round-off.
     freq = cfg.rotary_base ** (torch.arange(half, dtype=torch.float64) / half)

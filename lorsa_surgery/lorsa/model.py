@@ -42,6 +42,21 @@ class LorsaCache:
         return self.k, self.v
 
 
+class Taps(Protocol):
+    """Places inside the forward pass where a caller reads or replaces what is computed (the splice's hook points)."""
+
+    wants_pattern: bool
+    """Whether `pattern` is to be called, which materialises the pattern instead of running a fused kernel."""
+
+    def qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This call's queries and keys [B, n_qk, T, d_qk] and values [B, n_qk, T, group], before the cache."""
+        ...
+
+    def pattern(self, pattern: torch.Tensor) -> torch.Tensor:
+        """The attention of every QK head [B, n_qk, T, S]."""
+        ...
+
+
 class Lorsa(nn.Module):
     """Low-rank sparse attention: `lorsa(x)` reconstructs the attention output from its input.
 
@@ -168,6 +183,7 @@ class Lorsa(nn.Module):
         position_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         cache: KVStore | None,
+        taps: Taps | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Queries, all keys and values (cached ones included) and a boolean mask, or None for plain causal."""
         B, T, d = x.shape
@@ -177,6 +193,8 @@ class Lorsa(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         q, k, v = self.project(x, position_ids)
+        if taps is not None:
+            q, k, v = taps.qkv(q, k, v)
         if cache is not None:
             k, v = cache.update(k, v)
         mask = build_mask(attention_mask, B, T, k.shape[2], x.device)
@@ -188,11 +206,15 @@ class Lorsa(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
+        taps: Taps | None = None,
     ) -> torch.Tensor:
-        """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention."""
-        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache)
-        if self.cfg.attn_logit_softcap is not None:  # no fused kernel caps scores: materialise the pattern
-            z = self._pattern(q, k, mask).to(v.dtype) @ v
+        """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention; `taps` see and may
+        replace what is computed on the way."""
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache, taps)
+        wants_pattern = taps is not None and taps.wants_pattern
+        if self.cfg.attn_logit_softcap is not None or wants_pattern:  # no fused kernel caps scores or hands out the pattern
+            pattern = self._pattern(q, k, mask)
+            z = (taps.pattern(pattern) if wants_pattern else pattern).to(v.dtype) @ v
             return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
         # Fused attention kernels want values as wide as queries; a group wider than that goes in slices.
         z = torch.cat(

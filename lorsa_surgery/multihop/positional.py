@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -28,6 +27,7 @@ from lorsa_surgery.host.arch import arch_for
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.config import LorsaConfig, rotary_inverse_wavelengths
 from lorsa_surgery.lorsa.model import Lorsa
+from lorsa_surgery.host.hooks import watch_attention
 from lorsa_surgery.host.placement import input_device
 from lorsa_surgery.host.splicing import host_view
 
@@ -109,23 +109,16 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
 
 @torch.no_grad()
 def capture_attention_inputs(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int]) -> dict[int, AttentionInput]:
-    """Run one prompt [T] and record what the attention modules of `layers` received (inside `eager_eval`)."""
-    modules = attention_modules(model)
-    captured: dict[int, AttentionInput] = {}
-
-    def hook(layer, module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(x.shape[1], device=x.device)[None]
-        captured[layer] = AttentionInput(module, args, dict(kwargs), x.detach(), pos)
-
-    handles = [modules[layer].register_forward_pre_hook(partial(hook, layer), with_kwargs=True) for layer in layers]
-    try:
+    """Run one prompt [T], up to the deepest of `layers`, and record what their attention modules received (inside
+    `eager_eval`)."""
+    with watch_attention(model, layers, stop=True) as calls:
         model(input_ids[None].to(input_device(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    captured = {}
+    for layer, call in calls.items():
+        x = call.hidden_states
+        pos = call.kwargs.get("position_ids")
+        captured[layer] = AttentionInput(call.module, call.args, call.kwargs, x.detach(),
+                                         torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos)
     return captured
 
 

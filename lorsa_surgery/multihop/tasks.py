@@ -22,10 +22,12 @@ import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lorsa_surgery.errors import LorsaSurgeryError
+
+if TYPE_CHECKING:
+    import torch
 
 TASKS = ("number", "letter")
 WINDOW = 8
@@ -109,6 +111,8 @@ class TaskTokenizer:
 
     def encode_examples(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Input ids [N, T] and answer ids [N]; all examples must have the same length."""
+        import torch  # here, so that the task names and the configs built on them read without torch
+
         if len({len(e.tokens) for e in examples}) > 1:
             raise LorsaSurgeryError("Examples of different lengths cannot share a batch.")
         ids = torch.tensor([self.encode(e.tokens) for e in examples], dtype=torch.long)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,121 +27,12 @@ from lorsa_surgery.io import files
 from lorsa_surgery.multihop import positional
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.io.files import write_json
-from lorsa_surgery.lorsa.config import MAX_CONTEXT, MAX_INDEX, MAX_MATRIX, check_number
-from lorsa_surgery.multihop.tasks import (MAX_HOPS, PRE_TARGET, TASKS, WINDOW, Example, TaskTokenizer, check_hops,
-                                          generate)
-
-TRAIN_LENGTH = WINDOW + PRE_TARGET + 1
-"""Input tokens per training prompt (the answer is predicted at the last one)."""
+from lorsa_surgery.multihop.config import PRESETS, TRAIN_LENGTH, TaskTrainConfig, preset  # noqa: F401 (read from here too)
+from lorsa_surgery.multihop.tasks import MAX_HOPS, Example, TaskTokenizer, generate
+from lorsa_surgery.training import core
 
 
-@dataclass
-class TrainConfig:
-    """How to train a GPT-J on a multi-hop task. The defaults are the paper's settings (docs/multihop.md)."""
-
-    task: str = "letter"
-    """"number" or "letter"."""
-    n_layer: int = 12
-    """Decoder layers."""
-    n_head: int = 1
-    """Attention heads per layer."""
-    n_embd: int = 128
-    """Model width; the head width is n_embd // n_head and all of it rotates (full rotary)."""
-    dropout: float = 0.1
-    """Dropout on embeddings, attention weights and residual branches."""
-    n_positions: int = 1024
-    """Longest input the model accepts (length tests go well past the 17 training tokens)."""
-    rotary_base: float = 10000.0
-    """RoPE base: plane i of a head of width d turns rotary_base ** (-2i/d) per token. GPT-J in transformers
-    builds its table with 10000 and does not save it; another base is kept in config.json as rope_theta and set
-    again by load_checkpoint, so load such models with it."""
-    train_extra: int = 0
-    """Each training step inserts a random number, 0 to train_extra, of extra window tokens before the answer
-    window, so the target window sits at varying distances from the query; 0 trains on 17 tokens only."""
-    hops: tuple[int, ...] = (1, 2, 3, 4)
-    """Hop counts of the training prompts, drawn in equal shares; repeat one to weight it (1,2,3,4,4). The
-    evaluation set always mixes 1 to 4 hops equally."""
-    steps: int = 5000
-    """Optimiser steps."""
-    batch_size: int = 64
-    """Prompts per step; every step draws fresh prompts."""
-    lr: float = 1e-4
-    """Peak AdamW learning rate."""
-    betas: tuple[float, float] = (0.95, 0.999)
-    """AdamW betas."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    warmup_steps: int = 500
-    """Linear warm-up to the peak rate; then it decays linearly to zero at `steps`."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this; 0 turns clipping off."""
-    checkpoint_steps: tuple[int, ...] = (0, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000)
-    """Steps after which a checkpoint is written (the last step always is)."""
-    eval_every: int = 250
-    """Evaluate per-hop accuracy every this many steps."""
-    eval_examples: int = 1024
-    """Size of the fixed evaluation set."""
-    seed: int = 0
-    """Seeds the initial weights, the training prompts and the evaluation set."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or self.task not in TASKS:
-            raise LorsaSurgeryError(f"Unknown task {self.task!r:.60}; choose number or letter.")
-        for name in ("betas", "hops", "checkpoint_steps"):
-            if isinstance(getattr(self, name), (str, bytes)) or not hasattr(getattr(self, name), "__iter__"):
-                raise LorsaSurgeryError(f"{name} must be a list of numbers, got {getattr(self, name)!r:.60}.")
-        self.betas = tuple(check_number(b, "Each of betas", minimum=0, maximum=0.999999) for b in self.betas)
-        if len(self.betas) != 2:
-            raise LorsaSurgeryError(f"betas must be two numbers, got {len(self.betas)}.")
-        self.hops = tuple(check_number(h, "Each hop count", integer=True, minimum=1, maximum=MAX_HOPS) for h in self.hops)
-        self.checkpoint_steps = tuple(sorted({check_number(s, "Each checkpoint step", integer=True, minimum=0, maximum=MAX_INDEX)
-                                              for s in self.checkpoint_steps}))
-        # Bounded so that a typo is refused here, before a model is allocated or a run folder written.
-        for name, most in (("n_layer", 1024), ("n_head", 1024), ("n_embd", 2**16), ("steps", MAX_INDEX), ("batch_size", 2**20),
-                           ("eval_every", MAX_INDEX), ("eval_examples", 2**20), ("n_positions", MAX_CONTEXT)):
-            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=most)
-        for name in ("train_extra", "warmup_steps"):
-            check_number(getattr(self, name), name, integer=True, minimum=0, maximum=MAX_INDEX)
-        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
-        if 12 * self.n_layer * self.n_embd**2 > MAX_MATRIX:
-            raise LorsaSurgeryError(f"{self.n_layer} layers of width {self.n_embd} make a model of about "
-                                    f"{12 * self.n_layer * self.n_embd**2:.3g} weights, more than the {MAX_MATRIX:.3g} allowed.")
-        if self.n_embd % (2 * self.n_head):
-            raise LorsaSurgeryError(f"n_embd ({self.n_embd}) must split into n_head ({self.n_head}) heads of even width.")
-        self.dropout = check_number(self.dropout, "dropout", minimum=0, maximum=0.999999)
-        self.lr = check_number(self.lr, "lr", above=0)  # a finite but diverging rate is stopped by the training loop
-        self.weight_decay = check_number(self.weight_decay, "weight_decay", minimum=0)
-        self.grad_clip = check_number(self.grad_clip, "grad_clip", minimum=0)
-        if self.n_positions < TRAIN_LENGTH + self.train_extra:
-            raise LorsaSurgeryError(f"n_positions must be at least {TRAIN_LENGTH} plus train_extra, which must be non-negative.")
-        self.rotary_base = check_number(self.rotary_base, "rotary_base", above=1)
-        check_hops(self.hops)
-
-
-PRESETS = {
-    "paper": TrainConfig(),
-    # 6 layers, 10x the paper's learning rate, 2000 steps: learns either task in minutes on 2 CPU cores.
-    "small": TrainConfig(
-        n_layer=6,
-        steps=2000,
-        lr=1e-3,
-        warmup_steps=200,
-        checkpoint_steps=(0, 100, 200, 300, 400, 600, 800, 1000, 1500, 2000),
-        eval_every=100,
-        eval_examples=512,
-    ),
-}
-"""Named settings: "paper" (the paper's 12-layer recipe, docs/multihop.md) and "small" (a CPU-sized model for demos and tests)."""
-
-
-def preset(name: str, **overrides) -> TrainConfig:
-    """A named preset with some fields overridden, e.g. preset("small", task="number", steps=500)."""
-    if name not in PRESETS:
-        raise LorsaSurgeryError(f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
-    return replace(PRESETS[name], **overrides)
-
-
-def build_model(config: TrainConfig) -> GPTJForCausalLM:
+def build_model(config: TaskTrainConfig) -> GPTJForCausalLM:
     """A freshly initialised GPT-J for `config` (eager attention, so attention weights can be read)."""
     torch.manual_seed(config.seed)
     gptj = GPTJConfig(
@@ -176,12 +67,6 @@ def _use_rotary_base(model: GPTJForCausalLM) -> GPTJForCausalLM:
             angles = torch.arange(table.shape[0], dtype=torch.float64)[:, None] / base ** (torch.arange(half, dtype=torch.float64) / half)
             table.copy_(torch.cat((angles.sin(), angles.cos()), -1))
     return model
-
-
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    return max(0.0, (config.steps - step) / max(1, config.steps - config.warmup_steps))
 
 
 @torch.no_grad()
@@ -226,7 +111,7 @@ def _checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("step_*") if (p / "trainer.json").is_file())
 
 
-def _save_checkpoint(out_dir: Path, model, optimizer, config: TrainConfig, step: int) -> Path:
+def _save_checkpoint(out_dir: Path, model, optimizer, config: TaskTrainConfig, step: int) -> Path:
     final = out_dir / f"step_{step:06d}"
     with files.new_folder(final, overwrite=True, kind="multihop-checkpoint") as tmp:
         model.save_pretrained(tmp)
@@ -276,7 +161,7 @@ def load_checkpoint(path: str | Path) -> tuple[GPTJForCausalLM, dict]:
     return _use_rotary_base(model).eval(), record
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> list[dict]:
+def train(config: TaskTrainConfig, out_dir: str | Path, resume: bool = True, progress: bool = True) -> list[dict]:
     """Train (or resume) a run in `out_dir`; returns the history of evaluations.
 
     Loss is cross-entropy on the answer token only; each history record holds the step, the mean training
@@ -288,8 +173,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
     start, history = 0, []
     if done:
         record = files.read_json(done[-1] / "trainer.json", expect=dict)
-        if TrainConfig(**record["config"]) != config:
-            raise LorsaSurgeryError(f"{out_dir} holds a run with other settings; use another folder or resume=False.")
+        changed = core.changed_settings(record["config"], config)
+        if changed:
+            raise LorsaSurgeryError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); use another folder "
+                                    "or resume=False.")
         start = record["step"]
     model = load_checkpoint(done[-1])[0] if done else build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -315,19 +202,20 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
         history = [{"step": 0, "loss": None, **evaluate(model, config.task, eval_set)}]
     model.train()
     losses = []
-    bar = tqdm(range(start, config.steps), desc=f"train {config.task}", disable=not progress, initial=start, total=config.steps)
-    for step in bar:
+    bar = core.progress(f"train {config.task}", config.steps, start, progress)
+    for step in range(start, config.steps):
         extra = random.Random(f"extra-{config.seed}-{step}").randint(0, config.train_extra) if config.train_extra else 0
         batch = generate(config.task, config.batch_size, seed=f"train-{config.seed}-{step}", extra=extra, hops=config.hops)
         ids, answers = tok.encode_examples(batch)
         loss = F.cross_entropy(model(ids, use_cache=False).logits[:, -1], answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf))
-        if not math.isfinite(norm):  # a NaN or inf loss gives one too; stop before the update spreads it
+        norm = core.clip_gradients(model.parameters(), config.grad_clip)
+        if not math.isfinite(norm):  # stop before the update spreads the NaN or infinity
             _diverged(step + 1, f"gradient norm {norm}")
+        decay = max(0, config.steps - config.warmup_steps)  # the whole run after the warm-up
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config)
+            group["lr"] = config.lr * core.lr_factor(step, config.steps, config.warmup_steps, decay)
         optimizer.step()
         losses.append(loss.item())
         done_steps = step + 1
@@ -341,13 +229,14 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, progres
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last update overflowed
                 _diverged(done_steps, "weights NaN or infinite")
             _save_checkpoint(out_dir, model, optimizer, config, done_steps)
+        bar.update(1)
+    bar.close()
     write_json(out_dir / "history.json", history)
     return history
 
 
 def _diverged(step: int, what: str) -> NoReturn:
-    raise LorsaSurgeryError(f"Training diverged at step {step} ({what}), so no checkpoint was saved for it; lower lr or "
-                            "keep grad_clip on.")
+    core.diverged("Training", step, what, "no checkpoint was saved for it", "lower lr or keep grad_clip on")
 
 
 def checkpoint_scores(

@@ -26,6 +26,7 @@ from lorsa_surgery.io import files
 from lorsa_surgery.lorsa import formats
 
 from lorsa_surgery.host import models, placement
+from lorsa_surgery.host import state as host_state
 from lorsa_surgery.io.hub import LOCAL_HINT
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.model import Lorsa
@@ -282,7 +283,7 @@ def load_patched(
                                          max_memory=max_memory, offload_dir=offload_dir, lorsa=modules, lorsa_dtype=lorsa_dtype)
     handle = splice(model, modules, mode=mode or root["mode"], dtype=placement.dtype_of(lorsa_dtype))
     # The base stays the one recorded (the Hub id behind a bundled copy, say), so saving this again loads back.
-    local = model._lorsa_base.get(models.LOCAL_PATH)
+    local = host_state.get(model, "base").get(models.LOCAL_PATH)
     handle.base = {**root["base_model"], **({models.LOCAL_PATH: local} if local else {})}
     if root.get("adapter"):
         from lorsa_surgery.training.healing import load_adapter

@@ -14,8 +14,7 @@ modules, end to end through their top-K (K, the heads and the catalog stay), and
 from __future__ import annotations
 
 import contextlib
-import json
-import math
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,9 +27,11 @@ from lorsa_surgery.host import corpus
 
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.lorsa.config import MAX_CONTEXT, MAX_INDEX, check_number
+from lorsa_surgery.host.metrics import next_token_loss
 from lorsa_surgery.host.placement import input_device
 from lorsa_surgery.host.splicing import Splice
+from lorsa_surgery.training import core
+from lorsa_surgery.training.config import HealConfig
 
 ADAPTER_FOLDER = "adapter"
 """Where a patched-model folder keeps its LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors)."""
@@ -191,66 +192,20 @@ def original_model(handle: Splice) -> Iterator[nn.Module]:
 # ---- healing ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class HealConfig:
-    """How to heal a spliced model."""
-
-    tokens: int = 100_000
-    """Training tokens (rounded up to whole steps of batch_size x context)."""
-    lora_rank: int = 8
-    """Rank of fresh LoRA adapters on every linear layer that runs, from the first spliced layer on (0: none). An
-    adapter the splice already carries trains instead."""
-    train_lorsa: bool = True
-    """Train the Lorsa modules end to end through their top-K (K and the heads stay)."""
-    lr: float = 3e-4
-    """Peak AdamW learning rate of the LoRA adapters."""
-    lorsa_lr: float = 3e-5
-    """Peak AdamW learning rate of the Lorsa modules."""
-    batch_size: int = 4
-    """Sequences per step."""
-    context: int = 128
-    """Tokens per sequence."""
-    eval_tokens: int = 4096
-    """Held-out tokens (never trained on) for the KL and LM losses before and after."""
-    texts: tuple[str, ...] = ()
-    """Text files (.txt, .jsonl); none: the built-in offline corpus (`corpus.python_documentation`)."""
-    warmup: float = 0.1
-    """Fraction of the steps for the linear warm-up; the rest decays linearly to zero."""
-    seed: int = 0
-    """Seeds the held-out split and the order of the training sequences."""
-    log_every: int = 5
-    """Log a line (and refresh the progress bar) every this many steps."""
-
-    def __post_init__(self) -> None:
-        self.texts = tuple(str(t) for t in self.texts)
-        for name in ("tokens", "batch_size", "eval_tokens", "log_every"):
-            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
-        check_number(self.context, "context", integer=True, minimum=2, maximum=MAX_CONTEXT)
-        check_number(self.lora_rank, "lora_rank", integer=True, minimum=0)
-        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
-        self.lr = check_number(self.lr, "lr", above=0)
-        self.lorsa_lr = check_number(self.lorsa_lr, "lorsa_lr", above=0)
-        self.warmup = check_number(self.warmup, "warmup", minimum=0, maximum=1)
-        if self.warmup == 1:
-            raise LorsaSurgeryError("warmup must be a fraction below 1: the rate decays after it.")
-        if not isinstance(self.train_lorsa, bool):
-            raise LorsaSurgeryError(f"train_lorsa must be true or false, got {self.train_lorsa!r:.60}.")
-
-
 def _kl_and_losses(handle: Splice, ids: torch.Tensor, mask: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per batch: [KL(original || spliced) summed over predicted tokens] (with grad if asked), and the detached
     [summed loss original, summed loss spliced, predicted tokens]."""
     model = handle.model
     with torch.no_grad(), original_model(handle):
-        teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     with torch.set_grad_enabled(grad):
-        student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    keep = (mask[:, 1:] * mask[:, :-1]).bool()
-    kl = (teacher.exp() * (teacher - student)).sum(-1)[keep].sum()
-    targets = ids[:, 1:][keep]
-    losses = torch.stack([-teacher[keep].gather(-1, targets[:, None]).sum(), -student.detach()[keep].gather(-1, targets[:, None]).sum(),
-                          keep.sum().to(teacher)])
-    return kl, losses.detach().double()
+        student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    loss_teacher, keep = next_token_loss(teacher, ids, mask)
+    loss_student, _ = next_token_loss(student.detach(), ids, mask)
+    p, q = teacher[:, :-1].float().log_softmax(-1), student[:, :-1].float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)[keep].sum()
+    losses = torch.stack([loss_teacher[keep].sum(), loss_student[keep].sum(), keep.sum().to(loss_teacher)])
+    return kl, losses.double()
 
 
 def evaluate(handle: Splice, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
@@ -283,8 +238,6 @@ def _sync_sources(handle: Splice) -> None:
 def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the splice towards the original model's next-token distribution; returns the held-out KL and LM
     losses before and after, with what trained. `log` gets a JSON line per logged step."""
-    from tqdm.auto import tqdm
-
     from lorsa_surgery.training.trainer import token_sequences
 
     if handle.mode == "exact":
@@ -295,11 +248,7 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
         raise LorsaSurgeryError("Nothing to train: give lora_rank > 0 or train_lorsa.")
     docs = corpus.load_texts(list(config.texts)) if config.texts else corpus.python_documentation()
     ids, mask = token_sequences(docs, tokenizer, config.context)
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
-    n_eval = max(1, config.eval_tokens // config.context)
-    if len(ids) <= n_eval:
-        raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than {n_eval}.")
-    held_out, train_rows = order[:n_eval], order[n_eval:]
+    held_out, train_rows = core.held_out_split(len(ids), config.eval_tokens, config.context, config.seed)
     model = handle.model
     model.requires_grad_(False)
     before = evaluate(handle, ids[held_out], mask[held_out])
@@ -322,21 +271,21 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
             p.requires_grad_(True)
         groups.append({"params": lorsa, "lr": config.lorsa_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    steps = math.ceil(config.tokens / (config.batch_size * config.context))
-    warm = max(1, round(config.warmup * steps))
+    steps = core.steps_for(config.tokens, config.batch_size, config.context)
+    warm = max(1, round(config.warmup * steps))  # the rest of the run decays to zero
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+        optimizer, functools.partial(core.lr_factor, steps=steps, warmup=warm, cooldown=steps - warm))
     device = input_device(model)
-    records = []
-    bar = tqdm(range(steps), desc="heal", disable=not progress, dynamic_ncols=True)
+    metrics = core.MetricsLog(log)
+    bar = core.progress("heal", steps, enabled=progress)
     start, window = time.perf_counter(), []
-    for step in bar:
-        rows = train_rows[[(step * config.batch_size + i) % len(train_rows) for i in range(config.batch_size)]]
+    for step in range(steps):
+        rows = [train_rows[(step * config.batch_size + i) % len(train_rows)] for i in range(config.batch_size)]
         kl, sums = _kl_and_losses(handle, ids[rows].to(device), mask[rows].to(device), grad=True)
         if not kl.isfinite():  # a diverged step would spread NaN into every adapter and module, and then be saved
-            raise LorsaSurgeryError(f"Healing diverged at step {step + 1} (KL {kl.item()}); nothing was saved. Lower lr or lorsa_lr.")
+            core.diverged("Healing", step + 1, f"KL {kl.item()}", "nothing was saved", "lower lr or lorsa_lr")
         (kl / sums[2].clamp_min(1).to(kl)).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        core.clip_gradients([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -345,11 +294,9 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
             record = {"step": step + 1, "tokens": (step + 1) * config.batch_size * config.context,
                       "kl": sum(window) / len(window), "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start}
             window = []
-            records.append(record)
+            metrics.append(record)
             bar.set_postfix(kl=f"{record['kl']:.4f}")
-            if log is not None:
-                with open(log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+        bar.update(1)
     bar.close()
     model.requires_grad_(False)
     _sync_sources(handle)

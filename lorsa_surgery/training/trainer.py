@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
 from safetensors import safe_open
@@ -33,23 +33,23 @@ from lorsa_surgery.host import corpus
 from lorsa_surgery.io import files
 
 from lorsa_surgery.lorsa import formats
-from lorsa_surgery.host.arch import arch_for, exact_copy, from_host_subspaces
+from lorsa_surgery.host.arch import exact_copy, from_host_subspaces
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.formats import fold_dataset_norms
-from lorsa_surgery.lorsa.config import MAX_CONTEXT, MAX_INDEX, check_module_size, check_number
+from lorsa_surgery.lorsa.config import check_module_size
 from lorsa_surgery.lorsa.model import Lorsa
-from lorsa_surgery.host.metrics import explained_variance
+from lorsa_surgery.host.metrics import explained_variance, lm_loss_sums
 from lorsa_surgery.host.placement import input_device
+from lorsa_surgery.host.hooks import watch_attention
 from lorsa_surgery.host.splicing import splice
+from lorsa_surgery.training import core
+from lorsa_surgery.training.config import TrainConfig
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 CHECKPOINTS = "checkpoints"
 SAMPLED_CORPUS = "sampled_corpus.jsonl"
-INITS = ("host", "attention", "qk", "random")
-MAX_EXPANSION = 1024.0
-"""The largest expansion accepted: published modules use 8 to 64; beyond this a module outgrows any accelerator."""
 
 
 def layer_folder(out: str | Path, layer: int) -> Path:
@@ -57,156 +57,7 @@ def layer_folder(out: str | Path, layer: int) -> Path:
     return Path(out) / f"L{layer}"
 
 
-@dataclass
-class TrainConfig:
-    """What to train and how. Sizes left as None follow the host layer; the defaults are the settings that gave
-    the best held-out modules in the measurements of docs/training.md."""
-
-    model: str
-    """Host model: Hub id, local folder, .gguf file, or "smollm2" (the embedded default)."""
-    layers: tuple[int, ...] = field(metadata={"flags": ("--layer", "--layers")})
-    """Attention layers to reproduce, one module each, trained together from one host pass (an int is one layer)."""
-    out: str
-    """Run folder: one folder per layer (L3/: module, metrics, plot) and the checkpoints."""
-    revision: str | None = None
-    """Hub revision of the host model."""
-    n_heads: int | None = field(default=None, metadata={"flags": ("--heads",)})
-    """OV heads (dictionary size). Give this or `expansion`; None with neither means expansion 8, except with
-    init "attention" (the exact copy's size, twice the host's head count times head width)."""
-    expansion: float | None = None
-    """OV heads as a multiple of d_model."""
-    n_qk_heads: int | None = field(default=None, metadata={"flags": ("--qk-heads",)})
-    """Query-key heads, each shared by n_heads / n_qk_heads OV heads; None means the host's head count."""
-    k: int = 64
-    """Heads that fire per token (top-K)."""
-    k_start: int | None = None
-    """K at the first step when annealing; None means all heads."""
-    k_anneal: float = 0.0
-    """Fraction of the steps over which K falls linearly from k_start to k (0: no annealing)."""
-    tokens: int = 1_000_000
-    """Training tokens (rounded up to whole steps of batch_size x context)."""
-    batch_size: int = 8
-    """Sequences per optimiser step across all processes (the global batch)."""
-    context: int = 256
-    """Tokens per sequence, the first being the BOS token."""
-    pack: bool = True
-    """Pack documents end to end (separated by EOS); False starts every document in a new, padded sequence."""
-    texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--text",)})
-    """Training text: .txt files (one document each) and .jsonl files (one document per line). With no texts,
-    dataset or sample_tokens, the built-in offline corpus (`lorsa_surgery.host.corpus.python_documentation`)."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl lines and dataset rows."""
-    dataset: str | None = None
-    """A `datasets` dataset ("name" or "name:config", Hub id or local folder); needs the datasets extra."""
-    dataset_split: str = "train"
-    """Split of `dataset` to read."""
-    sample_tokens: int = 0
-    """Also sample this many tokens of text from the host model itself (offline, any model)."""
-    eval_tokens: int = 8192
-    """Held-out tokens of the training text (never trained on) for explained variance and the linear baseline."""
-    ood_texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--ood-text",)})
-    """Out-of-domain text for a second held-out evaluation (.txt or .jsonl); none: the built-in English prose
-    sample (`lorsa_surgery.host.corpus.prose`, 14 documents far from the Python documentation)."""
-    lm_loss_tokens: int = 2048
-    """Held-out tokens on which the LM loss is measured with and without the module spliced in (0: skip)."""
-    eval_every: int = 0
-    """Evaluate every this many steps (0: only at the end)."""
-    init: Literal["host", "attention", "qk", "random"] = "host"
-    """host: Q/K copied from the host heads and OV heads along each head's principal output directions, any
-    size (`arch.from_host_subspaces`); attention: the exact host copy made sparse (fixes the head counts);
-    qk: Q/K copied, random OV heads; random: all weights random."""
-    lr: float = 5e-4
-    """Peak Adam learning rate (with init host, 5e-4 beat 2e-4, 1e-3 and 3e-3; docs/training.md)."""
-    warmup: float = 0.05
-    """Fraction of the steps for the linear learning-rate warm-up."""
-    cooldown: float = 0.2
-    """Fraction of the steps at the end for the linear decay to zero."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: no clipping)."""
-    dead_window: int = 250_000
-    """A head is dead if it has not fired in this many recent training tokens."""
-    log_every: int = 10
-    """Write a metrics line and refresh the progress bar every this many steps."""
-    checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps (0: never)."""
-    cache_dir: str | None = field(default=None, metadata={"flags": ("--cache",)})
-    """Keep captured activations here as safetensors shards and reuse them across runs (float32: about
-    4.6 KB per token and layer for d_model 576)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Host model dtype."""
-    device_map: str | None = None
-    """Place the host with Accelerate, as in transformers ("auto", "balanced", ...; a host bigger than one device);
-    None: the whole host on the training device."""
-    max_memory: str | None = None
-    """Memory per device for the host's placement, e.g. "0=20GiB,cpu=60GiB" (implies device_map "auto")."""
-    offload_dir: str | None = None
-    """Folder for host weights offloaded to disk."""
-    autocast: bool = True
-    """bf16 autocast for the Lorsa forward on GPU (never on CPU)."""
-    seed: int = 0
-    """Seeds the weights, the held-out split and the order of the training data."""
-    resume: bool = False
-    """Continue from the last checkpoint in `out` (a fresh start when there is none)."""
-
-    def __post_init__(self) -> None:
-        self.layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-        self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
-        if not self.layers:
-            raise LorsaSurgeryError("Name at least one layer to train.")
-        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_INDEX for n in self.layers) \
-                or len(set(self.layers)) < len(self.layers):
-            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)!r:.80}.")
-        if self.n_heads is not None and self.expansion is not None:
-            raise LorsaSurgeryError("Give either n_heads or expansion, not both.")
-        # Sizes are bounded here so that a typo is refused before the host loads or anything is allocated.
-        counts = ["k", "tokens", "batch_size", "eval_tokens", "log_every", "dead_window"]
-        counts += [n for n in ("n_heads", "n_qk_heads", "k_start") if getattr(self, n) is not None]
-        for name in counts:
-            check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
-        for name in ("sample_tokens", "lm_loss_tokens", "eval_every", "checkpoint_every"):
-            check_number(getattr(self, name), name, integer=True, minimum=0, maximum=MAX_INDEX)
-        check_number(self.seed, "seed", integer=True, minimum=0, maximum=2**32 - 1)
-        check_number(self.context, "context (BOS plus at least one token)", integer=True, minimum=2, maximum=MAX_CONTEXT)
-        if self.expansion is not None:
-            self.expansion = check_number(self.expansion, "expansion", above=0, maximum=MAX_EXPANSION)
-        if self.eval_tokens < self.context:
-            raise LorsaSurgeryError(f"eval_tokens ({self.eval_tokens}) must cover at least one sequence of {self.context}.")
-        for name in ("k_anneal", "warmup", "cooldown"):
-            setattr(self, name, check_number(getattr(self, name), name, minimum=0, maximum=1))
-        if self.warmup + self.cooldown > 1:
-            raise LorsaSurgeryError("warmup and cooldown together must not exceed the whole run.")
-        self.lr = check_number(self.lr, "lr", above=0)  # a finite but diverging rate is stopped by the training loop
-        self.grad_clip = check_number(self.grad_clip, "grad_clip", minimum=0)
-        for name in ("pack", "autocast", "resume"):
-            if not isinstance(getattr(self, name), bool):
-                raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
-        if self.init not in INITS:
-            raise LorsaSurgeryError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
-        if self.max_memory is not None:
-            from lorsa_surgery.host.placement import parse_max_memory
-
-            parse_max_memory(self.max_memory)
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise LorsaSurgeryError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(layers=list(self.layers), texts=list(self.texts), ood_texts=list(self.ood_texts))
-        return d
-
-
 # ---- text to token sequences -------------------------------------------------------------------------
-
-
-def _special_ids(tokenizer) -> tuple[int, int, int]:
-    """(start, separator, pad) token ids: BOS opens every sequence, EOS separates packed documents."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None and eos is None:
-        raise LorsaSurgeryError("The tokenizer has neither a BOS nor an EOS token to open sequences with.")
-    start = bos if bos is not None else eos
-    sep = eos if eos is not None else bos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
-    return start, sep, pad
 
 
 def token_sequences(docs: list[str], tokenizer, context: int, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +66,7 @@ def token_sequences(docs: list[str], tokenizer, context: int, pack: bool = True)
     Packed, documents run end to end separated by EOS; unpacked, each document starts a row. The last
     row of a stream is right-padded rather than dropped.
     """
-    start, sep, pad = _special_ids(tokenizer)
+    start, sep, pad = corpus.special_ids(tokenizer)
     encoded = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
     streams = [[t for doc in encoded for t in (*doc, sep)]] if pack else [doc for doc in encoded if doc]
     rows, width = [], context - 1
@@ -253,48 +104,14 @@ def _documents(config: TrainConfig, model, tokenizer, out: Path, accelerator) ->
 # ---- activations ---------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised from the output hook so the host model does not run the layers after the deepest chosen one."""
-
-
 @torch.no_grad()
 def capture_layers(model: nn.Module, layers: list[int] | tuple[int, ...], input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For each layer, what its attention module receives (hidden_states) and returns (output[0]), [B, T, d]; the
     host runs once, up to the deepest of them."""
-    arch = arch_for(model)
-    blocks = arch.layer_list(model)
-    for layer in layers:
-        if not 0 <= layer < len(blocks):
-            raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(blocks)} layers.")
-    seen: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
-    deepest = max(layers)
-
-    def hooks(layer: int):
-        def before(module, args, kwargs):
-            seen[layer]["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-        def after(module, args, kwargs, output):
-            seen[layer]["y"] = output[0] if isinstance(output, tuple) else output
-            if layer == deepest:
-                raise _Stop
-
-        return before, after
-
-    handles = []
-    for layer in layers:
-        attention = getattr(blocks[layer], arch.attention)
-        before, after = hooks(layer)
-        handles += [attention.register_forward_pre_hook(before, with_kwargs=True),
-                    attention.register_forward_hook(after, with_kwargs=True)]
-    try:
+    with watch_attention(model, layers, stop=True) as calls:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: (s["x"], s["y"]) for layer, s in seen.items()}
+    return {layer: (calls[layer].hidden_states, calls[layer].result) for layer in layers}
 
 
 def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,28 +268,14 @@ def linear_baseline_ev(x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor | 
     return explained_variance(baseline.predict(eval_x), eval_y)
 
 
-@torch.no_grad()
-def _lm_loss_sums(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
-    """[summed next-token loss, predicted tokens] over real (unpadded) targets."""
-    device = input_device(model)
-    total = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, len(input_ids), batch_size):
-        ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        keep = mask[:, 1:].bool()
-        total += torch.tensor([nll[keep].double().sum().item(), keep.sum().item()], dtype=torch.float64)
-    return total
-
-
 def lm_loss_change(model: nn.Module, lorsa: Lorsa, layer: int, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None = None) -> tuple[float, float]:
     """Mean next-token loss of the host on these tokens: (original, with `lorsa` spliced in at `layer`)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    original = _lm_loss_sums(model, input_ids, attention_mask)
+    original = lm_loss_sums(model, input_ids, attention_mask)
     with splice(model, {layer: lorsa}):
-        spliced = _lm_loss_sums(model, input_ids, attention_mask)
+        spliced = lm_loss_sums(model, input_ids, attention_mask)
     return float(original[0] / original[1]), float(spliced[0] / spliced[1])
 
 
@@ -497,16 +300,10 @@ class _Objective(nn.Module):
 
 
 def _schedule(config: TrainConfig, steps: int) -> Callable[[int], float]:
-    warm, cool = round(config.warmup * steps), round(config.cooldown * steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cool and step >= steps - cool:  # a run too short for a cool-down has none (and no division by zero)
-            return max(0.0, (steps - step) / cool)
-        return 1.0
-
-    return factor
+    """The learning-rate factor by step: config.warmup and config.cooldown are fractions of the run (a run too short
+    for either has none)."""
+    return functools.partial(core.lr_factor, steps=steps, warmup=round(config.warmup * steps),
+                             cooldown=round(config.cooldown * steps))
 
 
 def _current_k(config: TrainConfig, n_heads: int, steps: int, step: int) -> int:
@@ -604,8 +401,7 @@ _WATCHED = ("loss", "ev", "ood_ev", "lm_loss_spliced", "ood_lm_loss_spliced")
 
 
 def _diverged(layer: int, step: int, what: str) -> NoReturn:
-    raise LorsaSurgeryError(f"Training layer {layer} diverged at step {step} ({what}), so its module was not saved; "
-                            "lower lr or keep grad_clip on.")
+    core.diverged(f"Training layer {layer}", step, what, "its module was not saved", "lower lr or keep grad_clip on")
 
 
 class _LayerRun:
@@ -629,12 +425,9 @@ class _LayerRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config, trainer.steps))
         self.lorsa_s = 0.0
         self.window: list[torch.Tensor] = []
-        self.history: list[dict[str, Any]] = []
+        self.metrics = core.MetricsLog(self.folder / METRICS_FILE, resume_at=trainer.start if resumed else None, write=self.main)
         if resumed:
-            self._restore(*resumed, trainer.start)
-        elif self.main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / METRICS_FILE).unlink(missing_ok=True)
+            self._restore(*resumed)
 
     def step(self, trainer: "Trainer", batch: dict[str, torch.Tensor], n_global: torch.Tensor, step: int) -> None:
         config, P = trainer.config, trainer.acc.num_processes
@@ -646,7 +439,7 @@ class _LayerRun:
                                         batch["loss_mask"])
         # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
         (sse * P / n_global).backward()
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.lorsa.parameters(), config.grad_clip or math.inf))
+        self.grad_norm = core.clip_gradients(self.lorsa.parameters(), config.grad_clip)
         if not math.isfinite(self.grad_norm):  # a NaN or inf loss gives one too; stop before the update spreads it
             _diverged(self.layer, step + 1, f"gradient norm {self.grad_norm}")
         self.optimizer.step()
@@ -672,10 +465,7 @@ class _LayerRun:
         bad = [k for k in _WATCHED if isinstance(record.get(k), float) and not math.isfinite(record[k])]
         if bad:
             _diverged(self.layer, record["step"], ", ".join(f"{k} {record[k]}" for k in bad))
-        self.history.append(record)
-        if self.main:
-            with open(self.folder / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        self.metrics.append(record)
 
     def checkpoint_tensors(self, acc) -> dict[str, torch.Tensor]:
         """Weights, Adam moments, when each head last fired and the baseline's sums, gathered from all processes
@@ -692,7 +482,7 @@ class _LayerRun:
         return {"norms": self.norms, "scheduler": self.scheduler.state_dict(), "lorsa_s": self.lorsa_s,
                 "param_groups": self.optimizer.state_dict()["param_groups"]}
 
-    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], start: int) -> None:
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.lorsa.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("lorsa.")})
         adam = self.optimizer.state_dict()
         adam["state"] = {}
@@ -708,9 +498,6 @@ class _LayerRun:
         if self.main:  # the accumulated sums live once, on the main process
             self.baseline.xtx.copy_(tensors["baseline.xtx"])
             self.baseline.xty.copy_(tensors["baseline.xty"])
-        self.history = [r for r in _read_metrics(self.folder) if r["step"] <= start]
-        if self.main:
-            files.write_text(self.folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self.history))
 
     @torch.no_grad()
     def evaluate(self, trainer: "Trainer", step: int, tokens: int) -> dict[str, Any]:
@@ -739,7 +526,7 @@ class _LayerRun:
         fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
         for prefix, (ids, mask, original) in trainer.lm_loss_texts().items():
             with splice(trainer.model, {self.layer: folded}):
-                spliced = acc.reduce(_lm_loss_sums(trainer.model, ids, mask).to(acc.device), "sum")
+                spliced = acc.reduce(lm_loss_sums(trainer.model, ids, mask).to(acc.device), "sum")
             result.update({f"{prefix}lm_loss_original": float(original[0] / original[1]),
                            f"{prefix}lm_loss_spliced": float(spliced[0] / spliced[1]), f"{prefix}lm_loss_tokens": int(spliced[1])})
         return result
@@ -748,8 +535,8 @@ class _LayerRun:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        train = [r for r in self.history if r["kind"] == "train"]
-        evals = [r for r in self.history if r["kind"] == "eval"]
+        train = [r for r in self.metrics.records if r["kind"] == "train"]
+        evals = [r for r in self.metrics.records if r["kind"] == "eval"]
         fig = Figure(figsize=(11, 3.4), layout="constrained")
         FigureCanvasAgg(fig)
         loss, ev, dead = fig.subplots(1, 3)
@@ -773,8 +560,8 @@ class _LayerRun:
         lorsa.cfg.top_k = config.k
         with torch.no_grad():
             fold_dataset_norms(lorsa, self.norms["in"], self.norms["out"])
-        final = next(r for r in reversed(self.history) if r["kind"] == "eval")
-        last = next(r for r in reversed(self.history) if r["kind"] == "train")
+        final = next(r for r in reversed(self.metrics.records) if r["kind"] == "eval")
+        last = next(r for r in reversed(self.metrics.records) if r["kind"] == "train")
         host, steps = trainer.host, trainer.steps
         lorsa.training_info = {
             "model": host.get("id"), "revision": host.get("revision") or host.get("sha256"), "layer": self.layer,
@@ -832,16 +619,12 @@ class Trainer:
 
         # Data: numbered sequences; a seeded random subset is held out, the rest is shuffled anew each epoch.
         ids, mask = token_sequences(_documents(config, model, tokenizer, self.out, acc), tokenizer, config.context, config.pack)
-        n_eval = max(1, config.eval_tokens // config.context)
-        if len(ids) <= n_eval:
-            raise LorsaSurgeryError(f"The text gives {len(ids)} sequences of {config.context} tokens; need more than the {n_eval} held out.")
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config.seed))
-        self.eval_seqs, self.train_seqs = order[:n_eval].sort().values.tolist(), order[n_eval:].tolist()
+        self.eval_seqs, self.train_seqs = core.held_out_split(len(ids), config.eval_tokens, config.context, config.seed)
         self.source = ActivationSource(model, config.layers, ids, mask, config.cache_dir, self.host, device=acc.device)
         ood_docs = corpus.load_texts(list(config.ood_texts), jsonl_field=config.text_field) if config.ood_texts else corpus.prose()
         self.ood = ActivationSource(model, config.layers, *token_sequences(ood_docs, tokenizer, config.context, config.pack),
                                     config.cache_dir, self.host, device=acc.device)
-        self.steps = math.ceil(config.tokens / (config.batch_size * config.context))
+        self.steps = core.steps_for(config.tokens, config.batch_size, config.context)
         self.timing = {"train_s": 0.0}
         self._eval_batches: dict[str, list[dict[int, dict[str, torch.Tensor]]]] = {}
         self._lm_loss: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
@@ -897,7 +680,7 @@ class Trainer:
                                              ("ood_", self.ood, list(range(min(n, len(self.ood.input_ids)))))):
                     mine = seqs[acc.process_index :: acc.num_processes]
                     ids, mask = source.input_ids[mine], source.attention_mask[mine]
-                    self._lm_loss[prefix] = (ids, mask, acc.reduce(_lm_loss_sums(self.model, ids, mask).to(acc.device), "sum"))
+                    self._lm_loss[prefix] = (ids, mask, acc.reduce(lm_loss_sums(self.model, ids, mask).to(acc.device), "sum"))
         return self._lm_loss
 
     def fit(self, on_step: Callable[[int, dict[int, dict[str, Any]]], None] | None = None) -> dict[int, Lorsa]:
@@ -905,11 +688,8 @@ class Trainer:
         `out/L{layer}`. `on_step(step, records)` runs on every process after each optimiser step (records: the
         metrics logged at that step, by layer); an exception raised there stops the run, which `resume=True`
         continues from the last checkpoint."""
-        from tqdm.auto import tqdm
-
         config, acc = self.config, self.acc
-        names = ",".join(map(str, config.layers))
-        bar = tqdm(total=self.steps, initial=self.start, disable=not acc.is_main_process, desc=f"train L{names}", dynamic_ncols=True)
+        bar = core.progress(f"train L{','.join(map(str, config.layers))}", self.steps, self.start, acc.is_main_process)
         for step in range(self.start, self.steps):
             t0 = time.perf_counter()
             batches = self.source.get(self.batch_sequences(step))
@@ -999,13 +779,6 @@ def _dead_fraction(last_fired: torch.Tensor, tokens: int, window: int) -> float:
     return float((last_fired <= max(0, tokens - window)).float().mean())
 
 
-def _read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _prepare_folder(config: TrainConfig, out: Path) -> None:
     """Refuse to mix runs: a folder with a run in it is only continued, with the same settings."""
     saved = out / CONFIG_FILE
@@ -1013,7 +786,7 @@ def _prepare_folder(config: TrainConfig, out: Path) -> None:
         if not config.resume:
             raise LorsaSurgeryError(f"{out} already holds a training run; resume it or choose another folder.")
         before = files.read_json(saved, expect=dict)
-        changed = sorted(k for k, v in config.to_dict().items() if k != "resume" and before.get(k) != v)
+        changed = [name for name in core.changed_settings(before, config) if name != "resume"]
         if changed:
             raise LorsaSurgeryError(f"Cannot resume {out} with different settings: {', '.join(changed)}.")
     files.claim(out, kind="training-run")
