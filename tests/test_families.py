@@ -268,7 +268,7 @@ def test_heads_ablated_throughout_shape_every_run_of_a_causal_check(smollm2_gguf
     from lorsa_surgery.analysis.causal import causal_check
 
     model, tok = ls.load_model("smollm2")
-    handle = ls.splice(model, {2: exact_copy(model, 2), 3: ls.module_for(model, 3, "default")})
+    handle = ls.splice(model, {2: ls.exact_copy(model, 2), 3: ls.module_for(model, 3, "default")})
     heads = list(range(0, 1152, 40))
     plain = causal_check(handle, tok, 3, "induction", heads, n_prompts=4)
     without_l2 = causal_check(handle, tok, 3, "induction", heads, n_prompts=4, also_ablate=["L2.H0-1151"])
