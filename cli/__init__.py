@@ -75,11 +75,13 @@ def _loaders_set_when_run(command: click.Command) -> None:
 
 
 def _register() -> None:
-    # heads_analysis adds top, zpattern, dashboard, label and the others to the `heads` group
-    from lorsa_surgery.cli import checkpoint, demo, heads, heads_analysis, heal, hub, interventions, run, tasks, train  # noqa: F401
+    # heads_analysis adds top, zpattern, dashboard, label and the others to the `heads` group, heads_export `export`
+    from lorsa_surgery.cli import (checkpoint, circuit, demo, heads, heads_analysis, heads_export, heal, hub,  # noqa: F401
+                                   interventions, run, tasks, train)
 
     for command in (checkpoint.inspect, hub.push, hub.pull, run.replace, run.generate, train.train, heal.heal,
-                    interventions.ablate, interventions.steer, interventions.patch, demo.demo, tasks.tasks, heads.heads):
+                    interventions.ablate, interventions.steer, interventions.patch, demo.demo, tasks.tasks, heads.heads,
+                    circuit.circuit):
         _loaders_set_when_run(command)
         main.add_command(command)
 

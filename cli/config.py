@@ -68,7 +68,8 @@ def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[s
     """A decorator adding an argument per `positional` field and an option per other field of `cls` but those in
     `exclude`; the command receives them under the field names (lists of numbers flattened into tuples). With
     `overrides`, every option defaults to None (an empty tuple for lists): the command overrides only what was
-    given, e.g. on a named preset. A list field with `files` in its metadata takes paths of existing files."""
+    given, e.g. on a named preset. A list field with `files` in its metadata takes paths of existing files; one with
+    `spec` takes strings the config parses (repeated or comma-separated)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     params = []
@@ -88,7 +89,9 @@ def config_options(cls: type, positional: tuple[str, ...] = (), exclude: tuple[s
             stem = flags[0][2:]
             params.append(click.Option([f"--{stem}/--no-{stem}", f.name], default=default, **settings))
             continue
-        if typing.get_origin(kind) is tuple:
+        if f.metadata.get("spec"):  # numbers, ranges and words the config parses itself (layers: "0-5,12", "all")
+            settings.update(multiple=True, default=(), type=click.STRING)
+        elif typing.get_origin(kind) is tuple:
             item = typing.get_args(kind)[0]
             files = click.Path(exists=True, dir_okay=False) if f.metadata.get("files") else click.STRING
             settings.update(multiple=True, default=(), type=_ListOf(item) if item in (int, float) else files)

@@ -55,7 +55,7 @@ def classify(model, lorsa_specs, layers, prompt_kind, items, n, block, skip, gam
     from lorsa_surgery.multihop import train as training
     from lorsa_surgery.publishing.patched import module_for
 
-    specs = parse_layer_specs(lorsa_specs)
+    specs = parse_layer_specs(lorsa_specs, model, revision)
     mapping = None
     if (Path(model) / "trainer.json").is_file() or token_map:
         host, task, mapping = training.load_task_model(model, task, token_map)

@@ -103,23 +103,17 @@ TOKENIZER_FOLDER = "tokenizer"
 
 def _stores(folder: Path):
     """(record, the layer stores) of a scan folder, wherever it has been moved or copied."""
-    from lorsa_surgery.analysis.scan import HeadStore
-    from lorsa_surgery.io import files
+    from lorsa_surgery.analysis.export import read_scan
 
-    record = files.read_json(folder / SCAN_FILE, expect=dict)
-    layers = record.get("layers")
-    if not isinstance(layers, list) or not layers or not all(type(layer) is int and layer >= 0 for layer in layers):
-        raise LorsaSurgeryError(f"{folder / SCAN_FILE}: layers should be a list of layer numbers; scan again.")
-    return record, [HeadStore.load(folder / f"L{layer}") for layer in layers]
+    scan = read_scan(folder, tokenizer=False)
+    return scan.record, scan.stores
 
 
 def _tokenizer(folder: Path):
     """The tokenizer a scan saved beside its stores (read from the scan folder, so a moved scan still finds it)."""
-    from transformers import AutoTokenizer
+    from lorsa_surgery.analysis.export import scan_tokenizer
 
-    from lorsa_surgery.io import files
-
-    return AutoTokenizer.from_pretrained(str(files.inside(folder, TOKENIZER_FOLDER, what="the scan's tokenizer")))
+    return scan_tokenizer(folder)
 
 
 @heads.command("scan")
@@ -322,7 +316,7 @@ def detect(model, lorsa_specs, mhsa_layers, families, n, n_top, seed, as_json, w
     unknown = [f for f in names if f not in FAMILY_NAMES]
     if unknown:
         raise LorsaSurgeryError(f"Unknown head families: {', '.join(unknown)} (known: {', '.join(FAMILY_NAMES)}).")
-    specs = parse_layer_specs(lorsa_specs)
+    specs = parse_layer_specs(lorsa_specs, model, revision)
     if not specs and not mhsa_layers:
         raise LorsaSurgeryError("Name what to score: --lorsa LAYER=PATH for a module's heads, --layer L for MHSA heads.")
     host, tokenizer, modules = load_host(model, specs, revision, allow_pickle, placement)
@@ -394,7 +388,7 @@ def causal(model, lorsa_specs, revision, base, allow_pickle, placement, family, 
     from lorsa_surgery.analysis.causal import causal_check
     from lorsa_surgery.interventions.heads import by_layer, resolve_heads
 
-    specs = parse_layer_specs(lorsa_specs) if lorsa_specs else {}
+    specs = parse_layer_specs(lorsa_specs, model, revision) if lorsa_specs else {}
     spec = head_spec or ",".join(f"L{layer}:{family}" for layer in specs)
     if not spec:
         raise LorsaSurgeryError("Name the heads with --heads, or pass --lorsa so the family's catalog label names them.")

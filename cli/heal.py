@@ -46,8 +46,9 @@ def heal(patched, out, revision, base, overwrite, placement, **options) -> None:
     }
     save_patched(handle, out, metrics=metrics, overwrite=overwrite)
     os.replace(log, out / LOG)
-    click.echo(f"{'held out':<8} {'KL to original':>15} {'LM loss gap':>12}")
-    for name in ("before", "after"):
-        row = report[name]
-        click.echo(f"{name:<8} {row['kl']:>15.4f} {row['lm_loss_gap']:>+12.4f}")
+    click.echo(f"{'held out':<22} {'KL to original':>15} {'LM loss gap':>12}")
+    for text, prefix in (("training text", ""), ("other domains", "ood_")):
+        for name in ("before", "after"):
+            row = report[prefix + name]
+            click.echo(f"{text + ', ' + name:<22} {row['kl']:>15.4f} {row['lm_loss_gap']:>+12.4f}")
     click.echo(f"Healed patched model written to {out} (log: {out / LOG})")

@@ -10,20 +10,36 @@ import click
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.settings import DTYPE_NAMES, parse_max_memory
 
-LORSA_HELP = "LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'. Repeatable."
+LORSA_HELP = ("LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'; "
+              "all=FOLDER (a module per layer, as a training run keeps them) or all=from-attention for every layer, "
+              "which LAYER=PATH options then override. Repeatable.")
 
 
-def parse_layer_specs(values: tuple[str, ...]) -> dict[int, str]:
+def parse_layer_specs(values: tuple[str, ...], model: str | None = None, revision: str | None = None) -> dict[int, str]:
+    """{layer: spec} from --lorsa options; `all=SPEC` is spread over every attention layer of `model` (its config is
+    read, not its weights), and a layer given by number as well takes its own spec."""
     specs: dict[int, str] = {}
+    every = None
     for value in values:
         layer, sep, spec = value.partition("=")
         layer = layer.strip()
+        if sep and layer == "all" and spec and every is None:
+            every = spec
+            continue
         if not sep or not (layer.isascii() and layer.isdecimal()) or not spec:
-            raise click.BadParameter(f"{value!r} is not LAYER=PATH.", param_hint="--lorsa")
+            raise click.BadParameter(f"{value!r} is not LAYER=PATH (or all=PATH, once).", param_hint="--lorsa")
         if int(layer) in specs:  # keeping the last one would silently drop a module the user asked for
             raise click.BadParameter(f"layer {int(layer)} is given twice ({specs[int(layer)]} and {spec}).", param_hint="--lorsa")
         specs[int(layer)] = spec
-    return specs
+    if every is None:
+        return specs
+    from lorsa_surgery.host.models import load_config
+    from lorsa_surgery.publishing.patched import every_layer
+
+    if model is None:
+        raise click.BadParameter("all=... needs the model, to know its layers.", param_hint="--lorsa")
+    n_layers = load_config(model, revision).get_text_config(decoder=True).num_hidden_layers
+    return {**every_layer(every, n_layers), **specs}
 
 
 class Text(click.ParamType):
@@ -129,8 +145,8 @@ def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickl
     from lorsa_surgery.interventions.heads import layers_named
     from lorsa_surgery.publishing.patched import load_patched
 
-    specs = parse_layer_specs(lorsa_specs)
     root = _patched_root(model_spec, revision)
+    specs = parse_layer_specs(lorsa_specs, None if root is not None else model_spec, revision)
     if root is not None and specs:
         raise LorsaSurgeryError(
             f"{model_spec} is a patched model that brings its own Lorsa modules; --lorsa applies to a plain model "

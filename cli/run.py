@@ -40,7 +40,7 @@ def replace(model, lorsa_specs, mode, out, texts, max_length, revision, allow_pi
     from lorsa_surgery.io import files
 
     files.check_out(out, overwrite=overwrite)
-    host, tokenizer, modules = load_host(model, parse_layer_specs(lorsa_specs), revision, allow_pickle, placement)
+    host, tokenizer, modules = load_host(model, parse_layer_specs(lorsa_specs, model, revision), revision, allow_pickle, placement)
     report = splice_report(host, tokenizer, modules, corpus.load_texts(list(texts)), max_length)
     report["text_source"] = ", ".join(Path(t).name for t in texts) or "the built-in sample text"
     handle = splice(host, modules, mode=mode, dtype=dtype_of(placement["lorsa_dtype"]))

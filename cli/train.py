@@ -1,5 +1,7 @@
 """`lorsa-surgery train`: train Lorsa modules for attention layers of a model; every option is a `TrainConfig` field."""
 
+import json
+
 import click
 
 from lorsa_surgery.cli.config import config_options, set_threads
@@ -12,20 +14,38 @@ from lorsa_surgery.training.config import TrainConfig
 def train(threads: int | None, **options) -> None:
     """Train one Lorsa module per --layer of MODEL (Hub id, folder or .gguf; "smollm2"), all from one host pass.
 
-    The defaults are the measured best of docs/training.md: OV heads started from each host head's principal
-    output directions (init host), lr 5e-4. Each module lands in OUT/L<layer>. Run data-parallel with
+    --layers takes numbers, ranges and "all" (`--layers 0-5,12`, `--layers all`). The defaults are the measured best
+    of docs/training.md: OV heads started from each host head's principal output directions (init host), lr 5e-4.
+    Each module lands in OUT/L<layer>; a table of the layers ends the run. Run data-parallel with
     `accelerate launch --num_processes N $(which lorsa-surgery) train ...`.
     """
     config = TrainConfig(**options)  # checks every number before anything loads
     set_threads(threads)
-    from lorsa_surgery.training.trainer import layer_folder, train as run_training
+    from lorsa_surgery.training.trainer import TOGETHER_FILE, train as run_training
 
-    for layer, lorsa in run_training(config).items():
+    modules = run_training(config)
+    rows = [("layer", "heads", "K", "EV held out", "linear", "EV other domain", "linear", "LM loss (alone)", "dead", "tokens/s")]
+    for layer, lorsa in modules.items():
         info = lorsa.training_info
-        click.echo(
-            f"Saved {layer_folder(config.out, layer)}: {info['n_heads']} heads, K={info['k']}, {info['tokens']} tokens; "
-            f"held-out explained variance {info['explained_variance']:.4f} (best linear map {info['linear_baseline_ev']:.4f}), "
-            f"other domain {info['ood_explained_variance']:.4f} ({info['ood_linear_baseline_ev']:.4f})"
-            + (f"; LM loss {info['lm_loss_original']:.4f} -> {info['lm_loss_spliced']:.4f}" if info["lm_loss_spliced"] else "")
-            + f"; dead heads {info['dead_heads_fraction']:.1%}; {info['tokens_per_s']:.0f} tokens/s."
-        )
+        loss = f"{info['lm_loss_original']:.4f} -> {info['lm_loss_spliced']:.4f}" if info["lm_loss_spliced"] else "-"
+        rows.append((f"L{layer}", str(info["n_heads"]), str(info["k"]), f"{info['explained_variance']:.4f}",
+                     f"{info['linear_baseline_ev']:.4f}", f"{info['ood_explained_variance']:.4f}",
+                     f"{info['ood_linear_baseline_ev']:.4f}", loss, f"{info['dead_heads_fraction']:.1%}",
+                     f"{info['tokens_per_s']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    click.echo(f"Saved {len(modules)} module(s) in {config.out} (one folder per layer, L<layer>):")
+    for row in rows:
+        click.echo("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+    together = _read_together(f"{config.out}/{TOGETHER_FILE}")
+    if together and "kl" in together:
+        click.echo(f"All {len(modules)} layers spliced at once: LM loss {together['lm_loss_original']:.4f} -> "
+                   f"{together['lm_loss_spliced']:.4f} (KL {together['kl']:.4f}) held out; other domain "
+                   f"{together['ood_lm_loss_original']:.4f} -> {together['ood_lm_loss_spliced']:.4f} (KL {together['ood_kl']:.4f}).")
+
+
+def _read_together(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

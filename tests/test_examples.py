@@ -1,5 +1,6 @@
 """Every script in examples/ runs in its fast mode: here, or in the test file of the part it shows."""
 
+import json
 import os
 import re
 import subprocess
@@ -83,3 +84,18 @@ def test_smollm2_end_to_end_trains_splices_detects_steers_and_pushes(smollm2_ggu
     assert texts["spliced:"[:-1]] != texts["every head ablated"]  # ablating the whole layer changes the text
     repo = hub.repos["lorsa-tester/example-e2e"]
     assert "Pushed:" in out and "layer_3/lorsa.safetensors" in repo.commits[repo.refs["main"]]
+
+
+@pytest.mark.slow
+def test_complete_replacement_trains_heals_and_measures_in_fast_mode(smollm2_gguf, tmp_path):
+    out = _run("complete_replacement.py", "--fast", "--out", str(tmp_path / "complete"))
+    report = json.loads((tmp_path / "complete" / "report.json").read_text())
+    assert [(r["order"], r["k"]) for r in report["rows"]] == [("first", 1), ("first", 2), ("cheapest", 1), ("cheapest", 2)]
+    for row in report["rows"]:
+        for text in ("held_out", "other_domains"):
+            numbers = row[text]
+            assert numbers["floor"] > numbers["original"] and numbers["kl"] > 0 and numbers["tokens"] > 0
+    assert report["healed"]["held_out"]["kl"] < report["healed"]["held_out"]["kl"] + 1  # present and finite
+    assert all(0 < report["heads"][str(layer)]["l0"] <= 8 for layer in (0, 1))
+    assert report["generation"]["ratio"] > 0 and "all, healed" in out
+    assert (tmp_path / "complete" / "replacement.png").stat().st_size > 10_000

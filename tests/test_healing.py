@@ -115,6 +115,16 @@ def test_healing_brings_the_spliced_model_back_and_keeps_its_heads(text, tmp_pat
     assert torch.equal(cached, uncached)
 
 
+def test_healing_is_measured_on_other_domains_and_can_train_on_the_models_own_text(text, tmp_path):
+    model, handle, report = healed(text, tokens=4 * 32 * 3, sample_tokens=300, eval_tokens=128)
+    assert "300 tokens sampled from the base model" in report["text"] and report["ood_text"].startswith("the built-in English prose")
+    ood_before, ood_after = report["ood_before"], report["ood_after"]
+    assert ood_before["tokens"] == ood_after["tokens"] > 500  # the whole prose sample, before and after
+    assert ood_before["kl"] > 0 and ood_after["kl"] != ood_before["kl"]
+    with pytest.raises(ls.LorsaSurgeryError, match="sample_tokens"):
+        ls.HealConfig(sample_tokens=-1)
+
+
 @pytest.mark.slow
 def test_healing_a_processed_space_module_saves_what_it_learned(text, tmp_path):
     model, handle, report = healed(text, space="processed", lora_rank=0)

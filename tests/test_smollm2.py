@@ -61,3 +61,26 @@ def test_replace_cli_writes_a_patched_model_that_loads_back(smollm2_gguf, tmp_pa
                                        "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("The capital of France is Paris")
+
+
+@torch.no_grad()
+def test_every_layer_spliced_exact_mode_is_the_original_and_replace_mode_caches_right(smollm2):
+    """All 30 attention layers spliced at once (sparse exact copies): exact mode gives the original logits bit for
+    bit, and greedy generation in replace mode is the same with and without the KV cache."""
+    model, tok = smollm2
+    ids = tok("The lighthouse keeper climbed the stairs and", return_tensors="pt").input_ids
+    plain = model(ids).logits
+
+    def every_layer() -> dict[int, Lorsa]:
+        modules = {layer: exact_copy(model, layer) for layer in range(model.config.num_hidden_layers)}
+        for lorsa in modules.values():
+            lorsa.cfg.act_fn, lorsa.cfg.top_k = "topk", 256
+        return modules
+
+    with splice(model, every_layer(), mode="exact") as handle:
+        assert len(handle.layers) == 30
+        assert torch.equal(model(ids).logits, plain)
+    with splice(model, every_layer()):
+        cached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(cached, uncached)

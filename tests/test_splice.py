@@ -297,7 +297,10 @@ def test_an_already_spliced_layer_is_refused():
     assert type(model.model.layers[LAYER].self_attn).__name__ == "LlamaAttention"
 
 
-def test_a_multimodal_model_fails_in_one_line():
+@torch.no_grad()
+def test_a_multimodal_model_splices_into_its_text_layers():
+    """Gemma 3's multimodal class keeps its text layers at model.language_model.layers: they are found there, and
+    the exact copy of one reproduces the logits of a text prompt."""
     config = tf.Gemma3Config(
         text_config=dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16),
@@ -305,6 +308,11 @@ def test_a_multimodal_model_fails_in_one_line():
                            patch_size=14),
         mm_tokens_per_image=4,
     )
-    model = tf.Gemma3ForConditionalGeneration(config)
-    with pytest.raises(LorsaSurgeryError, match="Gemma3ForConditionalGeneration has no model.layers .* multimodal"):
-        exact_copy(model, 1)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(3, 97, (2, 10))
+    base = model(ids).logits
+    assert arch_for(model).site_names(1)["hf_module"] == "model.language_model.layers.1.self_attn"
+    with splice(model, {1: exact_copy(model, 1)}) as handle:
+        assert model.model.language_model.layers[1].self_attn is handle[1]
+        assert (model(ids).logits - base).abs().max().item() <= 1e-4
+    assert type(model.model.language_model.layers[1].self_attn).__name__ == "Gemma3Attention"

@@ -2,6 +2,7 @@
 against one, and a short real run on SmolLM2 layer 3 that must beat the best linear map."""
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -232,7 +233,7 @@ def test_cli_train(host, text, tmp_path, one_thread):
             "--lm-loss-tokens", "64", "--lr", "3e-3", "--checkpoint-every", "4"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "held-out explained variance" in result.output
+    assert "EV held out" in result.output and "L1" in result.output
     lorsa = Lorsa.from_pretrained(out / "L1")
     assert (lorsa.cfg.n_ov_heads, lorsa.cfg.n_qk_heads, lorsa.cfg.top_k) == (32, 2, 4)
     assert (lorsa.cfg.host_layer, lorsa.cfg.input_space, lorsa.cfg.host_model) == (1, "hf", host.name)
@@ -412,3 +413,76 @@ def test_training_sweep_example_runs_in_fast_mode(smollm2_gguf, tmp_path):
     assert len(rows) == 2
     results = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["init"] for r in results] == ["qk", "host"] and all(r["ood_eval_tokens"] > 1000 for r in results)
+
+
+# ---- every layer at once ---------------------------------------------------------------------------------------
+
+
+def test_layer_specs():
+    from lorsa_surgery.training.config import parse_layers
+
+    assert parse_layers("all") == "all" and parse_layers(["all"]) == "all"
+    assert parse_layers(("0-2", "7")) == (0, 1, 2, 7) and parse_layers("3, 5-6") == (3, 5, 6) and parse_layers(4) == (4,)
+    for bad, message in (("5-3", "backwards"), ("1,1", "distinct"), ("x", "ranges such as"), ("-1", "ranges such as"),
+                         ((), "at least one"), (True, "ranges such as"), (("all", "3"), "ranges such as")):
+        with pytest.raises(LorsaSurgeryError, match=message):
+            parse_layers(bad)
+    config = TrainConfig(model="m", layers="all", out="o")
+    assert config.layer_list(30) == tuple(range(30)) and config.to_dict()["layers"] == "all"
+    with pytest.raises(LorsaSurgeryError, match="out of range"):
+        TrainConfig(model="m", layers="2-4", out="o").layer_list(4)
+    with pytest.raises(LorsaSurgeryError, match="drop the activation cache"):
+        TrainConfig(model="m", layers=1, out="o", inputs="replaced", cache_dir="c")
+
+
+@torch.no_grad()
+def test_replaced_capture_feeds_each_layer_what_the_replaced_layers_below_hand_on(host):
+    from lorsa_surgery.training.trainer import capture_layers, capture_replaced
+
+    model = tf.AutoModelForCausalLM.from_pretrained(host).eval()
+    ids = torch.randint(4, 300, (2, 12))
+    original = capture_layers(model, [0, 1, 2], ids)
+    exact = capture_replaced(model, {layer: exact_copy(model, layer) for layer in (0, 1, 2)}, ids)
+    for layer in (0, 1, 2):  # exact copies change nothing
+        assert torch.allclose(exact[layer][0], original[layer][0], atol=1e-5)
+        assert torch.allclose(exact[layer][1], original[layer][1], atol=1e-5)
+    worse = exact_copy(model, 0)
+    worse.W_O.mul_(3.0)
+    replaced = capture_replaced(model, {0: worse, 2: exact_copy(model, 2)}, ids)
+    assert torch.equal(replaced[0][0], original[0][0]) and torch.allclose(replaced[0][1], original[0][1], atol=1e-6)
+    assert not torch.allclose(replaced[2][0], original[2][0], atol=1e-3)  # layer 0's error reached layer 2's input
+    # The target is the original attention on the replaced input, not the original run's output.
+    assert torch.allclose(exact_copy(model, 2)(replaced[2][0]), replaced[2][1], atol=1e-5)
+    assert not any(hasattr(layer.self_attn, "lorsa") for layer in model.model.layers)  # unspliced afterwards
+
+
+def test_all_layers_from_one_pass_with_a_table_and_the_layers_together(host, text, tmp_path, one_thread):
+    out = tmp_path / "all"
+    args = ["train", str(host), "--layers", "all", "--heads", "32", "--k", "4", "--tokens", "512", "--text", str(text),
+            "--out", str(out), "--batch-size", "4", "--context", "32", "--eval-tokens", "128", "--lm-loss-tokens", "64",
+            "--lr", "3e-3", "--checkpoint-every", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    table = result.output.splitlines()
+    assert [line.split()[0] for line in table if line.strip().startswith("L")] == ["L0", "L1", "L2"]
+    together = json.loads((out / "together.json").read_text())
+    assert together["layers"] == [0, 1, 2] and together["kl"] > 0 and together["ood_tokens"] > 0
+    assert "All 3 layers spliced at once" in result.output
+    assert json.loads((out / "train_config.json").read_text())["layers"] == [0, 1, 2]
+    # Replaced inputs: the same run, each layer learning on what the (training) layers below hand on.
+    replaced = train(tiny_config(host, text, tmp_path / "replaced", layers="all", tokens=512, checkpoint_every=0,
+                                 inputs="replaced"))
+    independent = {layer: Lorsa.from_pretrained(out / f"L{layer}") for layer in (0, 1, 2)}
+    assert torch.equal(replaced[0].W_O, independent[0].W_O)  # nothing below layer 0: the same data, the same module
+    assert not torch.allclose(replaced[2].W_O, independent[2].W_O)
+    assert json.loads((tmp_path / "replaced" / "together.json").read_text())["kl"] > 0
+    # The run folder splices as a whole (all=FOLDER), a layer given by number taking its own module.
+    spliced = CliRunner().invoke(main, ["replace", str(host), "--lorsa", f"all={out}", "--lorsa", "1=from-attention",
+                                        "--text", str(text), "--out", str(tmp_path / "patched"), "--json"])
+    assert spliced.exit_code == 0, spliced.output
+    root = json.loads((tmp_path / "patched" / "lorsa_surgery.json").read_text())
+    assert sorted(root["layers"]) == ["0", "1", "2"]
+    assert Lorsa.from_pretrained(tmp_path / "patched" / root["layers"]["1"]["folder"]).cfg.n_ov_heads == 2 * 4 * 16
+    shutil.rmtree(out / "L2")
+    partial = CliRunner().invoke(main, ["replace", str(host), "--lorsa", f"all={out}", "--out", str(tmp_path / "p2")])
+    assert partial.exit_code != 0 and "has no module for layer 2 of 3" in partial.output

@@ -37,7 +37,8 @@ from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.corpus import special_ids
-from lorsa_surgery.lorsa.model import Lorsa
+from lorsa_surgery.host.arch import host_rotary
+from lorsa_surgery.lorsa.model import Lorsa, Rotary
 
 MIN_FIRINGS = 4
 """Query positions a Lorsa head must fire at to be scored at all."""
@@ -345,19 +346,20 @@ class FamilyScores:
 
 @torch.no_grad()
 def score_heads(lorsa: Lorsa, x: torch.Tensor, probe: Probe, logits: Callable[[torch.Tensor], torch.Tensor],
-                chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chunk: int = 256, rotary: Rotary | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scores, attention parts, counted) of every head of a Lorsa module on a probe, given the module's input
-    x [B, T, d] on the probe's prompts and the direct-logit map (`analysis.unembedding`)."""
+    x [B, T, d] on the probe's prompts, the direct-logit map (`analysis.unembedding`) and, for rotary types the
+    module does not compute, the host's (cos, sin) at the probe's positions (`host.arch.host_rotary`)."""
     device = lorsa.W_Q.device
     x, mask = x.to(device, lorsa.W_Q.dtype), probe.attention_mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     query, sources = probe.query.to(device), probe.sources.to(device)
-    acts = lorsa.encode(x, pos, mask).float()  # [B, T, n]
+    acts = lorsa.encode(x, pos, mask, rotary=rotary).float()  # [B, T, n]
     effects = logits(lorsa.W_O).to(device) if probe.target is not None else None  # [n, V]
     scores, attention, counted = [], [], []
     for start in range(0, lorsa.cfg.n_ov_heads, chunk):
         heads = torch.arange(start, min(start + chunk, lorsa.cfg.n_ov_heads), device=device)
-        parts = lorsa.z_pattern(x, heads, pos, mask).float().clamp_min(0)  # [B, h, T, S]
+        parts = lorsa.z_pattern(x, heads, pos, mask, rotary).float().clamp_min(0)  # [B, h, T, S]
         mass = (parts * sources[:, None]).sum(-1) / parts.sum(-1).clamp_min(1e-12)  # [B, h, T]
         weight = acts[..., heads].permute(0, 2, 1) * query[:, None]  # [B, h, T]
         promote = torch.ones_like(mass)
@@ -383,7 +385,7 @@ def score_attention_heads(model: nn.Module, layer: int, probe: Probe) -> tuple[t
     exact = exact_copy(model, layer).to(x.device)
     H, hd, d = exact.cfg.n_qk_heads, exact.cfg.d_qk_head, exact.cfg.d_model
     query, sources = probe.query.to(x.device), probe.sources.to(x.device)
-    pattern = exact.attention_pattern(x, pos, mask)  # [B, H, T, S]
+    pattern = exact.attention_pattern(x, pos, mask, host_rotary(model, layer, pos))  # [B, H, T, S]
     w_v, w_o = exact.W_V.view(H, 2, hd, d)[:, 0], exact.W_O.view(H, 2, hd, d)[:, 0]
     values = torch.einsum("bsd,hkd->bhsk", x, w_v) + exact.b_V.view(H, 2, hd)[:, 0][None, :, None]
     written = torch.einsum("bhsk,hkd->bhsd", values, w_o)  # [B, H, S, d]: what each head writes from each source
@@ -427,8 +429,9 @@ def detect(model: nn.Module, tokenizer, layer: int, lorsa: Lorsa | None = None, 
         else:
             from lorsa_surgery.analysis.attribution import unembedding
 
-            x, _, _ = _layer_input(model, layer, probe)
-            scores, attention, counted = score_heads(lorsa.to(x.device), x, probe, unembedding(model))
+            x, _, pos = _layer_input(model, layer, probe)
+            scores, attention, counted = score_heads(lorsa.to(x.device), x, probe, unembedding(model),
+                                                     rotary=host_rotary(model, layer, pos))
         result[name] = FamilyScores(name, family.threshold, scores, attention, counted, int(probe.query.sum()))
     return result
 

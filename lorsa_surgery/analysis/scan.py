@@ -151,7 +151,11 @@ class HeadStore:
 
     def activations(self, column: int) -> torch.Tensor:
         """The head's non-zero activations over the corpus."""
-        return self.entry_value[self.entry_column == column]
+        if getattr(self, "_by_column", None) is None:  # sorted by head once: a mask per head is slow for thousands
+            order = torch.sort(self.entry_column, stable=True).indices
+            counts = torch.bincount(self.entry_column.long(), minlength=len(self.heads)).tolist()
+            self._by_column = torch.split(self.entry_value[order], counts)
+        return self._by_column[column]
 
     def activations_at(self, column: int) -> dict[tuple[int, int], float]:
         """(window, position) -> the head's activation there, where it fired."""

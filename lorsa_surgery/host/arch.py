@@ -9,6 +9,7 @@ training start of any size).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host import state
-from lorsa_surgery.lorsa.config import LorsaConfig
+from lorsa_surgery.lorsa.config import OWN_ROPE_TYPES, LorsaConfig
 from lorsa_surgery.lorsa.model import Lorsa
 
 
@@ -37,9 +38,13 @@ class AttentionWeights:
     v_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
-    """Per-head RMS gain of queries [hd] (Qwen3, Gemma3), already including any 1 + w convention."""
+    """RMS gain of queries, already including any 1 + w convention: [hd] per head (Qwen3, Gemma3), or [H, hd] when
+    `qk_norm_full_width`."""
     k_norm: torch.Tensor | None = None
+    """RMS gain of keys: [hd], or [Hkv, hd] when `qk_norm_full_width`."""
     qk_norm_eps: float = 1e-6
+    qk_norm_full_width: bool = False
+    """The norms take the whole projection (all heads together) before it is split into heads (OLMo 2)."""
 
 
 @dataclass
@@ -51,36 +56,56 @@ class Arch:
     model_types: tuple[str, ...]
     """`config.model_type` values this record serves."""
     layers: str
-    """Dotted path from the model to the list of decoder layers."""
+    """Dotted path from the model to the list of decoder layers (a multimodal model's text layers are found under
+    its `language_model` by `arch_for`)."""
     attention: str
     """Attribute of a decoder layer holding self-attention."""
-    input_norm: str
-    """Attribute of a decoder layer holding the norm before attention."""
+    input_norm: str | None
+    """Attribute of a decoder layer holding the norm before attention; None where attention reads the residual
+    stream itself (OLMo 2 normalises after attention)."""
     read_weights: Callable[[nn.Module, Any], AttentionWeights]
     """Reads the attention module's weights given it and the model config."""
     rotary: Callable[[Any, int], dict[str, Any]]
     """LorsaConfig fields for the positional scheme and the attention scores (scale, soft cap) of a layer, given
     the config."""
     post_attention_norm: str | None = None
-    """Norm applied to the attention output before the residual add (Gemma 2/3), or None."""
+    """Norm applied to the attention output before the residual add (Gemma 2/3, OLMo 2), or None."""
     gain_plus_one: bool = False
     """RMS norms scale by 1 + weight (Gemma) rather than weight."""
+    refuse_layer: Callable[[Any, int], str | None] | None = None
+    """Why a layer (given the config and its index) cannot take a Lorsa module, or None when it can."""
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
-        obj = model
-        for part in self.layers.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                raise LorsaSurgeryError(
-                    f"{type(model).__name__} has no {self.layers} where {self.name} models keep their layers (a multimodal "
-                    "model?); load the text model alone, or describe the layout with lorsa_surgery.register_arch(Arch(...))."
-                )
-        return obj
+        layers = _module_at(model, self.layers)
+        if not isinstance(layers, nn.ModuleList):
+            raise LorsaSurgeryError(
+                f"{type(model).__name__} has no {self.layers} where {self.name} models keep their layers; describe its "
+                "layout with lorsa_surgery.register_arch(Arch(...))."
+            )
+        return layers
+
+    def attention_at(self, model: nn.Module, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer `layer` (as the host has it: spliced or not), or an error saying
+        why that layer has none Lorsa can replace."""
+        layers = self.layer_list(model)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(layers):
+            raise LorsaSurgeryError(f"Layer {layer!r} is out of range: the model has {len(layers)} layers.")
+        attention = getattr(layers[layer], self.attention, None)
+        why = self.refuse_layer(model.config, layer) if self.refuse_layer is not None else None
+        if attention is None:
+            why = (f"it is a {type(layers[layer]).__name__} without self-attention (state-space, linear-attention and "
+                   "cross-attention layers have nothing Lorsa replaces)")
+        if why:
+            raise LorsaSurgeryError(f"Layer {layer} of {type(model).__name__} cannot take a Lorsa module: {why}.")
+        return attention
 
     def norm_gain(self, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(gain, bias) of the input norm: h = gain * normalised + bias."""
         with onloaded(norm):
-            weight = norm.weight.detach().float().clone()
+            weight = getattr(norm, "weight", None)
+            if weight is None:  # a norm without parameters (OLMo)
+                weight = torch.ones(norm.normalized_shape)
+            weight = weight.detach().float().clone()
             bias = getattr(norm, "bias", None)
             bias = None if bias is None else bias.detach().float().clone()
         return (1.0 + weight if self.gain_plus_one else weight), bias
@@ -123,14 +148,100 @@ def register_arch(arch: Arch) -> Arch:
     return arch
 
 
+LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "backbone.layers")
+"""Where causal LMs keep their decoder layers, tried in order by the structural adapter."""
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+"""Names of a decoder layer's self-attention."""
+INPUT_NORM_NAMES = ("input_layernorm", "ln_1", "ln_attn", "attention_norm", "operator_norm")
+"""Names of the norm before attention."""
+
+
+def _module_at(model: nn.Module, path: str) -> Any:
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _text_layers(model: nn.Module, path: str) -> str | None:
+    """`path` if the model has a layer list there, else where a multimodal class nests it: under `language_model`
+    (model.language_model.layers for Gemma 3, Mistral 3, LLaVA-style classes), or None."""
+    head, _, rest = path.partition(".")
+    for candidate in (path, f"{head}.language_model.{rest}", f"language_model.{path}"):
+        if isinstance(_module_at(model, candidate), nn.ModuleList):
+            return candidate
+    return None
+
+
+def _missing_mechanism(config) -> str | None:
+    """What a model computes in attention that Lorsa cannot, in a phrase, or None."""
+    c = _text_config(config)
+    if getattr(c, "alibi", False) or getattr(c, "model_type", None) in ("bloom", "mpt"):
+        return "ALiBi position biases, which Lorsa's scores do not add"
+    if getattr(c, "kv_lora_rank", None):
+        return "multi-head latent attention (keys and values from a shared low-rank latent, with a decoupled rotary part)"
+    return None
+
+
 def arch_for(model: nn.Module) -> Arch:
+    """The record of a model's family, fitted to this model: an explicit record for its model_type where there is
+    one, else one read from its structure (`infer_arch`); text layers nested in a multimodal class are found."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    missing = _missing_mechanism(config) if config is not None else None
+    if missing:
+        raise LorsaSurgeryError(f"{type(model).__name__} (model_type {model_type!r}) uses {missing}; it cannot be spliced.")
+    arch = next((a for a in ARCHS if model_type in a.model_types), None)
+    if arch is None:
+        return infer_arch(model)
+    path = _text_layers(model, arch.layers)
+    if path is None:
+        return arch  # layer_list says what is missing
+    layers = _module_at(model, path)
+    block = next((b for b in layers if hasattr(b, arch.attention)), layers[0])
+    norm = arch.input_norm
+    if norm is not None and not hasattr(block, norm):  # Falcon's parallel blocks call it ln_attn
+        norm = next((n for n in INPUT_NORM_NAMES if hasattr(block, n)), norm)
+    return dataclasses.replace(arch, layers=path, input_norm=norm)
+
+
+def infer_arch(model: nn.Module) -> Arch:
+    """A record read from the model's structure, for a model_type without an explicit one: the layer list at one of
+    `LAYER_PATHS` (or its multimodal nesting), self-attention under one of `ATTENTION_NAMES` taking the host's rotary
+    `position_embeddings`, separate or concatenated-fused projections (`read_projections`), the input norm (none when
+    the layer normalises after attention, as OLMo 2 does) and a post-attention norm where the layer has one."""
+    name = type(model).__name__
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for arch in ARCHS:
-        if model_type in arch.model_types:
-            return arch
-    raise LorsaSurgeryError(
-        f"{type(model).__name__} (model_type {model_type!r}) is not a supported architecture; "
-        "describe it with lorsa_surgery.host.arch.register_arch(Arch(...))."
+    unsupported = f"{name} (model_type {model_type!r}) is not a supported architecture:"
+    path = next((p for p in (_text_layers(model, c) for c in LAYER_PATHS) if p is not None), None)
+    if path is None:
+        raise LorsaSurgeryError(
+            f"{unsupported} it keeps its layers in none of the places lorsa-surgery looks ({', '.join(LAYER_PATHS)}); "
+            "describe it with lorsa_surgery.register_arch(Arch(...))."
+        )
+    layers = _module_at(model, path)
+    attention = next((a for a in ATTENTION_NAMES if any(hasattr(b, a) for b in layers)), None)
+    if attention is None:
+        raise LorsaSurgeryError(
+            f"{unsupported} it has no self-attention layers (its layers are {type(layers[0]).__name__}: state-space or "
+            "linear-attention layers have nothing Lorsa replaces)."
+        )
+    block = next(b for b in layers if hasattr(b, attention))
+    module = getattr(block, attention)
+    module = getattr(module, "original", module)  # a spliced layer still holds the host's attention
+    if "position_embeddings" not in inspect.signature(module.forward).parameters:
+        raise LorsaSurgeryError(
+            f"{unsupported} its attention ({type(module).__name__}) takes no rotary position embeddings from the model, "
+            "so its positional scheme cannot be read from its structure; describe it with lorsa_surgery.register_arch(Arch(...))."
+        )
+    norm = next((n for n in INPUT_NORM_NAMES if hasattr(block, n)), None)
+    # Llama names the norm before the MLP post_attention_layernorm; it follows attention only where the layer
+    # also has a norm of its own before the MLP (Gemma 2/3) or none before attention (OLMo 2).
+    follows = hasattr(block, "post_attention_layernorm") and (norm is None or hasattr(block, "pre_feedforward_layernorm"))
+    return Arch(
+        model_type or name, (model_type,), path, attention, norm, read_projections, rotary_halves,
+        post_attention_norm="post_attention_layernorm" if follows else None,
+        gain_plus_one=norm is not None and type(getattr(block, norm)).__name__.startswith("Gemma"),
     )
 
 
@@ -149,11 +260,6 @@ def _heads_out(weight: torch.Tensor, n: int) -> torch.Tensor:
     return weight.detach().float().T.reshape(n, inp // n, d)
 
 
-def _bias(layer: nn.Module, n: int) -> torch.Tensor | None:
-    b = getattr(layer, "bias", None)
-    return None if b is None else b.detach().float().view(n, -1)
-
-
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
@@ -166,29 +272,77 @@ def _head_counts(config) -> tuple[int, int, int]:
     return n_heads, n_kv, head_dim
 
 
-def read_separate_projections(attn: nn.Module, config) -> AttentionWeights:
-    """q_proj / k_proj / v_proj / o_proj (Llama, Mistral, Qwen2/3, Gemma2/3, GPT-J)."""
-    H, Hkv, _ = _head_counts(config)
-    o = getattr(attn, "o_proj", None) or attn.out_proj
-    w = AttentionWeights(
-        q=_heads_in(attn.q_proj.weight, H), k=_heads_in(attn.k_proj.weight, Hkv), v=_heads_in(attn.v_proj.weight, Hkv),
-        o=_heads_out(o.weight, H), q_bias=_bias(attn.q_proj, H), k_bias=_bias(attn.k_proj, Hkv),
-        v_bias=_bias(attn.v_proj, Hkv), o_bias=None if o.bias is None else o.bias.detach().float(),
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _fused(layer: nn.Module, n_heads: int, n_kv: int, hd: int, grouped: bool) -> tuple[Rows, Rows | None]:
+    """The q, k and v rows (as in nn.Linear weights) of a fused projection, and of its bias: concatenated as
+    [q; k; v] (Phi-3), or grouped per key-value head as [its queries, its key, its value] (GPT-NeoX, Falcon;
+    one group per head without grouped-query attention)."""
+
+    def split(t: torch.Tensor) -> Rows:
+        t = t.detach().float()
+        if not grouped:
+            return t.split([n_heads * hd, n_kv * hd, n_kv * hd])
+        g = t.view(n_kv, n_heads // n_kv + 2, hd, *t.shape[1:])
+        return g[:, :-2].flatten(0, 2), g[:, -2].flatten(0, 1), g[:, -1].flatten(0, 1)
+
+    return split(layer.weight), None if layer.bias is None else split(layer.bias)
+
+
+def _from_rows(weights: Rows, biases: Rows | None, out: nn.Module, hd: int) -> AttentionWeights:
+    """Per-head weights from q, k, v rows [n*hd, d] (and biases [n*hd]) and the nn.Linear output projection."""
+    q, k, v = weights
+    H, Hkv = q.shape[0] // hd, k.shape[0] // hd
+    qb, kb, vb = (None,) * 3 if biases is None else (b.detach().float().view(-1, hd) for b in biases)
+    return AttentionWeights(
+        q=_heads_in(q, H), k=_heads_in(k, Hkv), v=_heads_in(v, Hkv), o=_heads_out(out.weight, H), q_bias=qb, k_bias=kb,
+        v_bias=vb, o_bias=None if out.bias is None else out.bias.detach().float(),
     )
-    for name in ("q_norm", "k_norm"):
-        norm = getattr(attn, name, None)
-        if norm is not None:
-            gain = norm.weight.detach().float()
-            setattr(w, name, 1.0 + gain if type(norm).__name__.startswith("Gemma") else gain)
-            w.qk_norm_eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _read_qk_norms(attn: nn.Module, w: AttentionWeights, hd: int) -> None:
+    """Queries' and keys' RMS norms into `w`: per head ([hd]) or over the whole projection ([H*hd], OLMo 2)."""
+    names = next((p for p in (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm")) if getattr(attn, p[0], None) is not None), None)
+    if names is None:
+        return
+    norms = [getattr(attn, n) for n in names]
+    if any(isinstance(n, nn.LayerNorm) or "RMS" not in type(n).__name__ for n in norms):
+        raise LorsaSurgeryError(
+            f"{type(attn).__name__} normalises queries and keys with {type(norms[0]).__name__}, a mean-centred LayerNorm "
+            "that Lorsa's RMS query-key norm does not reproduce."
+        )
+    plus_one = type(norms[0]).__name__.startswith("Gemma")  # Gemma's RMS norms scale by 1 + weight
+    gains = [n.weight.detach().float() + (1.0 if plus_one else 0.0) for n in norms]
+    w.qk_norm_full_width = gains[0].numel() != hd
+    w.q_norm, w.k_norm = (g.view(-1, hd) for g in gains) if w.qk_norm_full_width else gains
+    w.qk_norm_eps = getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 1e-6))
+
+
+def read_projections(attn: nn.Module, config) -> AttentionWeights:
+    """What most families have: q_proj / k_proj / v_proj, or one qkv_proj / Wqkv holding them as [q; k; v]; with
+    o_proj, dense or out_proj; biases or not, any number of key-value heads, RMS query-key norms per head or over
+    the whole projection. Refused: LayerNorm query-key norms, clipped projections (OLMo's clip_qkv)."""
+    clip = getattr(_text_config(config), "clip_qkv", None)
+    if clip is not None:
+        raise LorsaSurgeryError(f"{type(attn).__name__} clips queries, keys and values to ±{clip} (clip_qkv), which Lorsa does not.")
+    H, _, hd = _head_counts(config)
+    if hasattr(attn, "q_proj"):
+        hd = attn.q_proj.weight.shape[0] // H  # from the weights: not every config states head_dim
+        weights = tuple(p.weight for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        biases = None if attn.q_proj.bias is None else tuple(p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    else:
+        fused = next((getattr(attn, n) for n in ("qkv_proj", "Wqkv") if hasattr(attn, n)), None)
+        if fused is None:
+            raise LorsaSurgeryError(
+                f"{type(attn).__name__} has neither q_proj/k_proj/v_proj nor a fused qkv_proj; describe it with "
+                "lorsa_surgery.register_arch(Arch(...))."
+            )
+        weights, biases = _fused(fused, H, (fused.weight.shape[0] // hd - H) // 2, hd, grouped=False)
+    out = next(getattr(attn, n) for n in ("o_proj", "dense", "out_proj") if hasattr(attn, n))
+    w = _from_rows(weights, biases, out, hd)
+    _read_qk_norms(attn, w, hd)
     return w
-
-
-def read_phi3(attn: nn.Module, config) -> AttentionWeights:
-    H, Hkv, hd = _head_counts(config)
-    qkv = attn.qkv_proj.weight
-    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd])
-    return AttentionWeights(q=_heads_in(q, H), k=_heads_in(k, Hkv), v=_heads_in(v, Hkv), o=_heads_out(attn.o_proj.weight, H))
 
 
 def read_gpt2(attn: nn.Module, config) -> AttentionWeights:
@@ -206,17 +360,37 @@ def read_gpt2(attn: nn.Module, config) -> AttentionWeights:
 
 def read_gpt_neox(attn: nn.Module, config) -> AttentionWeights:
     H, _, hd = _head_counts(config)
-    d = config.hidden_size
-    # Rows are grouped per head as [q_h, k_h, v_h].
-    w = attn.query_key_value.weight.detach().float().view(H, 3, hd, d)
-    b = attn.query_key_value.bias
-    b = None if b is None else b.detach().float().view(H, 3, hd)
-    dense = attn.dense
-    return AttentionWeights(
-        q=w[:, 0].transpose(1, 2), k=w[:, 1].transpose(1, 2), v=w[:, 2].transpose(1, 2), o=_heads_out(dense.weight, H),
-        q_bias=None if b is None else b[:, 0], k_bias=None if b is None else b[:, 1], v_bias=None if b is None else b[:, 2],
-        o_bias=None if dense.bias is None else dense.bias.detach().float(),
-    )
+    return _from_rows(*_fused(attn.query_key_value, H, H, hd, grouped=True), attn.dense, hd)
+
+
+def read_falcon(attn: nn.Module, config) -> AttentionWeights:
+    """The three layouts of Falcon's query_key_value: grouped per key-value head (new_decoder_architecture),
+    multi-query [q; k; v] with one key-value head, or grouped per head."""
+    H, hd = attn.num_heads, attn.head_dim
+    if attn.new_decoder_architecture:
+        parts = _fused(attn.query_key_value, H, attn.num_kv_heads, hd, grouped=True)
+    else:
+        parts = _fused(attn.query_key_value, H, 1 if attn.multi_query else H, hd, grouped=not attn.multi_query)
+    return _from_rows(*parts, attn.dense, hd)
+
+
+def read_gpt_bigcode(attn: nn.Module, config) -> AttentionWeights:
+    """GPT-BigCode's c_attn (an nn.Linear, unlike GPT-2's Conv1D): [q; k; v] with one key-value head under
+    multi-query, else grouped per head."""
+    H, hd = attn.num_heads, attn.head_dim
+    parts = _fused(attn.c_attn, H, 1 if attn.multi_query else H, hd, grouped=not attn.multi_query)
+    return _from_rows(*parts, attn.c_proj, hd)
+
+
+def read_gpt_neo(attn: nn.Module, config) -> AttentionWeights:
+    return read_projections(attn.attention, config)  # the weights sit one module down
+
+
+def gpt_neo_local(config, layer: int) -> str | None:
+    if config.attention_layers[layer] == "local":
+        return (f"it attends within a local window of {config.window_size} tokens that its attention module applies "
+                "itself, and a Lorsa module attends to every earlier token")
+    return None
 
 
 # ---- positional schemes -------------------------------------------------------------------------------
@@ -240,15 +414,39 @@ def _rope_fields(config, layer: int, head_dim: int, adjacent: bool, default_part
         "rotary_dim": int(head_dim * partial),
         "rotary_base": float(p.get("rope_theta", getattr(_text_config(config), "rope_theta", 10000.0))),
         "rotary_adjacent_pairs": adjacent,
+        "rope_type": rope_type,  # types other than OWN_ROPE_TYPES: the module takes the host's cos and sin
     }
     if rope_type == "llama3":
         fields.update(
             use_NTK_by_parts_rope=True, NTK_by_parts_factor=p["factor"], NTK_by_parts_low_freq_factor=p["low_freq_factor"],
             NTK_by_parts_high_freq_factor=p["high_freq_factor"], old_context_len=p["original_max_position_embeddings"],
         )
-    elif rope_type != "default":
-        raise LorsaSurgeryError(f"Rope scaling {rope_type!r} is not supported by Lorsa (default and llama3 are).")
     return fields
+
+
+def host_rotary(model: nn.Module, layer: int, position_ids: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (cos, sin) the host's rotary embedding gives layer `layer`'s attention at `position_ids` [B, T] (on their
+    device, in `dtype`), for running a module built from that layer outside the host; None where the module's own
+    rotary is exact (`OWN_ROPE_TYPES`)."""
+    rope_type = _rope_parameters(model.config, layer).get("rope_type", "default")
+    if rope_type in OWN_ROPE_TYPES:
+        return None
+    # The rotary embedding sits beside the layer list (model.model.rotary_emb for Llama-like families).
+    owner = model
+    for part in arch_for(model).layers.split(".")[:-1]:
+        owner = getattr(owner, part)
+    rotary = getattr(owner, "rotary_emb", None)
+    if rotary is None:
+        raise LorsaSurgeryError(
+            f"{type(model).__name__} keeps no rotary_emb beside its layers, so its {rope_type!r} rotary cannot be "
+            "computed for a module run outside it; splice the module into the model instead."
+        )
+    # The host's rotary reads only the dtype and device of the hidden states it is given.
+    probe = torch.empty(0, dtype=dtype, device=position_ids.device)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:  # per-layer-type rotary (Gemma 3: local, global)
+        return rotary(probe, position_ids, _text_config(model.config).layer_types[layer])
+    return rotary(probe, position_ids)
 
 
 def rotary_halves(config, layer: int) -> dict[str, Any]:
@@ -257,11 +455,19 @@ def rotary_halves(config, layer: int) -> dict[str, Any]:
     _, _, hd = _head_counts(config)
     c = _text_config(config)
     scalar = getattr(c, "query_pre_attn_scalar", None)  # Gemma scales by this instead of head_dim
-    scores = {"attn_scale": float(scalar or hd) ** 0.5, "attn_logit_softcap": getattr(c, "attn_logit_softcapping", None)}
+    multiplier = getattr(c, "attention_multiplier", None)  # Granite multiplies scores by this instead
+    scale = 1.0 / multiplier if multiplier else float(scalar or hd) ** 0.5
+    scores = {"attn_scale": scale, "attn_logit_softcap": getattr(c, "attn_logit_softcapping", None)}
     uses_rope = getattr(c, "no_rope_layers", None)
     if uses_rope is not None and not uses_rope[layer]:
         return {"positional_embedding_type": "none", **scores}
     return {**_rope_fields(config, layer, hd, adjacent=False), **scores}
+
+
+def rotary_pairs(config, layer: int) -> dict[str, Any]:
+    """`rotary_halves` with adjacent pairs (0,1),(2,3)... (Cohere)."""
+    fields = rotary_halves(config, layer)
+    return {**fields, "rotary_adjacent_pairs": True} if fields["positional_embedding_type"] == "rotary" else fields
 
 
 def rotary_gptj(config, layer: int) -> dict[str, Any]:
@@ -280,22 +486,27 @@ def rotary_neox(config, layer: int) -> dict[str, Any]:
 
 
 def no_rotary_gpt2(config, layer: int) -> dict[str, Any]:
+    """Learned absolute positions (GPT-2, GPT-BigCode, GPT-Neo); scores scaled by sqrt(head_dim) only where the
+    config says so (GPT-Neo never scales them)."""
     _, _, hd = _head_counts(config)
-    scale = float(hd) ** 0.5 if config.scale_attn_weights else 1.0
-    if config.scale_attn_by_inverse_layer_idx:
+    scale = float(hd) ** 0.5 if getattr(config, "scale_attn_weights", False) else 1.0
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         scale *= layer + 1
     return {"positional_embedding_type": "none", "attn_scale": scale}
 
 
+# Families the structural adapter (`infer_arch`) does not read right: other norm or rotary conventions, fused
+# layouts that head counts alone do not split, learned positions.
 for _arch in (
-    Arch("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3"), "model.layers", "self_attn", "input_layernorm",
-         read_separate_projections, rotary_halves),
     Arch("gemma", ("gemma2", "gemma3", "gemma3_text"), "model.layers", "self_attn", "input_layernorm",
-         read_separate_projections, rotary_halves, post_attention_norm="post_attention_layernorm", gain_plus_one=True),
-    Arch("phi3", ("phi3",), "model.layers", "self_attn", "input_layernorm", read_phi3, rotary_halves),
+         read_projections, rotary_halves, post_attention_norm="post_attention_layernorm", gain_plus_one=True),
+    Arch("cohere", ("cohere",), "model.layers", "self_attn", "input_layernorm", read_projections, rotary_pairs),
+    Arch("falcon", ("falcon",), "transformer.h", "self_attention", "input_layernorm", read_falcon, rotary_halves),
     Arch("gpt2", ("gpt2",), "transformer.h", "attn", "ln_1", read_gpt2, no_rotary_gpt2),
+    Arch("gpt_bigcode", ("gpt_bigcode",), "transformer.h", "attn", "ln_1", read_gpt_bigcode, no_rotary_gpt2),
+    Arch("gpt_neo", ("gpt_neo",), "transformer.h", "attn", "ln_1", read_gpt_neo, no_rotary_gpt2, refuse_layer=gpt_neo_local),
     Arch("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "input_layernorm", read_gpt_neox, rotary_neox),
-    Arch("gptj", ("gptj",), "transformer.h", "attn", "ln_1", read_separate_projections, rotary_gptj),
+    Arch("gptj", ("gptj",), "transformer.h", "attn", "ln_1", read_projections, rotary_gptj),
 ):
     register_arch(_arch)
 
@@ -326,20 +537,22 @@ def exact_copy(model: nn.Module, layer: int, input_space: str = "hf") -> Lorsa:
     TransformerLens processed checkpoints.
     """
     arch = arch_for(model)
-    layers = arch.layer_list(model)
-    if not 0 <= layer < len(layers):
-        raise LorsaSurgeryError(f"Layer {layer} is out of range: the model has {len(layers)} layers.")
-    attention = getattr(layers[layer], arch.attention)
+    if input_space == "processed" and arch.input_norm is None:
+        raise LorsaSurgeryError(
+            f"A {arch.name} layer has no norm before attention, so there are no processed coordinates to build in; "
+            "build it with input_space='hf'."
+        )
+    attention = arch.attention_at(model, layer)
     attention = getattr(attention, "original", attention)  # a spliced layer still holds the host's attention
     w = arch.attention_weights(attention, model.config)
-    H, Hkv, hd = _head_counts(model.config)
+    (H, _, hd), Hkv = w.q.shape, w.k.shape[0]
     kv_of = torch.arange(H) // (H // Hkv)
     d = w.q.shape[1]
     host = host_record(model)
     cfg = LorsaConfig(
         d_model=d, n_qk_heads=H, d_qk_head=hd, n_ov_heads=2 * H * hd, act_fn="relu", top_k=2 * H * hd,
         use_decoder_bias=w.o_bias is not None, use_post_qk_ln=w.q_norm is not None, qk_ln_eps=w.qk_norm_eps,
-        host_model=host["id"], host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
+        qk_ln_full_width=w.qk_norm_full_width, host_model=host["id"], host_revision=host.get("revision") or host.get("sha256"), host_layer=layer,
         **arch.rotary(model.config, layer), **{k: v for k, v in arch.site_names(layer).items() if k != "hf_module"},
     )
     lorsa = Lorsa(cfg)
@@ -357,14 +570,14 @@ def exact_copy(model: nn.Module, layer: int, input_space: str = "hf") -> Lorsa:
         lorsa.b_D.copy_(w.o_bias)
     if w.q_norm is not None:
         lorsa.q_norm.copy_(w.q_norm.expand(H, hd))
-        lorsa.k_norm.copy_(w.k_norm.expand(H, hd))
+        lorsa.k_norm.copy_(w.k_norm[kv_of] if w.qk_norm_full_width else w.k_norm.expand(H, hd))
     if input_space == "processed":
         if arch.post_attention_norm is not None:
             raise LorsaSurgeryError(
                 f"In processed coordinates a {arch.name} layer's output is taken after its post-attention norm, "
                 "which attention weights alone cannot reproduce; build it with input_space='hf'."
             )
-        gain, bias = arch.norm_gain(getattr(layers[layer], arch.input_norm))
+        gain, bias = arch.norm_gain(getattr(arch.layer_list(model)[layer], arch.input_norm))
         lorsa = lorsa.in_input_space("processed", gain, bias)
     return lorsa
 
@@ -398,7 +611,12 @@ def from_host_subspaces(model: nn.Module, layer: int, n_qk_heads: int, n_ov_head
     if n_ov_heads % n_qk_heads:
         raise LorsaSurgeryError(f"The number of heads ({n_ov_heads}) must be a multiple of the QK heads ({n_qk_heads}).")
     group = n_ov_heads // n_qk_heads
-    z = exact.hidden_pre(x.to(exact.W_Q), position_ids, attention_mask).reshape(-1, H, 2, hd)[:, :, 0]
+    x = x.to(exact.W_Q)
+    if position_ids is None:
+        position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    position_ids = position_ids.to(x.device)
+    rotary = host_rotary(model, layer, position_ids, x.dtype)
+    z = exact.hidden_pre(x, position_ids, attention_mask, rotary=rotary).reshape(-1, H, 2, hd)[:, :, 0]
     if token_mask is not None:
         z = z[token_mask.reshape(-1).bool().to(z.device)]
     w_v, w_o = exact.W_V.view(H, 2, hd, d)[:, 0], exact.W_O.view(H, 2, hd, d)[:, 0]

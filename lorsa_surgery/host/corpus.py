@@ -101,6 +101,7 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
     Needs no download, so any model can be trained on offline; the text is what the model expects to read.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from lorsa_surgery.host.placement import input_device
 
@@ -109,7 +110,8 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
     device = input_device(model)
     docs: list[str] = []
     sampled = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = tqdm(total=n_tokens, desc="sample text from the model", unit="tok", dynamic_ncols=True)
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         while sampled < n_tokens:
             prompt = torch.full((batch_size, 1), start, dtype=torch.long, device=device)
@@ -121,6 +123,7 @@ def sample_from_model(model, tokenizer, n_tokens: int, seed: int = 0, length: in
                 if stop is not None and stop in row:
                     row = row[: row.index(stop)]
                 sampled += len(row) + 1
+                bar.update(len(row) + 1)
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 if text.strip():
                     docs.append(text)
@@ -170,6 +173,10 @@ def python_documentation() -> list[str]:
                 parts += [doc for m in members if len(doc := inspect.getdoc(m) or "") > 200]
             docs.append("\n\n".join(p for p in parts if p))
     return docs
+
+
+PROSE = "the built-in English prose sample (14 short documents of other domains)"
+"""What `prose` is, for messages and records."""
 
 
 def prose() -> list[str]:

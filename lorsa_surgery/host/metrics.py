@@ -1,13 +1,18 @@
-"""How much behaviour a splice keeps: explained variance of each attention output, and the LM loss."""
+"""How much behaviour a splice keeps: explained variance of each attention output, the LM loss, the KL divergence
+from the original, and the floor it is measured against (attention layers mean-ablated)."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from lorsa_surgery.host.arch import arch_for
 from lorsa_surgery.lorsa.model import Lorsa
 from lorsa_surgery.host.placement import input_device
-from lorsa_surgery.host.hooks import hooks
+from lorsa_surgery.host.hooks import hooks, watch_attention
 from lorsa_surgery.host.splicing import splice
 
 
@@ -45,6 +50,91 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
         return losses, torch.ones_like(losses, dtype=torch.bool)
     mask = attention_mask.to(logits.device)
     return losses, (mask[:, 1:] * mask[:, :-1]).bool()
+
+
+def kl_and_loss_sums(reference: torch.Tensor, candidate: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """From two runs' logits [B, T, V] on the same tokens: KL(reference || candidate) summed over the predicted tokens
+    (differentiable in `candidate`), and [summed loss of reference, of candidate, predicted tokens] (float64, detached)."""
+    loss_reference, keep = next_token_loss(reference, input_ids, attention_mask)
+    loss_candidate, _ = next_token_loss(candidate.detach(), input_ids, attention_mask)
+    p, q = reference[:, :-1].float().log_softmax(-1), candidate[:, :-1].float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)[keep].sum()
+    return kl, torch.stack([loss_reference[keep].sum(), loss_candidate[keep].sum(), keep.sum().to(loss_reference)]).double()
+
+
+@torch.no_grad()
+def compare(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+            reference: Callable[[], ContextManager] = contextlib.nullcontext,
+            candidate: Callable[[], ContextManager] = contextlib.nullcontext, batch_size: int = 4) -> dict[str, float]:
+    """KL divergence (nats per predicted token) from the model run inside `reference()` to the model run inside
+    `candidate()`, both LM losses and the tokens, on these sequences [N, T]; e.g. the plain model against
+    `lambda: splice(model, modules)` or `lambda: mean_ablated(model, means)`."""
+    device = input_device(model)
+    kl, sums = 0.0, torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i : i + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[i : i + batch_size].to(device)
+        logits = []
+        for context in (reference, candidate):
+            with context():
+                logits.append(model(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+        batch_kl, batch_sums = kl_and_loss_sums(*logits, ids, mask)
+        kl += float(batch_kl)
+        sums += batch_sums.cpu()
+    n = float(sums[2])
+    return {"kl": kl / n, "lm_loss_original": float(sums[0]) / n, "lm_loss_spliced": float(sums[1]) / n,
+            "lm_loss_gap": float(sums[1] - sums[0]) / n, "tokens": int(n)}
+
+
+@torch.no_grad()
+def attention_means(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, batch_size: int = 4) -> dict[int, torch.Tensor]:
+    """Each layer's mean attention output [d_model] over the real tokens of these sequences: what mean ablation
+    writes (`mean_ablated`)."""
+    device = input_device(model)
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    for i in range(0, len(input_ids), batch_size):
+        ids = input_ids[i : i + batch_size].to(device)
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask[i : i + batch_size].to(device)
+        with watch_attention(model, layers) as calls:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for layer in layers:
+            out = calls[layer].result.double()
+            sums[layer] = sums.get(layer, 0) + (out * mask[..., None].to(out)).sum((0, 1)).cpu()
+        count += int(mask.sum())
+    return {layer: (total / max(count, 1)).float() for layer, total in sums.items()}
+
+
+@contextlib.contextmanager
+def mean_ablated(model: nn.Module, means: Mapping[int, torch.Tensor]) -> Iterator[nn.Module]:
+    """Within it, the attention module of each layer in `means` outputs that mean at every position (its input is
+    ignored): the floor a replacement of those layers is measured against."""
+    arch = arch_for(model)
+    blocks = arch.layer_list(model)
+
+    def constant(mean: torch.Tensor):
+        def hook(module, args, kwargs, output):
+            first = output[0] if isinstance(output, tuple) else output
+            replaced = mean.to(first).expand_as(first).clone()
+            return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
+
+        return hook
+
+    handles = [getattr(blocks[layer], arch.attention).register_forward_hook(constant(mean), with_kwargs=True)
+               for layer, mean in means.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def loss_recovered(original: float, replaced: float, floor: float) -> float:
+    """Share of what the replaced layers contribute to the loss that the replacement keeps:
+    (floor - replaced) / (floor - original), with the floor the loss with those layers mean-ablated."""
+    return (floor - replaced) / (floor - original)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HookPoint
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host import state as host_state
 from lorsa_surgery.host.placement import execution_device
+from lorsa_surgery.lorsa.config import OWN_ROPE_TYPES
 from lorsa_surgery.lorsa.model import Lorsa
 
 Mode = Literal["replace", "exact"]
@@ -234,7 +235,13 @@ class LorsaAttention(nn.Module):
         else:
             store = _HostSlot(cache, self.layer_idx) if cache is not None else None
 
-        z = self.lorsa.hidden_pre(x, position_ids, mask, store, _Taps(self, ctx) if live else None)
+        # Rotary types the module cannot compute come from the host's own cos and sin, so every type the host
+        # implements is exact. The module's own rotary is kept where it is exact: hosts lay out what they pass in
+        # their own ways (GPT-J passes (sin, cos) per frequency pair).
+        cfg = self.lorsa.cfg
+        needs_host = cfg.positional_embedding_type == "rotary" and cfg.rope_type not in OWN_ROPE_TYPES
+        rotary = kw.get("position_embeddings") if needs_host else None
+        z = self.lorsa.hidden_pre(x, position_ids, mask, store, _Taps(self, ctx) if live else None, rotary)
         if live:
             z = _tap(self.hook_z, z, ctx)
         if self.mode == "replace":
@@ -374,6 +381,8 @@ def host_view(arch: Arch, block: nn.Module, lorsa: Lorsa) -> tuple[Lorsa, nn.Mod
     """
     if lorsa.cfg.input_space != "processed":
         return lorsa, None
+    if arch.input_norm is None:
+        raise LorsaSurgeryError(f"A {arch.name} layer has no norm before attention to fold a processed-space module's input into.")
     mapped = lorsa.in_input_space("hf", *arch.norm_gain(getattr(block, arch.input_norm)))
     post_norm = getattr(block, arch.post_attention_norm) if arch.post_attention_norm is not None else None
     return mapped, post_norm
@@ -406,7 +415,7 @@ def splice(model: nn.Module, modules: dict[int, Lorsa], mode: Mode = "replace", 
         if lorsa.cfg.d_model != hidden:
             raise LorsaSurgeryError(f"The Lorsa module for layer {layer} has d_model={lorsa.cfg.d_model}, the model {hidden}.")
         block = layers[layer]
-        original = getattr(block, arch.attention)
+        original = arch.attention_at(model, layer)  # refuses layers without attention Lorsa can take
         if isinstance(original, LorsaAttention):
             raise LorsaSurgeryError(f"Layer {layer} already carries a Lorsa module; unsplice it first.")
         if lorsa.cfg.host_layer is not None and lorsa.cfg.host_layer != layer:

@@ -13,6 +13,9 @@ from lorsa_surgery.errors import LorsaSurgeryError
 if TYPE_CHECKING:
     import torch
 
+OWN_ROPE_TYPES = ("default", "llama3")
+"""Rotary types a Lorsa module computes itself (llama3 as NTK-by-parts); any other is taken from the host."""
+
 MAX_INDEX = 2**31 - 1
 """The largest size, count or position read from a file or flag: no model comes near it, and torch indexes with it safely."""
 
@@ -113,10 +116,18 @@ class LorsaConfig:
     """NTK-by-parts: high-frequency factor."""
     old_context_len: int = 2048
     """NTK-by-parts: the original context length."""
+    rope_type: str = "default"
+    """The host's rotary type, as transformers names it (default, linear, dynamic, yarn, longrope, llama3...). The
+    module's own rotary computes the `OWN_ROPE_TYPES`; the others (with any attention scaling they fold into cos and
+    sin) come from the host: the splice passes the cos and sin the host computes, and a run outside the host must
+    pass them as `rotary=(cos, sin)`."""
     use_post_qk_ln: bool = False
     """Per-QK-head RMS norm of queries and keys before rotary (Qwen3 / Gemma3 style)."""
     qk_ln_eps: float = 1e-6
     """Epsilon of the query/key RMS norm."""
+    qk_ln_full_width: bool = False
+    """The query/key RMS norm takes all QK heads of a token together, as OLMo 2 normalises its whole projection
+    before splitting heads, instead of each head alone."""
     n_ctx: int = 2048
     """Context length the module was trained with; longer inputs work, this is only a record."""
     input_space: Literal["hf", "processed"] = "hf"
@@ -142,9 +153,11 @@ class LorsaConfig:
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise LorsaSurgeryError(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {getattr(self, name)!r:.60}.")
         for name in ("sparsity_include_decoder_norm", "use_decoder_bias", "rotary_adjacent_pairs", "use_NTK_by_parts_rope",
-                     "use_post_qk_ln"):
+                     "use_post_qk_ln", "qk_ln_full_width"):
             if not isinstance(getattr(self, name), bool):
                 raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
+        if not isinstance(self.rope_type, str) or not self.rope_type:
+            raise LorsaSurgeryError(f"rope_type must be a non-empty string, got {self.rope_type!r:.60}.")
         for name in ("host_model", "host_revision", "hook_point_in", "hook_point_out"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise LorsaSurgeryError(f"{name} must be a string or null, got {getattr(self, name)!r:.60}.")

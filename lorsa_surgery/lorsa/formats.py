@@ -16,7 +16,7 @@ import torch
 
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.lorsa.config import MAX_INDEX, LorsaConfig, check_number, rotary_inverse_wavelengths
+from lorsa_surgery.lorsa.config import MAX_INDEX, OWN_ROPE_TYPES, LorsaConfig, check_number, rotary_inverse_wavelengths
 
 if TYPE_CHECKING:
     from lorsa_surgery.lorsa.model import Lorsa
@@ -91,6 +91,7 @@ def describe(lorsa: Lorsa) -> dict[str, Any]:
             "dim": c.rotary_dim,
             "base": c.rotary_base,
             "pairs": "adjacent (GPT-J)" if c.rotary_adjacent_pairs else "halves (NeoX/Llama)",
+            "type": c.rope_type if c.rope_type in OWN_ROPE_TYPES else f"{c.rope_type} (cos and sin from the host)",
             "ntk_by_parts": {
                 "factor": c.NTK_by_parts_factor,
                 "low_freq_factor": c.NTK_by_parts_low_freq_factor,

@@ -16,7 +16,12 @@ from torch import nn
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.io import files
 from lorsa_surgery.lorsa import formats
-from lorsa_surgery.lorsa.config import LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.lorsa.config import OWN_ROPE_TYPES, LorsaConfig, rotary_inverse_wavelengths
+
+Rotary = tuple[torch.Tensor, torch.Tensor]
+"""The (cos, sin) a host computes for its attention, each [B, T, rotary_dim] (or [T, rotary_dim]), in the layout the
+module rotates with: halves (cat(freqs, freqs)), or adjacent pairs (each frequency twice in a row) when
+`rotary_adjacent_pairs`; any attention scaling the rotary type has (yarn, longrope) already folded in."""
 
 class KVStore(Protocol):
     """Where an incremental run keeps keys [B, n_qk, S, d_qk] and values [B, n_qk, S, group]."""
@@ -136,15 +141,34 @@ class Lorsa(nn.Module):
         bias = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V])
         return weight, bias
 
-    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of x [B, n_qk, T, d_qk] at absolute positions [B, T]."""
-        rd = self.cfg.rotary_dim
+    def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype, rotary: Rotary | None) -> Rotary:
+        """cos and sin [B, 1, T, rotary_dim] at absolute positions [B, T]: the host's `rotary` when given, else from
+        the module's own frequencies, which only the `OWN_ROPE_TYPES` have."""
+        if rotary is not None:
+            cos, sin = rotary
+            if cos.shape[-1] != self.cfg.rotary_dim:
+                raise LorsaSurgeryError(
+                    f"The host's rotary covers {cos.shape[-1]} dimensions but this module rotates {self.cfg.rotary_dim}."
+                )
+            return cos.to(dtype).unsqueeze(-3), sin.to(dtype).unsqueeze(-3)
+        if self.cfg.rope_type not in OWN_ROPE_TYPES:
+            raise LorsaSurgeryError(
+                f"This module's rotary of type {self.cfg.rope_type!r} is computed by the host; run it spliced into its "
+                "host, or pass rotary=(cos, sin)."
+            )
         angles = position_ids.to(torch.float32)[:, None, :, None] * self.rotary_inv_freq.float()
         if self.cfg.rotary_adjacent_pairs:
             angles = angles.repeat_interleave(2, dim=-1)
         else:
             angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
+        """Rotary embedding of x [B, n_qk, T, d_qk] at absolute positions [B, T] (see `_cos_sin`)."""
+        return self._apply_rotary(x, *self._cos_sin(position_ids, x.dtype, rotary))
+
+    def _apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rd = self.cfg.rotary_dim
         x_rot, x_pass = x[..., :rd], x[..., rd:]
         if self.cfg.rotary_adjacent_pairs:
             flipped = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
@@ -154,13 +178,15 @@ class Lorsa(nn.Module):
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.qk_ln_eps)
+        over = (1, -1) if self.cfg.qk_ln_full_width else (-1,)  # x is [B, n_qk, T, d_qk]
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(over, keepdim=True) + self.cfg.qk_ln_eps)
         return (x32 * weight[:, None, :].float()).to(x.dtype)
 
     def project(
-        self, x: torch.Tensor, position_ids: torch.Tensor
+        self, x: torch.Tensor, position_ids: torch.Tensor, rotary: Rotary | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries and keys [B, n_qk, T, d_qk] (normed and rotated) and values [B, n_qk, T, group]."""
+        """Queries and keys [B, n_qk, T, d_qk] (normed, and rotated by the host's `rotary` when given, else by the
+        module's own) and values [B, n_qk, T, group]."""
         cfg = self.cfg
         B, T, _ = x.shape
         weight, bias = self._qkv_weight()
@@ -174,7 +200,8 @@ class Lorsa(nn.Module):
         if cfg.use_post_qk_ln:
             q, k = self._rms(q, self.q_norm), self._rms(k, self.k_norm)
         if cfg.positional_embedding_type == "rotary":
-            q, k = self._rotate(q, position_ids), self._rotate(k, position_ids)
+            cos, sin = self._cos_sin(position_ids, q.dtype, rotary)
+            q, k = self._apply_rotary(q, cos, sin), self._apply_rotary(k, cos, sin)
         return q, k, v
 
     def _attend_inputs(
@@ -184,6 +211,7 @@ class Lorsa(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: KVStore | None,
         taps: Taps | None = None,
+        rotary: Rotary | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Queries, all keys and values (cached ones included) and a boolean mask, or None for plain causal."""
         B, T, d = x.shape
@@ -192,7 +220,7 @@ class Lorsa(nn.Module):
         past = cache.seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
-        q, k, v = self.project(x, position_ids)
+        q, k, v = self.project(x, position_ids, rotary)
         if taps is not None:
             q, k, v = taps.qkv(q, k, v)
         if cache is not None:
@@ -207,10 +235,11 @@ class Lorsa(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
         taps: Taps | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """Pre-activations z [B, T, n_ov]: each head's value, mixed by its QK head's attention; `taps` see and may
-        replace what is computed on the way."""
-        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache, taps)
+        replace what is computed on the way; `rotary` is the host's (cos, sin) (see `Rotary`)."""
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, cache, taps, rotary)
         wants_pattern = taps is not None and taps.wants_pattern
         if self.cfg.attn_logit_softcap is not None or wants_pattern:  # no fused kernel caps scores or hands out the pattern
             pattern = self._pattern(q, k, mask)
@@ -257,9 +286,10 @@ class Lorsa(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """Head activations [B, T, n_ov] for input x [B, T, d_model]."""
-        return self.activate(self.hidden_pre(x, position_ids, attention_mask, cache))
+        return self.activate(self.hidden_pre(x, position_ids, attention_mask, cache, rotary=rotary))
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """Output [B, T, d_model] from head activations [B, T, n_ov]."""
@@ -281,14 +311,16 @@ class Lorsa(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """Reconstruction [B, T, d_model] of the attention output.
 
         position_ids [B, T] are absolute (rotary works at any position); attention_mask is a [B, S] padding
         mask over all keys (cached ones included) or a 4-D boolean / additive mask; cache makes this an
-        incremental step that appends this chunk's keys and values and attends over all of them.
+        incremental step that appends this chunk's keys and values and attends over all of them; rotary is the
+        host's (cos, sin) for these positions (see `Rotary`), needed for rotary types the module does not compute.
         """
-        return self.reconstruct(self.hidden_pre(x, position_ids, attention_mask, cache))
+        return self.reconstruct(self.hidden_pre(x, position_ids, attention_mask, cache, rotary=rotary))
 
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
         """Output from pre-activations by the fastest route (gathering only the K selected heads for top-K)."""
@@ -299,10 +331,11 @@ class Lorsa(nn.Module):
     # ---- analysis ----------------------------------------------------------------------------
 
     def attention_pattern(
-        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """Attention of every QK head, [B, n_qk, T, S]; materialised, so meant for analysis only."""
-        q, k, _, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        q, k, _, mask = self._attend_inputs(x, position_ids, attention_mask, None, rotary=rotary)
         return self._pattern(q, k, mask)
 
     def _pattern(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -319,6 +352,7 @@ class Lorsa(nn.Module):
         heads: list[int] | torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
     ) -> torch.Tensor:
         """Per-source contributions to each listed head's pre-activation, [B, len(heads), T, S].
 
@@ -327,7 +361,7 @@ class Lorsa(nn.Module):
         heads = torch.as_tensor(heads, dtype=torch.long, device=x.device)
         if heads.numel() and (heads.min() < 0 or heads.max() >= self.cfg.n_ov_heads):
             raise LorsaSurgeryError(f"Head index out of range 0..{self.cfg.n_ov_heads - 1}.")
-        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, None)
+        q, k, v, mask = self._attend_inputs(x, position_ids, attention_mask, None, rotary=rotary)
         pattern = self._pattern(q, k, mask)
         values = v.transpose(2, 3).reshape(x.shape[0], self.cfg.n_ov_heads, -1)[:, heads]  # [B, H, S]
         return pattern[:, heads // self.cfg.group_size] * values[:, :, None, :]

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorsa_surgery.io import files
-from lorsa_surgery.host.arch import arch_for
+from lorsa_surgery.host.arch import arch_for, host_rotary
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.config import LorsaConfig, rotary_inverse_wavelengths
 from lorsa_surgery.lorsa.model import Lorsa
@@ -85,6 +85,8 @@ class AttentionInput:
     """The hidden states it read, [1, T, d_model] (after the input norm)."""
     position_ids: torch.Tensor
     """Absolute positions [1, T]."""
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The host's (cos, sin) at those positions where a Lorsa module cannot compute them (`host.arch.host_rotary`)."""
 
     def mhsa_pattern(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights [B, H, T, S] of the module on hidden states x [B, T, d_model] (inside `eager_eval`)."""
@@ -117,8 +119,9 @@ def capture_attention_inputs(model: nn.Module, input_ids: torch.Tensor, layers: 
     for layer, call in calls.items():
         x = call.hidden_states
         pos = call.kwargs.get("position_ids")
-        captured[layer] = AttentionInput(call.module, call.args, call.kwargs, x.detach(),
-                                         torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos)
+        pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos
+        captured[layer] = AttentionInput(call.module, call.args, call.kwargs, x.detach(), pos,
+                                         host_rotary(model, layer, pos, x.dtype))
     return captured
 
 
@@ -305,7 +308,8 @@ def head_scores(
                 inp = inputs[layer]
                 if lorsa:
                     module = lorsa[layer]
-                    pattern = lambda xb, m=module, p=inp.position_ids: m.attention_pattern(xb, p.expand(len(xb), -1))
+                    pattern = lambda xb, m=module, p=inp.position_ids, r=inp.rotary: m.attention_pattern(
+                        xb, p.expand(len(xb), -1), rotary=r)
                 else:
                     pattern = inp.mhsa_pattern
                 per_layer.append(torch.stack(swap_scores(pattern, inp.x, block, skip, tau, chunk)))
@@ -382,7 +386,7 @@ def _mhsa_qk(model: nn.Module, layer: int, inp: AttentionInput) -> _QK:
 def _lorsa_qk(lorsa: nn.Module, inp: AttentionInput) -> _QK:
     if lorsa.cfg.positional_embedding_type != "rotary":
         raise LorsaSurgeryError("This Lorsa module has no rotary embedding, so no frequency use.")
-    q, k, _ = lorsa.project(inp.x, inp.position_ids)
+    q, k, _ = lorsa.project(inp.x, inp.position_ids, inp.rotary)
     return _QK(q[0].float(), k[0].float(), 1.0 / lorsa.cfg.attn_scale, lorsa.rotary_inv_freq.float().cpu(), lorsa.cfg.rotary_adjacent_pairs)
 
 
@@ -434,7 +438,7 @@ def head_geometry(
                 inp = inputs[layer]
                 if lorsa:
                     qk = _lorsa_qk(lorsa[layer], inp)
-                    row = lorsa[layer].attention_pattern(inp.x, inp.position_ids)[0, :, -1]
+                    row = lorsa[layer].attention_pattern(inp.x, inp.position_ids, rotary=inp.rotary)[0, :, -1]
                 else:
                     qk = _mhsa_qk(model, layer, inp)
                     row = inp.mhsa_pattern(inp.x)[0, :, -1]

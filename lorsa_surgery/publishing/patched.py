@@ -60,6 +60,25 @@ def module_for(model, layer: int, spec: str, *, allow_pickle: bool = False, revi
     return Lorsa.from_pretrained(spec, allow_pickle=allow_pickle, revision=revision)
 
 
+def every_layer(spec: str, n_layers: int) -> dict[int, str]:
+    """The per-layer specs of `all=SPEC`: "from-attention" (an exact copy of every layer), or a local folder holding a
+    module for each of the `n_layers` layers, as a training run (`L0/`, `L1/`, ...) or a patched model keeps them."""
+    if spec == "from-attention":
+        return {layer: spec for layer in range(n_layers)}
+    folder = Path(spec)
+    if is_patched_folder(folder):
+        folders = module_folders(folder)
+    elif folder.is_dir():
+        folders = {layer: folder / f"L{layer}" for layer in range(n_layers) if (folder / f"L{layer}").is_dir()}
+    else:
+        raise LorsaSurgeryError(f"all={spec}: give from-attention or a local folder with a module per layer (L0/, L1/, ...).")
+    missing = [layer for layer in range(n_layers) if layer not in folders]
+    if missing:
+        raise LorsaSurgeryError(f"all={spec}: {folder} has no module for layer{'s' * (len(missing) > 1)} "
+                                f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} of {n_layers}.")
+    return {layer: str(folders[layer]) for layer in range(n_layers)}
+
+
 def is_patched_folder(path: str | Path) -> bool:
     return (Path(path) / ROOT_FILE).is_file()
 

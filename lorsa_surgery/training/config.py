@@ -7,6 +7,7 @@ before anything heavy loads.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,8 +27,9 @@ class TrainConfig:
 
     model: str
     """Host model: Hub id, local folder, .gguf file, or "smollm2" (the embedded default)."""
-    layers: tuple[int, ...] = field(metadata={"flags": ("--layer", "--layers")})
-    """Attention layers to reproduce, one module each, trained together from one host pass (an int is one layer)."""
+    layers: tuple[int, ...] | Literal["all"] = field(metadata={"flags": ("--layer", "--layers"), "spec": True})
+    """Attention layers to reproduce, one module each, trained together from one host pass: numbers and ranges
+    ("3", "0-5,12") or "all" (every attention layer of the host)."""
     out: str
     """Run folder: one folder per layer (L3/: module, metrics, plot) and the checkpoints."""
     revision: str | None = None
@@ -109,15 +111,14 @@ class TrainConfig:
     """Seeds the weights, the held-out split and the order of the training data."""
     resume: bool = False
     """Continue from the last checkpoint in `out` (a fresh start when there is none)."""
+    inputs: Literal["original", "replaced"] = "original"
+    """What each layer learns from. original: the host's own activations. replaced: the inputs the layer meets once
+    every trained layer below it is replaced by its module (as trained so far), the target being the original
+    attention on those inputs, so a complete replacement learns to work on its own errors. Needs no activation cache."""
 
     def __post_init__(self) -> None:
-        self.layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+        self.layers = parse_layers(self.layers)
         self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
-        if not self.layers:
-            raise LorsaSurgeryError("Name at least one layer to train.")
-        if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_INDEX for n in self.layers) \
-                or len(set(self.layers)) < len(self.layers):
-            raise LorsaSurgeryError(f"layers must be distinct layer indices, got {list(self.layers)!r:.80}.")
         if self.n_heads is not None and self.expansion is not None:
             raise LorsaSurgeryError("Give either n_heads or expansion, not both.")
         # Sizes are bounded here so that a typo is refused before the host loads or anything is allocated.
@@ -142,6 +143,10 @@ class TrainConfig:
         for name in ("pack", "autocast", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise LorsaSurgeryError(f"{name} must be true or false, got {getattr(self, name)!r:.60}.")
+        if self.inputs not in ("original", "replaced"):
+            raise LorsaSurgeryError(f"inputs must be original or replaced, got {self.inputs!r:.60}.")
+        if self.inputs == "replaced" and self.cache_dir is not None:
+            raise LorsaSurgeryError("Inputs of replaced layers change as their modules train; drop the activation cache.")
         if self.init not in INITS:
             raise LorsaSurgeryError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.max_memory is not None:
@@ -151,8 +156,45 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(layers=list(self.layers), texts=list(self.texts), ood_texts=list(self.ood_texts))
+        d.update(layers=self.layers if self.layers == "all" else list(self.layers), texts=list(self.texts),
+                 ood_texts=list(self.ood_texts))
         return d
+
+    def layer_list(self, n_layers: int) -> tuple[int, ...]:
+        """The layers to train in a host of `n_layers` layers ("all" resolved), checked against it."""
+        if self.layers == "all":
+            return tuple(range(n_layers))
+        if max(self.layers) >= n_layers:
+            raise LorsaSurgeryError(f"Layer {max(self.layers)} is out of range: the model has {n_layers} layers.")
+        return self.layers
+
+
+def parse_layers(spec: Any) -> tuple[int, ...] | Literal["all"]:
+    """Layer indices from an int, "all", or numbers and ranges given as strings or a sequence ("0-5,12", [3, "7-9"])."""
+    parts = [spec] if isinstance(spec, (int, str)) else list(spec)
+    words = [w.strip() if isinstance(w, str) else w
+             for p in parts for w in (p.split(",") if isinstance(p, str) else [p]) if not isinstance(w, str) or w.strip()]
+    if words == ["all"]:
+        return "all"
+    layers: list[int] = []
+    for word in words:
+        span = re.fullmatch(r"(\d+)-(\d+)", word) if isinstance(word, str) else None
+        if span:
+            first, last = int(span[1]), int(span[2])
+            if first > last or last > MAX_INDEX:
+                raise LorsaSurgeryError(f"The layer range {word!r} runs backwards or past {MAX_INDEX}.")
+            layers += range(first, last + 1)
+        elif isinstance(word, str) and word.isdigit():
+            layers.append(int(word))
+        elif isinstance(word, int) and not isinstance(word, bool):
+            layers.append(word)
+        else:
+            raise LorsaSurgeryError(f"layers are numbers, ranges such as 0-5, or all; got {word!r:.40}.")
+    if not layers:
+        raise LorsaSurgeryError("Name at least one layer to train.")
+    if any(not 0 <= n <= MAX_INDEX for n in layers) or len(set(layers)) < len(layers):
+        raise LorsaSurgeryError(f"layers must be distinct layer indices, got {layers!r:.80}.")
+    return tuple(layers)
 
 
 @dataclass
@@ -177,8 +219,13 @@ class HealConfig:
     eval_tokens: int = 4096
     """Held-out tokens (never trained on) for the KL and LM losses before and after."""
     texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--text",), "files": True})
-    """Training text (.txt, .jsonl); none: the built-in offline corpus, the Python documentation
-    (`lorsa_surgery.host.corpus.python_documentation`)."""
+    """Training text (.txt, .jsonl); with neither texts nor sample_tokens, the built-in offline corpus, the Python
+    documentation (`lorsa_surgery.host.corpus.python_documentation`)."""
+    sample_tokens: int = 0
+    """Also train on this many tokens of text sampled from the base model itself (offline, any model)."""
+    ood_texts: tuple[str, ...] = field(default=(), metadata={"flags": ("--ood-text",), "files": True})
+    """Text of other domains for a second held-out measurement before and after (.txt, .jsonl); none: the built-in
+    English prose sample (`lorsa_surgery.host.corpus.prose`)."""
     warmup: float = 0.1
     """Fraction of the steps for the linear warm-up; the rest decays linearly to zero."""
     seed: int = 0
@@ -187,7 +234,8 @@ class HealConfig:
     """Log a line (and refresh the progress bar) every this many steps."""
 
     def __post_init__(self) -> None:
-        self.texts = tuple(str(t) for t in self.texts)
+        self.texts, self.ood_texts = tuple(str(t) for t in self.texts), tuple(str(t) for t in self.ood_texts)
+        check_number(self.sample_tokens, "sample_tokens", integer=True, minimum=0, maximum=MAX_INDEX)
         for name in ("tokens", "batch_size", "eval_tokens", "log_every"):
             check_number(getattr(self, name), name, integer=True, minimum=1, maximum=MAX_INDEX)
         check_number(self.context, "context", integer=True, minimum=2, maximum=MAX_CONTEXT)

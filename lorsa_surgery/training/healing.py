@@ -27,7 +27,7 @@ from lorsa_surgery.host import corpus
 
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.host.metrics import next_token_loss
+from lorsa_surgery.host.metrics import compare, kl_and_loss_sums
 from lorsa_surgery.host.placement import input_device
 from lorsa_surgery.host.splicing import Splice
 from lorsa_surgery.training import core
@@ -200,25 +200,12 @@ def _kl_and_losses(handle: Splice, ids: torch.Tensor, mask: torch.Tensor, grad: 
         teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     with torch.set_grad_enabled(grad):
         student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    loss_teacher, keep = next_token_loss(teacher, ids, mask)
-    loss_student, _ = next_token_loss(student.detach(), ids, mask)
-    p, q = teacher[:, :-1].float().log_softmax(-1), student[:, :-1].float().log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1)[keep].sum()
-    losses = torch.stack([loss_teacher[keep].sum(), loss_student[keep].sum(), keep.sum().to(loss_teacher)])
-    return kl, losses.double()
+    return kl_and_loss_sums(teacher, student, ids, mask)
 
 
 def evaluate(handle: Splice, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
     """KL divergence from the original to the spliced model (nats per token) and both LM losses on these sequences."""
-    device = input_device(handle.model)
-    kl, sums = 0.0, torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(ids), batch_size):
-        batch_kl, batch_sums = _kl_and_losses(handle, ids[i : i + batch_size].to(device), mask[i : i + batch_size].to(device), grad=False)
-        kl += float(batch_kl)
-        sums += batch_sums.cpu()
-    n = float(sums[2])
-    return {"kl": kl / n, "lm_loss_original": float(sums[0]) / n, "lm_loss_spliced": float(sums[1]) / n,
-            "lm_loss_gap": float(sums[1] - sums[0]) / n, "tokens": int(n)}
+    return compare(handle.model, ids, mask, reference=lambda: original_model(handle), batch_size=batch_size)
 
 
 def _sync_sources(handle: Splice) -> None:
@@ -246,12 +233,16 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
         raise LorsaSurgeryError("Detach the interventions before healing: they would be trained around.")
     if not config.train_lorsa and not config.lora_rank and handle.adapter is None:
         raise LorsaSurgeryError("Nothing to train: give lora_rank > 0 or train_lorsa.")
-    docs = corpus.load_texts(list(config.texts)) if config.texts else corpus.python_documentation()
-    ids, mask = token_sequences(docs, tokenizer, config.context)
-    held_out, train_rows = core.held_out_split(len(ids), config.eval_tokens, config.context, config.seed)
     model = handle.model
+    docs = corpus.load_texts(list(config.texts)) if config.texts else []
+    if config.sample_tokens:
+        docs += corpus.sample_from_model(model, tokenizer, config.sample_tokens, seed=config.seed)
+    ids, mask = token_sequences(docs or corpus.python_documentation(), tokenizer, config.context)
+    held_out, train_rows = core.held_out_split(len(ids), config.eval_tokens, config.context, config.seed)
+    other = token_sequences(corpus.load_texts(list(config.ood_texts)) if config.ood_texts else corpus.prose(), tokenizer,
+                            config.context)
     model.requires_grad_(False)
-    before = evaluate(handle, ids[held_out], mask[held_out])
+    before, ood_before = evaluate(handle, ids[held_out], mask[held_out]), evaluate(handle, *other)
     adapter = None
     if handle.adapter is None and config.lora_rank:
         # Layers below the first splice see the original activations; adapters there would only lengthen backward.
@@ -300,12 +291,16 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
     bar.close()
     model.requires_grad_(False)
     _sync_sources(handle)
-    after = evaluate(handle, ids[held_out], mask[held_out])
+    after, ood_after = evaluate(handle, ids[held_out], mask[held_out]), evaluate(handle, *other)
+    sources = [Path(t).name for t in config.texts] + ([f"{config.sample_tokens} tokens sampled from the base model"]
+                                                      if config.sample_tokens else [])
     return {
-        "before": before, "after": after, "steps": steps, "tokens": steps * config.batch_size * config.context,
+        "before": before, "after": after, "ood_before": ood_before, "ood_after": ood_after,
+        "ood_text": ", ".join(Path(t).name for t in config.ood_texts) or corpus.PROSE,
+        "steps": steps, "tokens": steps * config.batch_size * config.context,
         "trained": (["lora"] if lora else []) + (["lorsa"] if config.train_lorsa else []),
         "lora_rank": handle.adapter.r if handle.adapter is not None else 0,
         "adapter_targets": None if adapter is None else len(adapter.applied),
-        "text": ", ".join(Path(t).name for t in config.texts) or corpus.BUILTIN_CORPUS,
+        "text": ", ".join(sources) or corpus.BUILTIN_CORPUS,
         "config": asdict(config),
     }

@@ -3,11 +3,13 @@
 One config, one trainer. The host model runs once per batch, only up to the deepest chosen layer; hooks capture
 what each chosen attention module receives and returns (HF coordinates; README, "Input space") and one Lorsa
 module per layer learns to reproduce its layer's output, top-K sparse, with its own Adam optimiser.
-`accelerate launch` runs the same code data-parallel (DDP).
+`accelerate launch` runs the same code data-parallel (DDP). With `inputs="replaced"` the capture runs through the
+modules as they train, so each layer learns on what the replaced layers below it hand on.
 
 A run folder holds one folder per layer (`L3/`: the finished module, loadable with `Lorsa.from_pretrained`,
-its training record, `metrics.jsonl` and `training.png`) and `checkpoints/`, from which `resume=True`
-continues exactly where the last checkpoint left off.
+its training record, `metrics.jsonl` and `training.png`), `together.json` when it trained several layers (KL and
+LM loss with all of them spliced at once) and `checkpoints/`, from which `resume=True` continues exactly where the
+last checkpoint left off.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from lorsa_surgery.host import corpus
 from lorsa_surgery.io import files
 
 from lorsa_surgery.lorsa import formats
-from lorsa_surgery.host.arch import exact_copy, from_host_subspaces
+from lorsa_surgery.host.arch import exact_copy, from_host_subspaces, host_rotary
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.formats import fold_dataset_norms
 from lorsa_surgery.lorsa.config import check_module_size
 from lorsa_surgery.lorsa.model import Lorsa
-from lorsa_surgery.host.metrics import explained_variance, lm_loss_sums
+from lorsa_surgery.host.metrics import compare, explained_variance, lm_loss_sums
 from lorsa_surgery.host.placement import input_device
 from lorsa_surgery.host.hooks import watch_attention
 from lorsa_surgery.host.splicing import splice
@@ -48,6 +50,7 @@ from lorsa_surgery.training.config import TrainConfig
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
+TOGETHER_FILE = "together.json"
 CHECKPOINTS = "checkpoints"
 SAMPLED_CORPUS = "sampled_corpus.jsonl"
 
@@ -114,6 +117,17 @@ def capture_layers(model: nn.Module, layers: list[int] | tuple[int, ...], input_
     return {layer: (calls[layer].hidden_states, calls[layer].result) for layer in layers}
 
 
+@torch.no_grad()
+def capture_replaced(model: nn.Module, modules: dict[int, Lorsa], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each layer of `modules`, its attention input with every one of `modules` spliced in (replace mode), so
+    each layer sees what the layers below it make of the text once replaced, and the original attention's output on
+    that input, [B, T, d]; the host runs once, up to the deepest of them."""
+    with splice(model, modules, mode="replace"), watch_attention(model, modules, stop=True) as calls:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return {layer: (call.hidden_states, call.module.original(*call.args, **call.kwargs)[0]) for layer, call in calls.items()}
+
+
 def capture(model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What layer `layer`'s attention module receives (hidden_states) and returns (output[0]), [B, T, d]."""
     return capture_layers(model, [layer], input_ids, attention_mask)[layer]
@@ -152,8 +166,16 @@ class ActivationSource:
                     for row, seq in enumerate(f.get_tensor("sequence").tolist()):
                         self.index[layer].setdefault(seq, (shard, row))
 
-    def get(self, sequences: list[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """Per layer: x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T]."""
+    def get(self, sequences: list[int], replaced: dict[int, Lorsa] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+        """Per layer: x, y [B, T, d] on `device`, with input_ids, attention_mask, position_ids and loss_mask [B, T].
+        With `replaced` (a module for each layer, in host coordinates), captured afresh through them (see
+        `capture_replaced`), never from the cache."""
+        if replaced is not None:
+            host = input_device(self.model)
+            captured = capture_replaced(self.model, replaced, self.input_ids[sequences].to(host),
+                                        self.attention_mask[sequences].to(host))
+            return {layer: _batch(x.to(self.device), y.to(self.device), self.input_ids[sequences],
+                                  self.attention_mask[sequences], self.model, layer) for layer, (x, y) in captured.items()}
         missing = sorted({s for layer in self.layers for s in sequences if s not in self.index[layer]})
         fresh: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         if missing:
@@ -180,11 +202,11 @@ class ActivationSource:
                 xs.append(x.to(self.device))
                 ys.append(y.to(self.device))
             batches[layer] = _batch(torch.stack(xs), torch.stack(ys), self.input_ids[sequences],
-                                    self.attention_mask[sequences], self.model)
+                                    self.attention_mask[sequences], self.model, layer)
         return batches
 
 
-def _batch(x, y, input_ids, attention_mask, model) -> dict[str, torch.Tensor]:
+def _batch(x, y, input_ids, attention_mask, model, layer: int) -> dict[str, Any]:
     bos = getattr(model.config, "bos_token_id", None)
     device = x.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -195,6 +217,9 @@ def _batch(x, y, input_ids, attention_mask, model) -> dict[str, torch.Tensor]:
     return {
         "x": x, "y": y, "input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
         "position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0),
+        # The host's cos and sin where the module cannot compute them, at the positions the host ran at (rows are
+        # right-padded, so they are the real tokens' positions).
+        "rotary": host_rotary(model, layer, torch.arange(x.shape[1], device=device)[None]),
     }
 
 
@@ -289,9 +314,9 @@ class _Objective(nn.Module):
         super().__init__()
         self.lorsa = lorsa
 
-    def forward(self, x, y, position_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, y, position_ids, attention_mask, loss_mask, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
         # Lorsa.forward's top-K path, split open to see which heads fired (for dead-head tracking).
-        z = self.lorsa.hidden_pre(x, position_ids, attention_mask)
+        z = self.lorsa.hidden_pre(x, position_ids, attention_mask, rotary=rotary)
         idx, vals = self.lorsa._topk(z)
         out = self.lorsa.decode_sparse(idx, vals)
         sse = (out.float() - y.float()).pow(2).sum(-1)
@@ -321,9 +346,7 @@ def planned_heads(config: TrainConfig, host_config) -> tuple[int, int]:
 
     text = host_config.get_text_config(decoder=True)
     d, (H, _, hd) = text.hidden_size, _head_counts(host_config)
-    n_layers = text.num_hidden_layers
-    if any(layer >= n_layers for layer in config.layers):
-        raise LorsaSurgeryError(f"Layer {max(config.layers)} is out of range: the model has {n_layers} layers.")
+    config.layer_list(text.num_hidden_layers)
     exact = 2 * H * hd  # the size of the exact copy
     if config.init == "attention":
         n_qk, n_ov = config.n_qk_heads or H, config.n_heads or exact
@@ -387,7 +410,7 @@ def _build(config: TrainConfig, model: nn.Module, layer: int, host: dict[str, An
     target = first["y"][keep].double() * scale_out
     if config.init == "host":
         # The heads top-K drops leave a mean behind: the bias takes what the kept heads miss on average.
-        z = lorsa.hidden_pre(first["x"] * scale_in, first["position_ids"], mask)
+        z = lorsa.hidden_pre(first["x"] * scale_in, first["position_ids"], mask, rotary=first["rotary"])
         idx, vals = lorsa._topk(z)
         lorsa.b_D.zero_()
         lorsa.b_D.copy_((target - lorsa.decode_sparse(idx, vals)[keep].double()).mean(0))
@@ -436,7 +459,7 @@ class _LayerRun:
         mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]
         with torch.autocast(trainer.acc.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
             sse, fired = self.objective(batch["x"] * self.scale_in, batch["y"] * self.scale_out, batch["position_ids"], mask,
-                                        batch["loss_mask"])
+                                        batch["loss_mask"], batch["rotary"])
         # DDP averages gradients over processes; scaling by P / global tokens makes that the global token mean.
         (sse * P / n_global).backward()
         self.grad_norm = core.clip_gradients(self.lorsa.parameters(), config.grad_clip)
@@ -516,20 +539,26 @@ class _LayerRun:
                 b = both[self.layer]
                 mask = None if bool(b["attention_mask"].all()) else b["attention_mask"]
                 # Explained variance does not depend on the scale: compare in the scaled coordinates trained in.
-                pred = lorsa(b["x"] * self.scale_in, b["position_ids"], mask)
+                pred = lorsa(b["x"] * self.scale_in, b["position_ids"], mask, rotary=b["rotary"])
                 sums += _ev_sums(pred, b["y"] * self.scale_out, b["loss_mask"])
                 linear += _ev_sums(global_baseline.predict(b["x"], weights), b["y"], b["loss_mask"])
             sums, linear = acc.reduce(sums, "sum"), acc.reduce(linear, "sum")
             result.update({f"{prefix}ev": _ev_from_sums(sums), f"{prefix}linear_ev": _ev_from_sums(linear),
                            f"{prefix}eval_tokens": int(sums[1])})
-        folded = copy.deepcopy(lorsa)
-        fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
+        folded = self.spliceable()
         for prefix, (ids, mask, original) in trainer.lm_loss_texts().items():
             with splice(trainer.model, {self.layer: folded}):
                 spliced = acc.reduce(lm_loss_sums(trainer.model, ids, mask).to(acc.device), "sum")
             result.update({f"{prefix}lm_loss_original": float(original[0] / original[1]),
                            f"{prefix}lm_loss_spliced": float(spliced[0] / spliced[1]), f"{prefix}lm_loss_tokens": int(spliced[1])})
         return result
+
+    @torch.no_grad()
+    def spliceable(self) -> Lorsa:
+        """A copy of the module as trained so far, in the host's coordinates (it trains in scaled ones)."""
+        folded = copy.deepcopy(self.lorsa)
+        fold_dataset_norms(folded, self.norms["in"], self.norms["out"])
+        return folded
 
     def plot(self) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -591,7 +620,6 @@ class Trainer:
 
         from lorsa_surgery.host.models import base_record, load_config, load_model, public_record
 
-        self.config = config
         # Without CUDA, cpu=True is what lets a multi-process launch (torchrun) run DDP over gloo.
         self.acc = acc = Accelerator(cpu=not torch.cuda.is_available())
         if acc.num_processes > 1 and (config.device_map or config.max_memory):
@@ -601,7 +629,10 @@ class Trainer:
                                     f"({acc.num_processes}).")
         self.out = Path(config.out)
         # Sizes and layers are checked from the host's config before anything is written or the host loads.
-        planned_heads(config, model.config if model is not None else load_config(config.model, config.revision))
+        host_config = model.config if model is not None else load_config(config.model, config.revision)
+        planned_heads(config, host_config)
+        n_layers = host_config.get_text_config(decoder=True).num_hidden_layers
+        self.config = config = dataclasses.replace(config, layers=config.layer_list(n_layers))
         if acc.is_main_process:
             _prepare_folder(config, self.out)
         acc.wait_for_everyone()
@@ -689,10 +720,13 @@ class Trainer:
         metrics logged at that step, by layer); an exception raised there stops the run, which `resume=True`
         continues from the last checkpoint."""
         config, acc = self.config, self.acc
-        bar = core.progress(f"train L{','.join(map(str, config.layers))}", self.steps, self.start, acc.is_main_process)
+        few = len(config.layers) <= 4  # beyond that, per-layer figures overflow the bar: their mean and worst
+        desc = f"train L{','.join(map(str, config.layers))}" if few else f"train {len(config.layers)} layers"
+        bar = core.progress(desc, self.steps, self.start, acc.is_main_process)
         for step in range(self.start, self.steps):
             t0 = time.perf_counter()
-            batches = self.source.get(self.batch_sequences(step))
+            replaced = {layer: run.spliceable() for layer, run in self.runs.items()} if config.inputs == "replaced" else None
+            batches = self.source.get(self.batch_sequences(step), replaced)
             n_global = acc.reduce(next(iter(batches.values()))["loss_mask"].sum().double(), "sum").clamp_min(1)
             for layer, run in self.runs.items():
                 run.step(self, batches[layer], n_global, step)
@@ -704,8 +738,10 @@ class Trainer:
                 for layer, run in self.runs.items():
                     records[layer] = run.train_record(self, done, tokens)
                     run.log(records[layer])
-                bar.set_postfix(ev="/".join(f"{r['ev']:.3f}" for r in records.values()),
-                                dead="/".join(f"{r['dead_frac']:.2f}" for r in records.values()),
+                evs, deads = [r["ev"] for r in records.values()], [r["dead_frac"] for r in records.values()]
+                worst = min(records, key=lambda layer: records[layer]["ev"])
+                bar.set_postfix(ev="/".join(f"{v:.3f}" for v in evs) if few else f"{sum(evs) / len(evs):.3f} (L{worst} {min(evs):.3f})",
+                                dead="/".join(f"{v:.2f}" for v in deads) if few else f"{sum(deads) / len(deads):.2f}",
                                 k=next(iter(records.values()))["k"], tok_s=f"{records[config.layers[0]]['tokens_per_s']:.0f}")
             bar.update(1)
             if (config.eval_every and done % config.eval_every == 0) or done == self.steps:
@@ -724,8 +760,25 @@ class Trainer:
                 on_step(done, records)
         bar.close()
         modules = {layer: run.finish(self) for layer, run in self.runs.items()}
+        if len(modules) > 1:
+            self.together = self._together(modules)
         acc.wait_for_everyone()
         return modules
+
+    def _together(self, modules: dict[int, Lorsa]) -> dict[str, Any]:
+        """KL to the original and LM losses with every trained module spliced in at once (held-out training text and
+        the other domain), written to `out/together.json`: what per-layer figures cannot show, how errors compound."""
+        result: dict[str, Any] = {"layers": list(modules)}
+        names = ("kl", "lm_loss_original", "lm_loss_spliced")
+        for prefix, (ids, mask, _) in self.lm_loss_texts().items():
+            mine = compare(self.model, ids, mask, candidate=lambda: splice(self.model, modules, mode="replace"))
+            sums = self.acc.reduce(torch.tensor([mine[k] * mine["tokens"] for k in names] + [mine["tokens"]],
+                                                dtype=torch.float64, device=self.acc.device), "sum")
+            result.update({prefix + k: float(sums[i] / sums[-1]) for i, k in enumerate(names)})
+            result[prefix + "tokens"] = int(sums[-1])
+        if self.acc.is_main_process:
+            files.write_json(self.out / TOGETHER_FILE, result)
+        return result
 
     def _checkpoint(self, step: int) -> None:
         """Every layer's state at `step`, then the pointer to it: a run killed mid-checkpoint resumes from the last whole one."""
