@@ -132,8 +132,8 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
                 floor = compare(model, ids, mask, candidate=lambda: mean_ablated(model, {l: means[l] for l in subset}))
                 row[name] = {"original": spliced["lm_loss_original"], "replaced": spliced["lm_loss_spliced"],
                              "kl": spliced["kl"], "floor": floor["lm_loss_spliced"], "floor_kl": floor["kl"],
-                             "recovered": loss_recovered(spliced["lm_loss_original"], spliced["lm_loss_spliced"],
-                                                         floor["lm_loss_spliced"]),
+                             "recovered": recovered(spliced["lm_loss_original"], spliced["lm_loss_spliced"],
+                                                    floor["lm_loss_spliced"]),
                              "tokens": spliced["tokens"]}
             rows.append(row)
             print(f"{order} {k}: " + "; ".join(f"{n} loss {row[n]['replaced']:.4f} (original {row[n]['original']:.4f}, "
@@ -145,13 +145,22 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
     for name, (ids, mask) in texts.items():
         after = evaluate(healed, ids, mask)
         floor = every[name]["floor"]
-        healed_rows[name] = {**after, "recovered": loss_recovered(after["lm_loss_original"], after["lm_loss_spliced"], floor)}
+        healed_rows[name] = {**after, "recovered": recovered(after["lm_loss_original"], after["lm_loss_spliced"], floor)}
     ids, mask = texts["held_out"]
     with ls.splice(model, modules) as handle:
         heads = activity(handle, ids, mask)
     return {"layers": layers, "alone": alone, "rows": rows, "healed": healed_rows, "heads": heads,
             "k": {layer: modules[layer].cfg.top_k for layer in layers},
             "generation": generation_ratio(model, tokenizer, modules, rounds=args.rounds, new_tokens=args.new_tokens)}
+
+
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def recovered(original: float, replaced: float, floor: float) -> float | None:
+    """Loss recovered, or None where mean-ablating the layers costs nothing (the share would mean nothing)."""
+    return loss_recovered(original, replaced, floor) if floor > original else None
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -161,12 +170,12 @@ def write_report(report: dict, out: Path) -> None:
     for row in report["rows"]:
         h, o = row["held_out"], row["other_domains"]
         lines.append(f"| {row['order']} {row['k']} | {','.join(map(str, row['layers']))} | {h['replaced']:.3f} "
-                     f"({h['original']:.3f}) | {h['floor']:.3f} | {h['kl']:.3f} | {h['recovered']:.1%} | "
-                     f"{o['replaced']:.3f} ({o['original']:.3f}) | {o['floor']:.3f} | {o['kl']:.3f} | {o['recovered']:.1%} |")
+                     f"({h['original']:.3f}) | {h['floor']:.3f} | {h['kl']:.3f} | {share(h['recovered'])} | "
+                     f"{o['replaced']:.3f} ({o['original']:.3f}) | {o['floor']:.3f} | {o['kl']:.3f} | {share(o['recovered'])} |")
     h, o = report["healed"]["held_out"], report["healed"]["other_domains"]
     lines.append(f"| all, healed | all | {h['lm_loss_spliced']:.3f} ({h['lm_loss_original']:.3f}) | | {h['kl']:.3f} | "
-                 f"{h['recovered']:.1%} | {o['lm_loss_spliced']:.3f} ({o['lm_loss_original']:.3f}) | | {o['kl']:.3f} | "
-                 f"{o['recovered']:.1%} |")
+                 f"{share(h['recovered'])} | {o['lm_loss_spliced']:.3f} ({o['lm_loss_original']:.3f}) | | {o['kl']:.3f} | "
+                 f"{share(o['recovered'])} |")
     lines += ["", "| layer | K | L0 (heads firing per token) | dead heads | loss change alone |", "|---|---|---|---|---|"]
     for layer in report["layers"]:
         heads = report["heads"][layer]
@@ -189,7 +198,8 @@ def plot(report: dict, path: Path) -> None:
         for order, style in (("first", "o-"), ("cheapest", "s--")):
             rows = [r for r in report["rows"] if r["order"] == order]
             ax.plot([r["k"] for r in rows], [r[name]["recovered"] for r in rows], style, label=f"{order} k layers")
-        ax.plot([len(report["layers"])], [report["healed"][name]["recovered"]], "r*", markersize=12, label="all, healed")
+        if report["healed"][name]["recovered"] is not None:
+            ax.plot([len(report["layers"])], [report["healed"][name]["recovered"]], "r*", markersize=12, label="all, healed")
         ax.axhline(0.9, ls=":", color="gray")
         ax.set(xscale="log", xlabel="attention layers replaced", ylabel="loss recovered", title=title, ylim=(None, 1.02))
         ax.legend(fontsize=7)

