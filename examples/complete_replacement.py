@@ -137,7 +137,7 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
                              "tokens": spliced["tokens"]}
             rows.append(row)
             print(f"{order} {k}: " + "; ".join(f"{n} loss {row[n]['replaced']:.4f} (original {row[n]['original']:.4f}, "
-                                               f"floor {row[n]['floor']:.4f}), recovered {row[n]['recovered']:.3f}"
+                                               f"floor {row[n]['floor']:.4f}), recovered {share(row[n]['recovered'])}"
                                                for n in texts), flush=True)
     every = rows[len([k for k in KS if k <= len(layers)]) - 1]  # "first", all layers
     healed_model, _, healed = ls.load_patched(args.out / "healed")
