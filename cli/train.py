@@ -1,6 +1,6 @@
 """`lorsa-surgery train`: train Lorsa modules for attention layers of a model; every option is a `TrainConfig` field."""
 
-import json
+from pathlib import Path
 
 import click
 
@@ -21,6 +21,7 @@ def train(threads: int | None, **options) -> None:
     """
     config = TrainConfig(**options)  # checks every number before anything loads
     set_threads(threads)
+    from lorsa_surgery.io import files
     from lorsa_surgery.training.trainer import TOGETHER_FILE, train as run_training
 
     modules = run_training(config)
@@ -36,16 +37,10 @@ def train(threads: int | None, **options) -> None:
     click.echo(f"Saved {len(modules)} module(s) in {config.out} (one folder per layer, L<layer>):")
     for row in rows:
         click.echo("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    together = _read_together(f"{config.out}/{TOGETHER_FILE}")
-    if together and "kl" in together:
+    path = Path(config.out) / TOGETHER_FILE
+    together = files.read_json(path, expect=dict) if path.exists() else {}
+    if "kl" in together:
         click.echo(f"All {len(modules)} layers spliced at once: LM loss {together['lm_loss_original']:.4f} -> "
                    f"{together['lm_loss_spliced']:.4f} (KL {together['kl']:.4f}) held out; other domain "
                    f"{together['ood_lm_loss_original']:.4f} -> {together['ood_lm_loss_spliced']:.4f} (KL {together['ood_kl']:.4f}).")
 
-
-def _read_together(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None

@@ -122,9 +122,10 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
     alone = {layer: modules[layer].training_info["lm_loss_spliced"] - modules[layer].training_info["lm_loss_original"]
              for layer in layers}
     cheapest = sorted(layers, key=alone.get)
+    ks = sorted({k for k in KS if k < len(layers)} | {len(layers)})  # always ending with every layer
     rows = []
     for order, chosen in (("first", layers), ("cheapest", cheapest)):
-        for k in [k for k in KS if k <= len(layers)]:
+        for k in ks:
             subset = sorted(chosen[:k])
             row = {"order": order, "k": k, "layers": subset}
             for name, (ids, mask) in texts.items():
@@ -139,7 +140,7 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
             print(f"{order} {k}: " + "; ".join(f"{n} loss {row[n]['replaced']:.4f} (original {row[n]['original']:.4f}, "
                                                f"floor {row[n]['floor']:.4f}), recovered {share(row[n]['recovered'])}"
                                                for n in texts), flush=True)
-    every = rows[len([k for k in KS if k <= len(layers)]) - 1]  # "first", all layers
+    every = rows[len(ks) - 1]  # "first", every layer
     healed_model, _, healed = ls.load_patched(args.out / "healed")
     healed_rows = {}
     for name, (ids, mask) in texts.items():
