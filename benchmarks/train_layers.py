@@ -4,8 +4,9 @@ alone with the same seed.
 
     python benchmarks/train_layers.py                         # layers 3, 10, 17; expansion 4, K 32, 16k tokens
     python benchmarks/train_layers.py --layers 3,17 --tokens 32768 --rounds 2
+    python benchmarks/train_layers.py --layers $(seq -s, 0 29) --expansion 1 --k 64 --tokens 8192 --each-alone
 
-Rounds alternate (deepest alone, all together) so that both see the same machine load; no activation cache, so
+Rounds alternate (deepest alone, or with --each-alone every layer alone; then all together) so that both see the same machine load; no activation cache, so
 every step runs the host. The table reports medians over rounds.
 """
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--each-alone", action="store_true",
+                        help="Train every layer alone, not only the deepest: 30 single-layer runs summed against one pass.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     layers = tuple(int(x) for x in args.layers.split(","))
@@ -50,25 +53,32 @@ def main() -> None:
 
     times = {"alone": [], "together": []}
     steps = {"alone": [], "together": []}
+    runs = [("alone", (layer,)) for layer in (layers if args.each_alone else (deepest,))] + [("together", layers)]
     for _ in range(args.rounds):
-        for name, chosen in (("alone", (deepest,)), ("together", layers)):
+        loop = {"alone": 0.0, "together": 0.0}
+        lorsa = {"alone": 0.0, "together": 0.0}
+        for name, chosen in runs:
             seconds, modules = run(chosen, name)
-            info = modules[deepest].training_info
-            times[name].append(info["tokens"] / info["tokens_per_s"])
-            steps[name].append(sum(m.training_info["tokens"] / m.training_info["lorsa_step_tokens_per_s"] for m in modules.values()))
-            if name == "alone":
-                alone = {k: v.clone() for k, v in modules[deepest].state_dict().items()}
-            else:
-                together = modules[deepest].state_dict()
+            info = next(iter(modules.values())).training_info  # every module of a run shares its loop
+            loop[name] += info["tokens"] / info["tokens_per_s"]
+            lorsa[name] += sum(m.training_info["tokens"] / m.training_info["lorsa_step_tokens_per_s"] for m in modules.values())
+            if deepest in modules:
+                weights = {k: v.clone() for k, v in modules[deepest].state_dict().items()}
+                alone, together = (weights, None) if name == "alone" else (alone, weights)
+        for name in loop:
+            times[name].append(loop[name])
+            steps[name].append(lorsa[name])
     diff = max((alone[k] - together[k]).abs().max().item() for k in alone)
     tokens = modules[deepest].training_info["tokens"]
     n_heads = modules[deepest].training_info["n_heads"]
     print(f"\nSmolLM2 training, {n_heads} heads per layer, K {args.k}, {tokens} tokens, {args.threads} threads, "
           f"no activation cache; medians of {args.rounds} round(s)\n")
-    print("| run | training loop s | of which Lorsa steps s | tokens/s end to end | time / deepest alone |")
+    print(f"| run | training loop s | of which Lorsa steps s | tokens/s end to end | time / {'all' if args.each_alone else 'deepest'} alone |")
     print("|---|---|---|---|---|")
     base = statistics.median(times["alone"])
-    for name, label in (("alone", f"layer {deepest} alone"), ("together", f"layers {', '.join(map(str, layers))} in one pass")):
+    alone_label = f"each of the {len(layers)} layers alone, summed" if args.each_alone else f"layer {deepest} alone"
+    together_label = f"layers {', '.join(map(str, layers)) if len(layers) < 8 else f'{min(layers)}-{max(layers)}'} in one pass"
+    for name, label in (("alone", alone_label), ("together", together_label)):
         t = statistics.median(times[name])
         print(f"| {label} | {t:.1f} | {statistics.median(steps[name]):.1f} | {tokens / t:.0f} | {t / base:.2f}x |")
     print(f"\nlayer {deepest}: largest weight difference between trained alone and trained together: {diff:.2e}")

@@ -11,8 +11,9 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.settings import DTYPE_NAMES, parse_max_memory
 
 LORSA_HELP = ("LAYER=PATH: a checkpoint folder, Hub id (repo or repo:subfolder), 'default' or 'from-attention'; "
-              "all=FOLDER (a module per layer, as a training run keeps them) or all=from-attention for every layer, "
-              "which LAYER=PATH options then override. Repeatable.")
+              "all=FOLDER (a module per layer, as a training run keeps them), all=default (the modules of the shipped "
+              "complete replacement) or all=from-attention for every layer, which LAYER=PATH options then override. "
+              "Repeatable.")
 
 
 def parse_layer_specs(values: tuple[str, ...], model: str | None = None, revision: str | None = None) -> dict[int, str]:
@@ -168,12 +169,14 @@ def load_with_modules(model_spec, lorsa_specs, mode, revision, base, allow_pickl
 
 def _patched_root(spec: str, revision: str | None) -> dict | None:
     """The root config of the patched model a spec names (folder or Hub repo), or None for a plain model."""
-    from lorsa_surgery.publishing.patched import is_patched_folder, read_root
+    from lorsa_surgery.publishing.patched import is_patched_folder, read_root, shipped
 
     if is_patched_folder(spec):
         return read_root(spec)
     if Path(spec).exists():
         return None
+    if shipped(spec) is not None:
+        return read_root(shipped(spec))
     path = _patched_repo_root(spec, revision)
     return None if path is None else read_root(Path(path).parent)
 

@@ -13,14 +13,17 @@ Stages, each kept in --out and skipped when its result is there (training resume
    layers whose module alone raises the held-out loss least), against the floor of those layers mean-ablated
    (loss recovered = (floor - replaced) / (floor - original)); all layers healed; L0 and dead heads per layer;
    greedy generation speed, all layers replaced against the original, in one run.
+5. with --ship DIR: the healed replacement at 16 bits in DIR, its card carrying the table of step 4.
 
     python examples/complete_replacement.py --out runs/complete                      # the full run (see --help)
     python examples/complete_replacement.py --out runs/complete-fast --fast          # two layers, a few steps
+    python examples/complete_replacement.py --out runs/complete --ship lorsa_surgery/default_modules/smollm2-complete
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -31,6 +34,7 @@ import torch
 import lorsa_surgery as ls
 from lorsa_surgery.host import corpus
 from lorsa_surgery.host.metrics import attention_means, compare, loss_recovered, mean_ablated
+from lorsa_surgery.publishing.patched import module_folders
 from lorsa_surgery.training.healing import evaluate
 from lorsa_surgery.training.trainer import SAMPLED_CORPUS, token_sequences
 
@@ -67,11 +71,18 @@ def heal_all(args, modules: dict[int, ls.Lorsa], text: Path, model, tokenizer) -
     folder = args.out / "healed"
     if (folder / "lorsa_surgery.json").exists():
         return json.loads((folder / "lorsa_surgery.json").read_text())["metrics"]["healing"]
-    handle = ls.splice(model, modules)
+    handle = ls.splice(model, copy.deepcopy(modules))  # healing trains the modules; the unhealed ones are measured too
     sampled = args.out / "train" / SAMPLED_CORPUS
     config = ls.HealConfig(tokens=args.heal_tokens, texts=(str(text), str(sampled)), eval_tokens=args.eval_tokens,
                            context=args.context)
     report = ls.heal(handle, tokenizer, config)
+    # Kept at 16 bits, as shipped; what the rounding costs is measured on the prose before and after.
+    ids, mask = token_sequences(corpus.prose(), tokenizer, args.context)
+    ids, mask = ids[: args.eval_sequences], mask[: args.eval_sequences]
+    full = evaluate(handle, ids, mask)
+    for lorsa in handle.modules().values():
+        lorsa.half()
+    report["storage"] = {"float32": full, "float16": evaluate(handle, ids, mask)}
     ls.save_patched(handle, folder, metrics={"healing": report})
     handle.unsplice()
     return report
@@ -146,13 +157,44 @@ def measure(args, modules: dict[int, ls.Lorsa], held_out: Path, model, tokenizer
     for name, (ids, mask) in texts.items():
         after = evaluate(healed, ids, mask)
         floor = every[name]["floor"]
-        healed_rows[name] = {**after, "recovered": recovered(after["lm_loss_original"], after["lm_loss_spliced"], floor)}
+        healed_rows[name] = {**after, "floor": floor,
+                             "recovered": recovered(after["lm_loss_original"], after["lm_loss_spliced"], floor)}
+    # What `--lorsa all=default` splices: the healed modules without the adapter they were healed with.
+    healed_modules = {layer: ls.Lorsa.from_pretrained(path) for layer, path in module_folders(args.out / "healed").items()}
+    for name, (ids, mask) in texts.items():
+        after = compare(model, ids, mask, candidate=lambda: ls.splice(model, healed_modules))
+        floor = every[name]["floor"]
+        healed_rows[f"{name}_modules_alone"] = {
+            **after, "recovered": recovered(after["lm_loss_original"], after["lm_loss_spliced"], floor)}
     ids, mask = texts["held_out"]
     with ls.splice(model, modules) as handle:
         heads = activity(handle, ids, mask)
     return {"layers": layers, "alone": alone, "rows": rows, "healed": healed_rows, "heads": heads,
+            "sequences": args.eval_sequences, "context": args.context,
             "k": {layer: modules[layer].cfg.top_k for layer in layers},
             "generation": generation_ratio(model, tokenizer, modules, rounds=args.rounds, new_tokens=args.new_tokens)}
+
+
+TEXTS = {"held_out": "held-out documentation", "other_domains": "prose of other domains"}
+
+
+def ship(report: dict, healed: Path, folder: Path) -> None:
+    """The healed replacement where the toolkit ships it (`ls.load_patched("smollm2-complete")`), its card carrying
+    the table of layers replaced together."""
+    _, _, handle = ls.load_patched(healed)
+    for lorsa in handle.modules().values():
+        lorsa.half()  # splicing gave them the host's float32
+    rows = [{"label": f"first {row['k']}", "text": text, **{key: row[name][key] for key in
+                                                            ("original", "replaced", "floor", "kl", "recovered")}}
+            for row in report["rows"] if row["order"] == "first" for name, text in TEXTS.items()]
+    for name, text in TEXTS.items():
+        h = report["healed"][name]
+        rows.append({"label": "all, healed", "text": text, "original": h["lm_loss_original"],
+                     "replaced": h["lm_loss_spliced"], "floor": h["floor"], "kl": h["kl"], "recovered": h["recovered"]})
+    note = (f"{report['sequences']} sequences of up to {report['context']} tokens of each text; the floor's means "
+            "come from the training text. Made by examples/complete_replacement.py.")
+    metrics = json.loads((healed / "lorsa_surgery.json").read_text())["metrics"]
+    ls.save_patched(handle, folder, metrics={**metrics, "replacement": {"rows": rows, "note": note}}, overwrite=True)
 
 
 def share(value: float | None) -> str:
@@ -173,15 +215,20 @@ def write_report(report: dict, out: Path) -> None:
         lines.append(f"| {row['order']} {row['k']} | {','.join(map(str, row['layers']))} | {h['replaced']:.3f} "
                      f"({h['original']:.3f}) | {h['floor']:.3f} | {h['kl']:.3f} | {share(h['recovered'])} | "
                      f"{o['replaced']:.3f} ({o['original']:.3f}) | {o['floor']:.3f} | {o['kl']:.3f} | {share(o['recovered'])} |")
-    h, o = report["healed"]["held_out"], report["healed"]["other_domains"]
-    lines.append(f"| all, healed | all | {h['lm_loss_spliced']:.3f} ({h['lm_loss_original']:.3f}) | | {h['kl']:.3f} | "
-                 f"{share(h['recovered'])} | {o['lm_loss_spliced']:.3f} ({o['lm_loss_original']:.3f}) | | {o['kl']:.3f} | "
-                 f"{share(o['recovered'])} |")
+    for label, suffix in (("all, healed", ""), ("all, healed modules without the adapter", "_modules_alone")):
+        h, o = report["healed"]["held_out" + suffix], report["healed"]["other_domains" + suffix]
+        lines.append(f"| {label} | all | {h['lm_loss_spliced']:.3f} ({h['lm_loss_original']:.3f}) | | {h['kl']:.3f} | "
+                     f"{share(h['recovered'])} | {o['lm_loss_spliced']:.3f} ({o['lm_loss_original']:.3f}) | | "
+                     f"{o['kl']:.3f} | {share(o['recovered'])} |")
     lines += ["", "| layer | K | L0 (heads firing per token) | dead heads | loss change alone |", "|---|---|---|---|---|"]
     for layer in report["layers"]:
         heads = report["heads"][layer]
         lines.append(f"| {layer} | {report['k'][layer]} | {heads['l0']:.1f} | {heads['dead']:.1%} | "
                      f"{report['alone'][layer]:+.4f} |")
+    kept = report["storage"]
+    lines += ["", f"Healed modules rounded to 16 bits, on the prose: KL {kept['float32']['kl']:.5f} -> "
+                  f"{kept['float16']['kl']:.5f}, LM loss {kept['float32']['lm_loss_spliced']:.4f} -> "
+                  f"{kept['float16']['lm_loss_spliced']:.4f}."]
     g = report["generation"]
     lines += ["", f"Greedy generation of {g['new_tokens']} tokens: {g['replaced_s']:.2f} s replaced, "
                   f"{g['original_s']:.2f} s original, ratio {g['ratio']:.2f}x."]
@@ -212,18 +259,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Folder for every stage (kept; reruns skip what is done).")
     parser.add_argument("--heads", type=int, default=576, help="OV heads per layer (a multiple of the 9 QK heads).")
     parser.add_argument("--k", type=int, default=64, help="Heads firing per token, per layer (docs/training.md: K sweep).")
-    parser.add_argument("--tokens", type=int, default=1_200_000, help="Training tokens per layer (all layers see them in one pass).")
-    parser.add_argument("--sample-tokens", type=int, default=200_000, help="Tokens of text sampled from SmolLM2 to train on too.")
+    parser.add_argument("--tokens", type=int, default=500_000, help="Training tokens per layer (all layers see them in one pass).")
+    parser.add_argument("--sample-tokens", type=int, default=150_000, help="Tokens of text sampled from SmolLM2 to train on too.")
     parser.add_argument("--inputs", choices=("original", "replaced"), default="original",
                         help="replaced matched original at 82k tokens per layer (docs/training.md) and costs 1.2x the steps.")
-    parser.add_argument("--heal-tokens", type=int, default=200_000)
+    parser.add_argument("--heal-tokens", type=int, default=80_000)
     parser.add_argument("--context", type=int, default=128, help="Tokens per sequence for healing and measuring.")
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--eval-sequences", type=int, default=32, help="Sequences of each text measured on.")
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--eval-sequences", type=int, default=20, help="Sequences of each text measured on.")
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=3, help="Generation timing rounds.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ship", type=Path, help="Also write the healed replacement here at 16 bits, with its card "
+                        "(the toolkit's copy: lorsa_surgery/default_modules/smollm2-complete).")
     parser.add_argument("--fast", action="store_true", help="Layers 0 and 1, a few steps (for tests).")
     args = parser.parse_args()
     if args.fast:
@@ -233,10 +282,14 @@ def main() -> None:
     model, tokenizer = ls.load_model("smollm2")
     train_text, held_out = split_documentation(args.out / "text")
     modules = train_all(args, train_text, model, tokenizer)
-    heal_all(args, modules, train_text, model, tokenizer)
-    report = measure(args, modules, held_out, model, tokenizer)
-    write_report(report, args.out)
+    healing = heal_all(args, modules, train_text, model, tokenizer)
+    if not (args.out / "report.json").exists():
+        report = {**measure(args, modules, held_out, model, tokenizer), "storage": healing["storage"]}
+        write_report(report, args.out)
+    report = json.loads((args.out / "report.json").read_text())
     print((args.out / "report.md").read_text())
+    if args.ship:
+        ship(report, args.out / "healed", args.ship)
 
 
 if __name__ == "__main__":

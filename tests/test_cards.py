@@ -104,3 +104,18 @@ def test_the_embedded_default_names_its_upstream_hub_model(tmp_path):
     assert ModelCard(card).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
     assert f"`SmolLM2-135M-Instruct.Q4_1.gguf` (sha256 `{'cd' * 32}`)" in card
+
+
+def test_healing_on_other_text_and_layers_replaced_together_are_tabled(tmp_path):
+    gap = lambda kl, g: {"kl": kl, "lm_loss_gap": g, "tokens": 64}  # noqa: E731
+    healing = {"trained": ["lora", "lorsa"], "tokens": 1000, "text": "docs", "before": gap(0.3, 0.2),
+               "after": gap(0.1, 0.05), "ood_before": gap(0.8, 0.85), "ood_after": gap(0.2, 0.15), "ood_text": "prose"}
+    rows = [{"label": "first 2 | x", "text": "prose", "original": 3.8, "replaced": 3.9, "floor": 4.8, "kl": 0.05,
+             "recovered": 0.9}, {"label": "all 30", "text": "prose", "original": 3.8, "replaced": 3.8, "floor": 3.8,
+                                 "kl": 0.0, "recovered": None}]
+    card = _card(tmp_path, {"id": "ns/base", "revision": None},
+                 metrics={"healing": healing, "replacement": {"rows": rows, "note": "Measured <b>here</b>."}})
+    _assert_tables_whole(card)
+    assert "| after, on prose | 0.2000 | +0.1500 |" in card
+    assert "| first 2 &#124; x | prose | 3.800 | 3.900 | 4.800 | 0.050 | 90.0% |" in card
+    assert "| all 30 | prose | 3.800 | 3.800 | 3.800 | 0.000 | - |" in card and "<b>" not in card

@@ -104,3 +104,24 @@ def test_complete_replacement_trains_heals_and_measures_in_fast_mode(smollm2_ggu
     assert all(0 < report["heads"][str(layer)]["l0"] <= 8 for layer in (0, 1))
     assert report["generation"]["ratio"] > 0 and "all, healed" in out
     assert (tmp_path / "complete" / "replacement.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_families_across_depth_tables_each_layer_and_writes_catalogs(smollm2_gguf, tmp_path):
+    import shutil
+
+    from lorsa_surgery.publishing.patched import COMPLETE, shipped
+
+    modules = tmp_path / "modules"
+    for layer in (0, 1):  # a copy: the run writes the catalogs
+        shutil.copytree(shipped(COMPLETE) / f"layer_{layer}", modules / f"layer_{layer}")
+        (modules / f"layer_{layer}" / "head_catalog.json").unlink()
+    out = _run("families_across_depth.py", "--modules", str(modules), "--out", str(tmp_path / "families"),
+               "--layers", "0,1", "--prompts", "4")
+    rows = [line for line in out.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
+    assert len(rows) == 2 and all(line.endswith("% |") for line in rows)
+    report = json.loads((tmp_path / "families" / "detect.json").read_text())
+    assert sorted(report) == ["L0", "L1"] and len(report["L1"]["provenance"]["main_share"]) == 576
+    labelled = json.loads((modules / "layer_1" / "head_catalog.json").read_text())["heads"]
+    assert labelled and len(labelled) == len({h for f in report["L1"] if f != "provenance"
+                                              for h in report["L1"][f]["members"] + report["L1"][f]["attending"]})

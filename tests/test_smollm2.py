@@ -84,3 +84,32 @@ def test_every_layer_spliced_exact_mode_is_the_original_and_replace_mode_caches_
         cached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
         uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
     assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_the_shipped_complete_replacement_loads_by_name_heals_and_gives_all_default(smollm2):
+    from safetensors import safe_open
+
+    from lorsa_surgery.cli.loading import parse_layer_specs
+    from lorsa_surgery.publishing.patched import COMPLETE, shipped
+
+    folder = shipped(COMPLETE)
+    assert folder is not None
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 100e6
+    with safe_open(str(folder / "layer_0" / "lorsa.safetensors"), framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"F16"}
+    model, tok, handle = load_patched(COMPLETE)
+    assert handle.layers == list(range(30)) and handle.mode == "replace" and handle.adapter is not None
+    ids = tok("The lighthouse keeper climbed the stairs and", return_tensors="pt").input_ids
+    cached = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+    uncached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(cached, uncached)
+    # Every attention layer replaced and healed still knows what the original knows.
+    original = smollm2[0]
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    assert model(prompt).logits[0, -1].argmax() == original(prompt).logits[0, -1].argmax()
+    result = CliRunner().invoke(main, ["generate", COMPLETE, "--prompt", "The capital of France is", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    specs = parse_layer_specs(("all=default", "18=default"), "smollm2")
+    assert sorted(specs) == list(range(30)) and specs[18] == "default"
+    assert specs[0] == str(folder / "layer_0") and Lorsa.from_pretrained(specs[0]).cfg.n_ov_heads == 576

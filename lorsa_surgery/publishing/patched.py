@@ -44,6 +44,15 @@ BUNDLED_BASE = "base"
 
 
 DEFAULT_MODULES = Path(__file__).parent.parent / "default_modules"
+# Every attention layer of the embedded default model replaced and healed: a patched model shipped by name, whose
+# modules are also what `all=default` splices.
+COMPLETE = f"{models.DEFAULT_MODEL}-complete"
+
+
+def shipped(name: str | Path) -> Path | None:
+    """The folder of the patched model shipped under `name` ("smollm2-complete"), or None for any other name."""
+    folder = DEFAULT_MODULES / str(name)
+    return folder if str(name) == COMPLETE and is_patched_folder(folder) else None
 
 
 def module_for(model, layer: int, spec: str, *, allow_pickle: bool = False, revision: str | None = None) -> Lorsa:
@@ -61,11 +70,14 @@ def module_for(model, layer: int, spec: str, *, allow_pickle: bool = False, revi
 
 
 def every_layer(spec: str, n_layers: int) -> dict[int, str]:
-    """The per-layer specs of `all=SPEC`: "from-attention" (an exact copy of every layer), or a local folder holding a
-    module for each of the `n_layers` layers, as a training run (`L0/`, `L1/`, ...) or a patched model keeps them."""
+    """The per-layer specs of `all=SPEC`: "from-attention" (an exact copy of every layer), "default" (the modules of
+    the shipped complete replacement of the default model), or a local folder holding a module for each of the
+    `n_layers` layers, as a training run (`L0/`, `L1/`, ...) or a patched model keeps them."""
     if spec == "from-attention":
         return {layer: spec for layer in range(n_layers)}
-    folder = Path(spec)
+    folder = Path(spec) if spec != "default" else shipped(COMPLETE)
+    if folder is None:
+        raise LorsaSurgeryError(f"all=default: the complete replacement {COMPLETE} is not installed with this copy of lorsa-surgery.")
     if is_patched_folder(folder):
         folders = module_folders(folder)
     elif folder.is_dir():
@@ -289,7 +301,9 @@ def load_patched(
     `splice`; an automatic device map counts the Lorsa modules, which are read before the base.
     """
     folder = Path(path_or_repo)
-    if not folder.exists():
+    if not folder.exists() and shipped(path_or_repo) is not None:
+        folder = shipped(path_or_repo)
+    elif not folder.exists():
         from lorsa_surgery.io.hub import pull
 
         folder = Path(pull(str(path_or_repo), revision=revision))
