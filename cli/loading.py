@@ -175,8 +175,8 @@ def _patched_root(spec: str, revision: str | None) -> dict | None:
         return read_root(spec)
     if Path(spec).exists():
         return None
-    if shipped(spec) is not None:
-        return read_root(shipped(spec))
+    if (folder := shipped(spec)) is not None:
+        return read_root(folder)
     path = _patched_repo_root(spec, revision)
     return None if path is None else read_root(Path(path).parent)
 

@@ -301,12 +301,10 @@ def load_patched(
     `splice`; an automatic device map counts the Lorsa modules, which are read before the base.
     """
     folder = Path(path_or_repo)
-    if not folder.exists() and shipped(path_or_repo) is not None:
-        folder = shipped(path_or_repo)
-    elif not folder.exists():
+    if not folder.exists():
         from lorsa_surgery.io.hub import pull
 
-        folder = Path(pull(str(path_or_repo), revision=revision))
+        folder = shipped(path_or_repo) or Path(pull(str(path_or_repo), revision=revision))
     root = read_root(folder)
     if base is None and root.get("bundled_base"):
         base = str(_part(folder, root["bundled_base"], "bundled base"))
