@@ -107,6 +107,28 @@ def test_complete_replacement_trains_heals_and_measures_in_fast_mode(smollm2_ggu
 
 
 @pytest.mark.slow
+def test_circuits_example_checks_attribution_against_patching_in_fast_mode(smollm2_gguf, tmp_path):
+    out = _run("circuits_smollm2.py", "--fast", "--modules", "smollm2-complete", "--out", str(tmp_path / "circuits"))
+    report = json.loads((tmp_path / "circuits" / "report.json").read_text())
+    assert report["layers"] == 30 and "Induction circuit" in out
+    for task in ("ioi", "induction"):
+        nodes = report[task]["nodes"]
+        assert len(nodes["heads"]) == 24 and nodes["clean"] > nodes["baseline"]
+        (edges,) = report[task]["edges"]
+        assert len(edges["edges"]) == 9 and {e["kind"] for e in edges["edges"]} == {"q", "k", "v"}
+        assert edges["spearman_frozen"] > 0.5  # measured 0.97 to 1.0
+        for plot in (f"{task}_nodes.png", f"{task}_edges_direct.png"):
+            assert (tmp_path / "circuits" / plot).stat().st_size > 10_000
+    ioi = report["ioi"]["nodes"]
+    assert ioi["spearman_frozen"] > 0.6  # measured 0.92 and 0.98
+    assert ioi["relative_gap_frozen"] < ioi["relative_gap"]  # top-K jumps are much of the gap (measured 14% against 30%)
+    circuit = report["circuit"]
+    assert circuit["heads"] and circuit["faithfulness"]["prompts"] == 6
+    assert circuit["necessity"]["lost"]["low"] <= circuit["necessity"]["lost"]["mean"] <= circuit["necessity"]["lost"]["high"]
+    assert circuit["overlap"]["either"]["firing"] > circuit["overlap"]["either"]["labelled_firing"] > 0
+
+
+@pytest.mark.slow
 def test_families_across_depth_tables_each_layer_and_writes_catalogs(smollm2_gguf, tmp_path):
     import shutil
 
