@@ -14,13 +14,12 @@ SHARE = click.FloatRange(0, 1, min_open=True)
 
 
 def _metric(name: str, tokenizer, token: str | None, vs_token: str | None):
-    from lorsa_surgery.analysis.circuits import LogProb
-    from lorsa_surgery.interventions.patching import LogitDiff, Loss
+    from lorsa_surgery.interventions.patching import LogitDiff, Loss, Probability
 
     if name == "loss":
         return Loss()
     if name == "logprob":
-        return LogProb(_single_token(tokenizer, token, "--token"))
+        return Probability(_single_token(tokenizer, token, "--token"), log=True)
     return LogitDiff(_single_token(tokenizer, token, "--token"), _single_token(tokenizer, vs_token, "--vs-token"))
 
 

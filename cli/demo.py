@@ -11,8 +11,9 @@ import click
               help="Folder for report.html, report.md, results.json and the patched model.")
 @click.option("--fresh", is_flag=True, help="Redo every step instead of reusing the cached results.")
 def demo(fast, out, fresh):
-    """Splice, find head families, ablate, steer, patch, classify positional/symbolic heads and publish, on the
-    embedded SmolLM2; writes a self-contained HTML report with every number measured."""
+    """Splice, measure the complete replacement, find head families, ablate, steer, patch, classify
+    positional/symbolic heads and publish, on the embedded SmolLM2; writes a self-contained HTML report with every
+    number measured (or labelled as recorded in the shipped model)."""
     from lorsa_surgery.demo.report import run_demo
 
     report = run_demo(out, fast=fast, fresh=fresh)

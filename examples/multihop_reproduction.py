@@ -24,52 +24,17 @@ from pathlib import Path
 
 import torch
 
-from lorsa_surgery import Lorsa, LorsaConfig
-
 from lorsa_surgery.io import files
 
 from lorsa_surgery.host import models
 
 from lorsa_surgery.multihop import positional
-from lorsa_surgery.host.arch import arch_for
 from lorsa_surgery.multihop import tasks as multihop
 from lorsa_surgery.multihop import train as training
-from lorsa_surgery.training.trainer import capture
+from lorsa_surgery.multihop.fitting import fit_lorsa, task_prompts
 
 EXTRAS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 833, 1007]
 """Extra window tokens per length test: inputs of 17 to 1024 tokens (850, where the paper reports the letter task)."""
-
-
-def task_prompts(task: str, n: int, seed: str, extra: int = 0) -> torch.Tensor:
-    ids, _ = multihop.TaskTokenizer(task).encode_examples(multihop.generate(task, n, seed=seed, extra=extra))
-    return ids
-
-
-def fit_lorsa(model, task: str, layer: int, n_qk_heads: int, steps: int, seed: int = 0) -> tuple[Lorsa, float]:
-    """A top-K Lorsa module for `layer`, queries and keys initialised at random, fitted by squared error to
-    the attention output on task prompts. (`lorsa_surgery.training.trainer.train` reads text through a tokenizer;
-    the task models have none, so the few lines of the fit are here.) Returns it and its explained variance."""
-    x, y = capture(model, layer, task_prompts(task, 8192, "lorsa"))
-    held_x, held_y = capture(model, layer, task_prompts(task, 512, "lorsa-eval"))
-    d = model.config.n_embd
-    cfg = LorsaConfig(d_model=d, n_qk_heads=n_qk_heads, d_qk_head=d // model.config.n_head, n_ov_heads=2 * d,
-                      top_k=16, host_layer=layer, **arch_for(model).rotary(model.config, layer))
-    torch.manual_seed(seed)
-    lorsa = Lorsa(cfg)
-    with torch.no_grad():
-        lorsa.b_D.copy_(y.mean((0, 1)))
-    optimizer = torch.optim.Adam(lorsa.parameters(), lr=2e-3)
-    for step in range(steps):
-        batch = torch.randint(0, len(x), (64,))
-        loss = (lorsa(x[batch]) - y[batch]).square().sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        for group in optimizer.param_groups:  # linear decay over the last third
-            group["lr"] = 2e-3 * min(1.0, 3 * (steps - step) / steps)
-    with torch.no_grad():
-        ev = 1 - (lorsa(held_x) - held_y).square().sum() / (held_y - held_y.mean((0, 1))).square().sum()
-    return lorsa, ev.item()
 
 
 def pure_from(records: list[dict]) -> list[int | None]:

@@ -10,14 +10,14 @@ import torch
 
 from lorsa_surgery import LorsaSurgeryError
 from lorsa_surgery.analysis.circuit_page import circuit_page
-from lorsa_surgery.analysis.circuits import (Graph, LogProb, attribute, attribute_edges, faithfulness, head_stats,
-                                             matched_heads, necessity, prune)
+from lorsa_surgery.analysis.circuits import (Graph, attribute, attribute_edges, faithfulness, head_stats, matched_heads,
+                                             necessity, patch_heads, path_patch, prune, spearman)
 from lorsa_surgery.host.arch import exact_copy
-from lorsa_surgery.host.hooks import hooks, run_with_cache
+from lorsa_surgery.host.hooks import run_with_cache
 from lorsa_surgery.host.splicing import splice
-from lorsa_surgery.interventions.edits import InterventionSet, Steer
+from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Patch
 from lorsa_surgery.interventions.heads import HeadRef
-from lorsa_surgery.interventions.patching import LogitDiff, cache_run, forward, sweep
+from lorsa_surgery.interventions.patching import LogitDiff, Probability, RepeatGain, cache_run, forward, sweep
 from test_interventions import char_tokenizer, cli
 from test_splice import tiny
 
@@ -46,11 +46,6 @@ def spliced_everywhere(scale: float = 1.0, topk: bool = False, exact: tuple[int,
 def prompts(n=2, T=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 97, (1, T), generator=g) for _ in range(n)]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    rank = lambda x: x.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1])
 
 
 def patched_one_by_one(handle, clean, corrupt, n=24):
@@ -84,14 +79,14 @@ def test_node_attribution_ranks_heads_as_patching_does():
 def test_baselines_and_mhsa_heads_of_exact_copies():
     model, handle = spliced_everywhere(exact=(1,))
     clean = prompts(1)[0]
-    zero = attribute(handle, clean, LogProb(5), baseline="zero")
+    zero = attribute(handle, clean, Probability(5, log=True), baseline="zero")
     assert zero.names[1] == ["L1.A0", "L1.A1", "L1.A2", "L1.A3"] and zero.values[1].shape == (4, 8)
     cache = run_with_cache(handle, clean, ["L1.hook_acts"], grad=True)
-    LogProb(5)(cache.logits, clean, None).sum().backward()
+    Probability(5, log=True)(cache.logits, clean, None).sum().backward()
     acts = cache["L1.hook_acts"]
     by_head = (acts * acts.grad)[0].T  # [128, T]: every rank-1 part against zero
     assert torch.allclose(zero.values[1], by_head.view(4, 32, 8).sum(1), atol=1e-6)
-    mean = attribute(handle, clean, LogProb(5))
+    mean = attribute(handle, clean, Probability(5, log=True))
     assert mean.baseline == "mean" and not torch.allclose(mean.values[0], zero.values[0])
     with pytest.raises(LorsaSurgeryError, match="as long"):
         attribute(handle, clean, METRIC, clean[:, :5])
@@ -99,37 +94,72 @@ def test_baselines_and_mhsa_heads_of_exact_copies():
         attribute(handle, clean, METRIC, baseline="corrupt")
 
 
+def test_spearman_gives_ties_their_mean_rank():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)  # ranks 1, 2.5, 2.5, 4
+    with pytest.raises(LorsaSurgeryError, match="same length"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_metrics_that_read_their_tokens_from_each_row():
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(3, 7, 20, generator=g), torch.randint(0, 20, (3, 7), generator=g)
+    per_row = LogitDiff(2, 4, columns=True)(logits, ids, None)
+    for b in range(3):
+        alone = LogitDiff(int(ids[b, 2]), int(ids[b, 4]))(logits[b : b + 1], ids[b : b + 1], None)
+        assert per_row[b] == pytest.approx(float(alone))
+    ids[:, 4:] = ids[:, 1:4]  # a start token, then 3 tokens written twice
+    logp = logits.log_softmax(-1)
+    gain = RepeatGain(3)(logits, ids, None)
+    expected = [(logp[b, 4, ids[b, 5]] + logp[b, 5, ids[b, 6]] - logp[b, 1, ids[b, 2]] - logp[b, 2, ids[b, 3]]) / 2
+                for b in range(3)]
+    assert torch.allclose(gain, torch.stack(expected), atol=1e-5)
+    with pytest.raises(LorsaSurgeryError, match="rows of 9 tokens"):
+        RepeatGain(4)(logits, ids, None)
+
+
+def test_patching_a_head_everywhere_is_what_its_summed_attribution_estimates():
+    model, handle = spliced_everywhere(scale=0.05)
+    texts = prompts(4)
+    clean, corrupt = torch.cat(texts[:2]), torch.cat(texts[2:])
+    nodes = attribute(handle, clean, METRIC, corrupt)
+    top = nodes.top_heads(20)
+    assert len(top) == 20 and abs(top[0][1]) >= abs(top[-1][1]) > 0
+    layer, unit, _ = nodes.node(f"{top[0][0]}@0")
+    assert top[0][1] == pytest.approx(float(nodes.values[layer][unit].sum()))
+    heads, ours = [h for h, _ in top], torch.tensor([v for _, v in top])
+    true = patch_heads(nodes, METRIC, heads, batch_size=6)  # 3 heads a pass: the last pass has 2
+    assert (ours - true).norm() < 0.02 * true.norm()
+    for head in heads[:2] + heads[-1:]:  # the batched passes against one Patch at a time
+        with InterventionSet([Patch(head, cache_run(handle, corrupt, head))]).applied(handle):
+            alone = nodes.clean_metric - float(METRIC(forward(handle, clean), clean, None).mean())
+        assert float(true[heads.index(head)]) == pytest.approx(alone, abs=1e-5)
+
+    model, handle = spliced_everywhere(exact=(1,))
+    nodes = attribute(handle, clean, METRIC, baseline="zero")
+    true = patch_heads(nodes, METRIC, ["L1.A2", "L2.H5"])
+    with InterventionSet([Ablate("L1.A2")]).applied(handle):  # zero baseline: patching is ablating
+        alone = nodes.clean_metric - float(METRIC(forward(handle, clean), clean, None).mean())
+    assert float(true[0]) == pytest.approx(alone, abs=1e-5)
+    with pytest.raises(LorsaSurgeryError, match="no node"):
+        patch_heads(nodes, METRIC, ["L1.H3"])
+
+
+def test_freezing_which_heads_fire_takes_the_top_k_jumps_out_of_patching():
+    model, handle = spliced_everywhere(topk=True)
+    texts = prompts(4)
+    nodes = attribute(handle, torch.cat(texts[:2]), METRIC, torch.cat(texts[2:]))
+    top = nodes.top_heads(30)
+    heads, ours = [h for h, _ in top], torch.tensor([v for _, v in top])
+    patched, frozen = patch_heads(nodes, METRIC, heads), patch_heads(nodes, METRIC, heads, freeze=True)
+    assert (ours - patched).norm() > 0.25 * patched.norm()  # heads of later layers switch on and off
+    assert (ours - frozen).norm() < 0.1 * frozen.norm()
+    last = [i for i, head in enumerate(heads) if head.startswith("L2.")]  # nothing fires after the last layer
+    assert last and torch.allclose(patched[last], frozen[last], atol=1e-6)
+
+
 # ---- edges against path patching -------------------------------------------------------------------------------
-
-
-def path_patched(handle, nodes, edge: tuple[str, str, str], mlps: str) -> float:
-    """Clean metric minus the metric with only the upstream node's output (clean minus baseline) taken out of only the
-    downstream node's query, key or value input, the rest of the run clean."""
-    (source, target, kind), clean = edge, nodes.input_ids
-    (m, i, s), (l, j, t) = nodes.node(source), nodes.node(target)
-    out = float(nodes.run.delta[m][0, s, i]) * handle[m].lorsa.W_O[i].detach()
-    block = handle.arch.layer_list(handle.model)[l]
-    if mlps == "direct":
-        residual = nodes.run.residual[l].clone()
-        residual[0, s] -= out
-        x = getattr(block, handle.arch.input_norm)(residual).detach()
-    else:  # the output taken out where it is written; every spliced attention in between reads its clean input
-        before = run_with_cache(handle, clean, [f"L{k}.hook_in" for k in handle.layers if m < k < l])
-        frozen = {name: (lambda x, ctx, v=value: v) for name, value in before.items()}
-
-        def take_out(o):
-            o = o.clone()
-            o[0, s] -= out
-            return o
-
-        with hooks(handle, {f"L{m}.hook_out": take_out, **frozen}):
-            x = run_with_cache(handle, clean, [f"L{l}.hook_in"])[f"L{l}.hook_in"]
-    with hooks(handle, {f"L{l}.hook_in": lambda _: x}):
-        read = run_with_cache(handle, clean, [f"L{l}.hook_{kind}"])[f"L{l}.hook_{kind}"]
-    with hooks(handle, {f"L{l}.hook_{kind}": lambda _: read}):
-        act = float(run_with_cache(handle, clean, [f"L{l}.hook_acts"])[f"L{l}.hook_acts"][0, t, j])
-    with InterventionSet([Steer(f"L{l}.H{j}", clamp=act, positions=[t])]).applied(handle):
-        return nodes.clean_metric - float(METRIC(forward(handle, clean), clean, None))
 
 
 @pytest.mark.parametrize("mlps", ["direct", "linearised"])
@@ -144,11 +174,37 @@ def test_edges_of_each_kind_are_path_patching_to_first_order(mlps):
         strongest = sorted((key for key in weights if key[2] == kind), key=lambda key: -abs(weights[key]))[:3]
         assert strongest, kind
         for key in strongest:
-            assert path_patched(handle, nodes, key, mlps) == pytest.approx(weights[key], rel=0.05), key
+            assert path_patch(nodes, METRIC, *key, mlps=mlps) == pytest.approx(weights[key], rel=0.05), key
     # A query at position 0 sees one key: its pattern cannot move, so nothing reaches it through Q or K.
     fired = nodes.run.clean[1][0, 0].nonzero().flatten()[:3].tolist()
     first = attribute_edges(nodes, [f"L1.H{h}@0" for h in fired], mlps=mlps)
     assert set(first.kind.tolist()) <= {2} and len(first.weight)
+
+
+@pytest.mark.parametrize("mlps", ["direct", "linearised"])
+def test_path_patching_a_batch_is_the_mean_of_its_rows(mlps):
+    model, handle = spliced_everywhere(scale=0.05, dtype=torch.float64)
+    texts = prompts(4)
+    rows = [attribute(handle, texts[b], METRIC, texts[b + 2]) for b in range(2)]
+    batch = attribute(handle, torch.cat(texts[:2]), METRIC, torch.cat(texts[2:]))
+    weights = attribute_edges(batch, top=4, mlps=mlps).weights()
+    for kind in ("q", "k", "v"):
+        key = max((key for key in weights if key[2] == kind), key=lambda key: abs(weights[key]))
+        together = path_patch(batch, METRIC, *key, mlps=mlps)
+        assert together == pytest.approx(sum(path_patch(nodes, METRIC, *key, mlps=mlps) for nodes in rows) / 2, rel=1e-6)
+        assert together == pytest.approx(weights[key], rel=0.05), key
+    with pytest.raises(LorsaSurgeryError, match="not in a layer below"):
+        path_patch(batch, METRIC, key[1], key[0], "v")
+
+
+def test_path_patching_with_firing_frozen_is_the_edge_under_top_k():
+    model, handle = spliced_everywhere(scale=0.05, topk=True, dtype=torch.float64)
+    clean, corrupt = prompts()
+    nodes = attribute(handle, clean, METRIC, corrupt)
+    weights = attribute_edges(nodes, top=6).weights()
+    for kind in ("q", "k", "v"):
+        key = max((key for key in weights if key[2] == kind), key=lambda key: abs(weights[key]))
+        assert path_patch(nodes, METRIC, *key, freeze=True) == pytest.approx(weights[key], rel=0.05), key
 
 
 def test_the_two_treatments_of_mlps_differ_and_agree_in_rank():

@@ -35,27 +35,39 @@ def test_demo_reports_every_measured_part_and_pushes_to_a_hub_it_starts(demo_run
     root, cache, done = demo_run
     results = json.loads((root / "out" / "results.json").read_text())
     splice = results["splice"]
-    assert set(splice["layers"]) == {"3", "23"} and all(0 < r["explained_variance"] <= 1 for r in splice["layers"].values())
+    assert set(splice["layers"]) == {"3", "18", "23"} and all(0 < r["explained_variance"] <= 1 for r in splice["layers"].values())
     assert splice["lm_loss"]["spliced"] > 0 and splice["lm_loss"]["original"] > 0
+    complete = results["complete"]  # every attention layer replaced, healed, measured on the prose against the floor
+    assert complete["layers"] == 30 and complete["kl"] > 0 and complete["replaced"] < complete["floor"]
+    assert complete["recovered"] == pytest.approx(
+        (complete["floor"] - complete["replaced"]) / (complete["floor"] - complete["original"]))
+    assert {row["state"] for row in complete["recorded"]["rows"]} == {"unhealed", "healed"}
+    assert complete["generation"]["replaced"].strip() and complete["generation"]["original"].strip()
+    readers = results["families"]["readers"]  # layer 18's heads that read like induction heads, ablated together
     ablation = results["interventions"]["ablation"]
+    assert readers["layer"] == 18 and ablation["heads"] == [f"L18.H{h}" for h in readers["heads"]]
+    assert results["families"]["shown"]["head"] == results["interventions"]["steer"]["head"] in ablation["heads"]
     assert ablation["control"] and not set(ablation["control"]) & set(ablation["heads"])
     assert ablation["restored"]["mean"] == pytest.approx(ablation["clean"]["mean"], abs=1e-6)  # patched back exactly
     assert ablation["effect"]["mean"] == pytest.approx(ablation["clean"]["mean"] - ablation["ablated"]["mean"], abs=1e-6)
     steer = results["interventions"]["steer"]
     assert steer["steered"] != steer["plain"]  # the clamped head changes the greedy text
     patch = results["interventions"]["patch"]
-    assert patch["clean"] > 0 > patch["corrupt"] and patch["patched"]["all heads"]["restored"] > 0.5
+    assert patch["layer"] == 23 and patch["clean"] > 0 > patch["corrupt"] and patch["patched"]["all heads"]["restored"] > 0.5
     for task in ("number", "letter"):
         labels = results["positional"]["tasks"][task]["labels"]
         assert len(labels) == results["size"]["task_layers"] and all(l in ("positional", "symbolic", "mixed") for row in labels for l in row)
     push = results["publish"]
     assert push["where"].startswith("a local Hub server") and push["all_pushed"] and "README.md" in push["files"]
     report = (root / "out" / "report.md").read_text()
-    for shown in ("explained variance", "LM loss", "matched control", "steered:", "labels by layer", "Pushed to"):
+    for shown in ("explained variance", "LM loss", "matched control", "steered:", "labels by layer", "Pushed to",
+                  "Complete replacement", "Recorded in the shipped model", "complete replacement:", "induction readers"):
         assert shown in report
+    assert f"{100 * complete['recovered']:.1f}% of the loss recovered" in report  # the lead result, measured here
     assert report in done.stdout  # the command prints the summary
     html = (root / "out" / "report.html").read_text()
     assert html.count('<img src="data:image/png;base64,') >= 3 and "srcdoc=" in html  # plots and dashboard inside
+    assert 'id="lead-complete"' in html and 'id="lead-induction"' in html and html.count('class="recorded"') == len(complete["recorded"]["rows"])
     assert "http://" not in html.replace(push["where"], "")  # nothing to fetch: it opens from disk
 
 
@@ -63,7 +75,7 @@ def test_demo_reports_every_measured_part_and_pushes_to_a_hub_it_starts(demo_run
 def test_second_demo_run_reuses_cached_steps_and_pushes_to_the_configured_hub(demo_run, hub):
     root, cache, _ = demo_run
     before = {p: p.stat().st_mtime_ns for p in cache.glob("demo/fast/*/result.json")}
-    assert len(before) == 4
+    assert len(before) == 5
     _demo(root / "again", endpoint=hub.url)
     assert {p: p.stat().st_mtime_ns for p in cache.glob("demo/fast/*/result.json")} == before
     push = json.loads((root / "again" / "results.json").read_text())["publish"]

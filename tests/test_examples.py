@@ -107,6 +107,28 @@ def test_complete_replacement_trains_heals_and_measures_in_fast_mode(smollm2_ggu
 
 
 @pytest.mark.slow
+def test_circuits_example_checks_attribution_against_patching_in_fast_mode(smollm2_gguf, tmp_path):
+    out = _run("circuits_smollm2.py", "--fast", "--modules", "smollm2-complete", "--out", str(tmp_path / "circuits"))
+    report = json.loads((tmp_path / "circuits" / "report.json").read_text())
+    assert report["layers"] == 30 and "Induction circuit" in out
+    for task in ("ioi", "induction"):
+        nodes = report[task]["nodes"]
+        assert len(nodes["heads"]) == 24 and nodes["clean"] > nodes["baseline"]
+        (edges,) = report[task]["edges"]
+        assert len(edges["edges"]) == 9 and {e["kind"] for e in edges["edges"]} == {"q", "k", "v"}
+        assert edges["spearman_frozen"] > 0.5  # measured 0.97 to 1.0
+        for plot in (f"{task}_nodes.png", f"{task}_edges_direct.png"):
+            assert (tmp_path / "circuits" / plot).stat().st_size > 10_000
+    ioi = report["ioi"]["nodes"]
+    assert ioi["spearman_frozen"] > 0.6  # measured 0.92 and 0.98
+    assert ioi["relative_gap_frozen"] < ioi["relative_gap"]  # top-K jumps are much of the gap (measured 14% against 30%)
+    circuit = report["circuit"]
+    assert circuit["heads"] and circuit["faithfulness"]["prompts"] == 6
+    assert circuit["necessity"]["lost"]["low"] <= circuit["necessity"]["lost"]["mean"] <= circuit["necessity"]["lost"]["high"]
+    assert circuit["overlap"]["either"]["firing"] > circuit["overlap"]["either"]["labelled_firing"] > 0
+
+
+@pytest.mark.slow
 def test_families_across_depth_tables_each_layer_and_writes_catalogs(smollm2_gguf, tmp_path):
     import shutil
 
@@ -125,3 +147,35 @@ def test_families_across_depth_tables_each_layer_and_writes_catalogs(smollm2_ggu
     labelled = json.loads((modules / "layer_1" / "head_catalog.json").read_text())["heads"]
     assert labelled and len(labelled) == len({h for f in report["L1"] if f != "provenance"
                                               for h in report["L1"][f]["members"] + report["L1"][f]["attending"]})
+
+
+@pytest.mark.slow
+def test_circuits_multihop_splices_every_layer_finds_circuits_and_reuses_its_modules(tmp_path):
+    out = _run("circuits_multihop.py", "--fast", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(report["layers"]) == [str(layer) for layer in range(6)] and "Task accuracy" in out
+    assert not any(row["reused"] for row in report["layers"].values())
+    for model in ("original", "spliced"):
+        assert 0 <= report["accuracy"][model]["accuracy"] <= 1 and sorted(report["accuracy"][model]["per_hop"]) == ["1", "2", "3", "4"]
+    assert sorted(report["circuits"]) == ["1", "2"]
+    for hops, circuit in report["circuits"].items():
+        assert circuit["corrupt_position"] == (16 if hops == "1" else 12) and 0 < circuit["nodes"] <= 20 and circuit["heads"]
+        assert circuit["faithfulness"]["prompts"] == circuit["necessity"]["prompts"] == 6
+        lost = circuit["necessity"]["lost"]
+        assert lost["low"] <= lost["mean"] <= lost["high"]
+        for by_class in circuit["edges"].values():
+            assert by_class and all(sum(e["kinds"].values()) == pytest.approx(1) for e in by_class.values())
+    _run("circuits_multihop.py", "--fast", "--out", str(tmp_path))
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert all(row["reused"] for row in again["layers"].values()) and again["layers"]["3"] == {**report["layers"]["3"], "reused": True}
+
+
+@pytest.mark.slow
+def test_heal_text_choice_heals_on_each_text_and_measures_all_three(smollm2_gguf, tmp_path):
+    out = _run("heal_text_choice.py", "--fast", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "report.json").read_text())
+    kinds = {"documentation", "sampled", "prose"}
+    for name in ("unhealed", "documentation", "sampled", "half of each"):
+        assert kinds <= set(report[name]) and all(report[name][k] > 0 for k in kinds)
+        assert name in out
+    assert report["documentation"] != report["sampled"]  # different text, different healing

@@ -14,12 +14,16 @@
 - `prune`: the fewest nodes and edges carrying a chosen share of the attribution, as a `Graph` (JSON in and out).
 - `faithfulness` and `necessity`: keep only the circuit's heads (mean-ablating every other head of the spliced layers),
   or ablate the circuit against as many other heads that fire as often, with bootstrap intervals over prompts.
+- `patch_heads` and `path_patch`: what the attribution estimates, measured: the metric moved by patching a head from the
+  baseline at every position, or by taking one upstream output out of one downstream read only; `spearman` to
+  compare the two rankings.
 
 The page of a graph is drawn by `lorsa_surgery.analysis.circuit_page`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ import torch
 from lorsa_surgery.analysis.attribution import logit_scores, token_text
 from lorsa_surgery.analysis.causal import Estimate
 from lorsa_surgery.errors import LorsaSurgeryError
-from lorsa_surgery.host.hooks import add_hooks, model_inputs, run_with_cache, watch_attention
+from lorsa_surgery.host.hooks import add_hooks, hooks, model_inputs, run_with_cache, watch_attention
 from lorsa_surgery.host.splicing import Splice
 from lorsa_surgery.interventions.edits import Ablate, InterventionSet, splice_of
 from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, is_exact_copy, resolve_heads
@@ -43,24 +47,6 @@ Mlps = Literal["direct", "linearised"]
 KINDS = ("q", "k", "v")
 """Edge kinds: what of the downstream head the upstream output reaches, its query, its keys or its values."""
 GRAPH_FORMAT = "lorsa-surgery.circuit"
-
-
-@dataclass
-class LogProb:
-    """Log-probability of one token at one column of the input (default: the last); the call shape of
-    `lorsa_surgery.interventions.patching`'s metrics."""
-
-    token: int
-    """Token id."""
-    position: int = -1
-    """Column of the input whose prediction is scored."""
-
-    @property
-    def name(self) -> str:
-        return f"log p[{self.token}]"
-
-    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return logits[:, self.position].float().log_softmax(-1)[:, self.token]
 
 
 # ---- nodes ------------------------------------------------------------------------------------------------------
@@ -144,6 +130,15 @@ class NodeAttribution:
         out.sort(key=lambda item: -abs(item[1]))
         return out if n is None else out[:n]
 
+    def top_heads(self, n: int | None = None) -> list[tuple[str, float]]:
+        """The n (node name `L3.H12`, attribution summed over positions) of largest |sum| (all non-zero ones for None),
+        largest first: to first order, the metric lost by patching the head from the baseline at every position
+        (`patch_heads`)."""
+        out = [(self.names[layer][unit], float(total)) for layer, values in self.values.items()
+               for unit, total in enumerate(values.sum(-1).tolist()) if total != 0]
+        out.sort(key=lambda item: -abs(item[1]))
+        return out if n is None else out[:n]
+
     def total(self) -> float:
         """Sum of every node's attribution: to first order, clean minus baseline metric as far as heads carry it."""
         return float(sum(v.sum() for v in self.values.values()))
@@ -172,7 +167,7 @@ def attribute(
     `baseline` (default: corrupt with `corrupt_ids`, else mean): corrupt takes each head's activation in a run on
     `corrupt_ids` (the same shape as `input_ids`); mean takes `means` ({layer: [n_ov]}, default each head's mean over the
     tokens of `input_ids`, zeros included); zero takes zero. `metric(logits, ids, mask)` gives one number per row
-    (`LogitDiff`, `LogProb`, `Loss`...); the gradient is that of their sum.
+    (`LogitDiff`, `Probability(log=True)`, `Loss`...); the gradient is that of their sum.
     """
     handle = splice_of(target)
     input_ids = _check_input(input_ids)
@@ -198,12 +193,12 @@ def attribute(
 
         return hook
 
-    hooks = [blocks[layer].register_forward_pre_hook(keep_residual(layer), with_kwargs=True) for layer in layers]
+    keeping = [blocks[layer].register_forward_pre_hook(keep_residual(layer), with_kwargs=True) for layer in layers]
     try:
         with watch_attention(model, layers) as calls:
             cache = run_with_cache(handle, input_ids, ["hook_acts"], grad=True, attention_mask=attention_mask)
     finally:
-        for hook in hooks:
+        for hook in keeping:
             hook.remove()
     acts = [cache[f"L{layer}.hook_acts"] for layer in layers]
     scores = metric(cache.logits, input_ids.to(cache.logits.device), attention_mask)
@@ -307,7 +302,7 @@ def _node_pre(site, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kwa
     N, T, _ = xq.shape
     positions = kwargs.get("position_ids")
     positions = torch.arange(T, device=xq.device).expand(N, T) if positions is None else _rows(positions, rows)
-    rotary = kwargs.get("position_embeddings") if lorsa.cfg.positional_embedding_type == "rotary" else None
+    rotary = kwargs.get("position_embeddings") if lorsa.cfg.host_rotary else None  # as when spliced
     if rotary is not None:
         rotary = tuple(_rows(part, rows) for part in rotary)
     q = lorsa.project(xq, positions, rotary)[0]
@@ -439,6 +434,154 @@ def attribute_edges(
     unique, which = torch.cat(keys).unique(dim=0, return_inverse=True) if keys else (torch.zeros(0, 5, dtype=torch.long), None)
     weight = torch.zeros(len(unique)).index_add_(0, which, torch.cat(weights)) if keys else torch.zeros(0)
     return EdgeAttribution(list(targets), mlps, attribution.names, *unique.T, weight)
+
+
+# ---- checks against patching -----------------------------------------------------------------------------------
+
+
+def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long series (tied values share their mean rank); nan where either
+    series is constant."""
+    a, b = (torch.as_tensor(x, dtype=torch.float64).flatten() for x in (a, b))
+    if a.shape != b.shape or len(a) < 2:
+        raise LorsaSurgeryError("A rank correlation needs two series of the same length, with at least two values each.")
+    return float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of x, tied values given the mean of the ranks they span."""
+    _, inverse, counts = x.unique(return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    return (last - (counts - 1) / 2)[inverse]
+
+
+def _columns(attribution: NodeAttribution, layer: int, unit: int) -> slice:
+    """The rank-1 heads a node is made of (one, or an exact copy's QK group)."""
+    width = attribution.widths[layer]
+    return slice(unit * width, (unit + 1) * width)
+
+
+def _frozen_firing(run: _Run) -> dict[str, Any]:
+    """Hooks that hold every head's firing at the clean run's: a head passes its pre-activation on where it fired
+    and stays off elsewhere, in runs of the clean rows (each repeated any number of times, in turn)."""
+    pre: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(z: torch.Tensor) -> None:
+            pre[layer] = z
+
+        return hook
+
+    def hold(layer: int):
+        fired = run.clean[layer] != 0
+
+        def hook(acts: torch.Tensor) -> torch.Tensor:
+            held = fired.to(acts.device).repeat_interleave(acts.shape[0] // fired.shape[0], 0)
+            return torch.where(held, pre[layer], torch.zeros_like(acts))
+
+        return hook
+
+    fns = {f"L{layer}.hook_z": keep(layer) for layer in run.handle.layers}
+    return fns | {f"L{layer}.hook_acts": hold(layer) for layer in run.handle.layers}
+
+
+@torch.no_grad()
+def patch_heads(attribution: NodeAttribution, metric: Metric, heads: Sequence[str], *, freeze: bool = False,
+                batch_size: int = 32) -> torch.Tensor:
+    """[len(heads)] what each node (`L3.H12`, or an exact copy's MHSA head `L3.A2`) carries of the metric, measured:
+    the clean metric minus the metric with that one node's activation at every position set to its baseline
+    activation (the corrupted run's, the mean or zero, as attributed), mean over the rows of the attribution's input.
+    `NodeAttribution.top_heads` is its first-order estimate.
+
+    With `freeze`, every head fires where it fired in the clean run and nowhere else, passing its pre-activation on:
+    a patch then switches no head of a later layer on or off (no top-K or threshold jump), and what is left of its
+    difference from the attribution is the smooth part of the model's nonlinearity. `batch_size // rows` heads are
+    patched per forward pass, each in its own copy of the rows, so `metric` must score each row on its own (every
+    metric here does)."""
+    run = attribution.run
+    parsed = [attribution.node(f"{head}@0")[:2] for head in heads]
+    B = run.input_ids.shape[0]
+    group = max(1, batch_size // B)
+    chunk: list[tuple[int, int]] = []
+
+    def patch(layer: int):
+        base = run.clean[layer] - run.delta[layer]
+
+        def hook(acts: torch.Tensor) -> torch.Tensor | None:
+            which = torch.zeros(len(chunk), acts.shape[-1], dtype=torch.bool, device=acts.device)
+            for g, (lay, unit) in enumerate(chunk):
+                if lay == layer:
+                    which[g, _columns(attribution, layer, unit)] = True
+            if not which.any():
+                return None
+            # Row b * G + g is prompt b with chunk[g] patched (the rows are repeated that way below).
+            return torch.where(which.repeat(B, 1)[:, None], base.to(acts).repeat_interleave(len(chunk), 0), acts)
+
+        return hook
+
+    values = torch.empty(len(parsed))
+    with contextlib.ExitStack() as stack:
+        if freeze:  # installed first: the patch then overrides the held activations
+            stack.enter_context(hooks(run.handle, _frozen_firing(run)))
+        stack.enter_context(hooks(run.handle, {f"L{layer}.hook_acts": patch(layer) for layer in run.handle.layers}))
+        for start in range(0, len(parsed), group):
+            chunk[:] = parsed[start : start + group]
+            ids = run.input_ids.repeat_interleave(len(chunk), 0)
+            mask = None if run.attention_mask is None else run.attention_mask.repeat_interleave(len(chunk), 0)
+            scores = metric(forward(run.handle, ids, mask), ids, mask).float()
+            values[start : start + len(chunk)] = scores.view(B, len(chunk)).mean(0).cpu()
+    return attribution.clean_metric - values
+
+
+@torch.no_grad()
+def path_patch(attribution: NodeAttribution, metric: Metric, source: str, target: str, kind: str,
+               mlps: Mlps = "direct", *, freeze: bool = False) -> float:
+    """What one edge carries of the metric, measured: the clean metric minus the metric with only the upstream node's
+    output (clean minus baseline activation, times its output direction) taken out of only the downstream node's
+    `kind` read (q, k or v), everything else clean; mean over the rows of the attribution's input. With "direct" the
+    output is taken out of the residual stream the downstream layer reads; with "linearised" where it is written, and
+    MLPs carry the change on while every spliced attention in between reads its clean input. The edge of
+    `attribute_edges` with the same `mlps` is its first-order estimate. With `freeze`, every head fires where it fired
+    in the clean run, as in `patch_heads`: the downstream node, and the heads after it, cannot switch on or off."""
+    if kind not in KINDS or mlps not in ("direct", "linearised"):
+        raise LorsaSurgeryError(f"An edge's kind is q, k or v and mlps direct or linearised, got {kind!r} and {mlps!r}.")
+    run = attribution.run
+    handle, ids, mask = run.handle, run.input_ids, run.attention_mask
+    (m, i, s), (l, j, t) = attribution.node(source), attribution.node(target)
+    if m >= l:
+        raise LorsaSurgeryError(f"{source} is not in a layer below {target}'s.")
+    W_O = handle[m].lorsa.W_O.detach()
+    up, down = _columns(attribution, m, i), _columns(attribution, l, j)
+    out = run.delta[m][:, s, up].to(W_O) @ W_O[up]  # [B, d]
+
+    def take_out(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, s] -= out.to(x)
+        return x
+
+    with hooks(handle, _frozen_firing(run)) if freeze else contextlib.nullcontext():
+        if mlps == "direct":
+            norm = handle.arch.input_norm
+            residual = take_out(run.residual[l])
+            x = residual if norm is None else getattr(handle.arch.layer_list(handle.model)[l], norm)(residual)
+        else:
+            frozen = {f"L{k}.hook_in": (lambda x, ctx, v=run.inputs[k]: v) for k in handle.layers if m < k < l}
+            with hooks(handle, {f"L{m}.hook_out": take_out, **frozen}):
+                x = run_with_cache(handle, ids, [f"L{l}.hook_in"], attention_mask=mask, stop=True)[f"L{l}.hook_in"]
+        with hooks(handle, {f"L{l}.hook_in": lambda _: x}):
+            read = run_with_cache(handle, ids, [f"L{l}.hook_{kind}"], attention_mask=mask, stop=True)[f"L{l}.hook_{kind}"]
+        with hooks(handle, {f"L{l}.hook_{kind}": lambda _: read}):
+            acts = run_with_cache(handle, ids, [f"L{l}.hook_acts"], attention_mask=mask, stop=True)[f"L{l}.hook_acts"]
+        value = acts[:, t, down]
+
+        def clamp(a: torch.Tensor) -> torch.Tensor:
+            a = a.clone()
+            a[:, t, down] = value.to(a)
+            return a
+
+        with hooks(handle, {f"L{l}.hook_acts": clamp}):
+            scores = metric(forward(handle, ids, mask), ids, mask)
+    return attribution.clean_metric - float(scores.float().mean())
 
 
 # ---- the graph --------------------------------------------------------------------------------------------------

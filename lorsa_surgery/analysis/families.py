@@ -22,6 +22,9 @@ whose target is the token at their source (induction, name mover: `Family.copies
 sources (attention part >= `ATTENTION_THRESHOLD`) but does not promote the target through the direct logits can
 still carry the behaviour through later layers; SmolLM2's layer-18 induction heads do (docs/heads.md). Such heads
 are labelled `<family>_attention`.
+
+`ioi_pairs` and `induction_pairs` build the same prompts as clean / corrupted pairs with their metric, for patching and
+circuits.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.corpus import special_ids
 from lorsa_surgery.host.arch import host_rotary
+from lorsa_surgery.interventions.patching import LogitDiff
 from lorsa_surgery.lorsa.model import Lorsa, Rotary
 
 MIN_FIRINGS = 4
@@ -164,6 +168,40 @@ def repeated_probe(tokenizer, n: int, length: int, seed: int, kind: str, words: 
         else:
             marks.append([(t, [t - length], -1) for t in second])
     return _probe(rows, marks, tokenizer, with_target=kind == "induction")
+
+
+def ioi_pairs(tokenizer, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, LogitDiff]:
+    """n clean IOI prompts [n, T], their corruptions (the subject's second mention replaced by the indirect object),
+    and the metric: logit of the indirect object minus the subject's, each read from its first mention's column."""
+    rng = random.Random(seed)
+    token = lambda word: tokenizer(" " + word, add_special_tokens=False).input_ids
+    names, places, objects = ([w for w in words if len(token(w)) == 1] for words in (NAMES, PLACES, OBJECTS))
+    start = _start(tokenizer)
+    text = lambda a, b, fill: [start] + tokenizer(IOI_TEMPLATES[0].format(a=a, b=b, **fill), add_special_tokens=False).input_ids
+    clean, corrupt, columns = [], [], set()
+    for _ in range(n):
+        a, b = rng.sample(names, 2)
+        fill = {"place": rng.choice(places), "object": rng.choice(objects)}
+        row = text(a, b, fill)
+        second = len(row) - 1 - row[::-1].index(token(b)[0])  # the subject's second mention
+        clean.append(row)
+        corrupt.append(row[:second] + token(a) + row[second + 1 :])
+        columns.add((row.index(token(a)[0]), row.index(token(b)[0])))
+    [(good, bad)] = columns  # one template: the names sit in the same columns of every row
+    return torch.tensor(clean), torch.tensor(corrupt), LogitDiff(good, bad, columns=True)
+
+
+def induction_pairs(tokenizer, n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows of a start token and `length` random words written twice [n, 2 length + 1], and the same rows with the
+    first copy replaced by other words."""
+    clean = repeated_probe(tokenizer, n, length, seed, "induction").input_ids
+    rng = random.Random(seed + 1)
+    words = word_tokens(tokenizer)
+    corrupt = clean.clone()
+    for row in corrupt:
+        used = set(row.tolist())
+        row[1 : length + 1] = torch.tensor(rng.sample([w for w in words if w not in used], length))
+    return clean, corrupt
 
 
 ORDINALS = [

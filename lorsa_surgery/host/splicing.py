@@ -25,7 +25,6 @@ from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HookPoint
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host import state as host_state
 from lorsa_surgery.host.placement import execution_device
-from lorsa_surgery.lorsa.config import OWN_ROPE_TYPES
 from lorsa_surgery.lorsa.model import Lorsa
 
 Mode = Literal["replace", "exact"]
@@ -236,11 +235,8 @@ class LorsaAttention(nn.Module):
             store = _HostSlot(cache, self.layer_idx) if cache is not None else None
 
         # Rotary types the module cannot compute come from the host's own cos and sin, so every type the host
-        # implements is exact. The module's own rotary is kept where it is exact: hosts lay out what they pass in
-        # their own ways (GPT-J passes (sin, cos) per frequency pair).
-        cfg = self.lorsa.cfg
-        needs_host = cfg.positional_embedding_type == "rotary" and cfg.rope_type not in OWN_ROPE_TYPES
-        rotary = kw.get("position_embeddings") if needs_host else None
+        # implements is exact.
+        rotary = kw.get("position_embeddings") if self.lorsa.cfg.host_rotary else None
         z = self.lorsa.hidden_pre(x, position_ids, mask, store, _Taps(self, ctx) if live else None, rotary)
         if live:
             z = _tap(self.hook_z, z, ctx)

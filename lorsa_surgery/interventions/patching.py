@@ -58,19 +58,27 @@ class LogitDiff:
     """logit[good] - logit[bad] at one column of the input (default: the last, the next-token prediction)."""
 
     good: int
-    """Token id whose logit counts positively."""
+    """Token id whose logit counts positively (with `columns`: the column of the input holding it)."""
     bad: int
-    """Token id whose logit counts negatively."""
+    """Token id whose logit counts negatively (with `columns`: the column of the input holding it)."""
     position: int = -1
     """Column of the input whose prediction is scored."""
+    columns: bool = False
+    """Read each row's two tokens from its own columns `good` and `bad`: one metric for a batch of prompts whose
+    answers differ (IOI: the indirect object's and the subject's first mentions)."""
 
     @property
     def name(self) -> str:
-        return f"logit[{self.good}] - logit[{self.bad}]"
+        return f"logit[ids[{self.good}]] - logit[ids[{self.bad}]]" if self.columns else f"logit[{self.good}] - logit[{self.bad}]"
 
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         row = logits[:, self.position].float()
-        return row[:, self.good] - row[:, self.bad]
+        if self.columns:
+            tokens = input_ids[:, [self.good, self.bad]].to(row.device)
+        else:
+            tokens = torch.tensor([[self.good, self.bad]], device=row.device).expand(len(row), 2)
+        scores = row.gather(-1, tokens)
+        return scores[:, 0] - scores[:, 1]
 
 
 @dataclass
@@ -81,13 +89,41 @@ class Probability:
     """Token id."""
     position: int = -1
     """Column of the input whose prediction is scored."""
+    log: bool = False
+    """Score the log-probability: additive over independent effects, which attribution's linear estimate assumes."""
 
     @property
     def name(self) -> str:
-        return f"p[{self.token}]"
+        return f"{'log ' if self.log else ''}p[{self.token}]"
 
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return logits[:, self.position].float().softmax(-1)[:, self.token]
+        row = logits[:, self.position].float()
+        return (row.log_softmax(-1) if self.log else row.softmax(-1))[:, self.token]
+
+
+@dataclass
+class RepeatGain:
+    """On rows that write `length` tokens twice after one start token: the mean over the repeated tokens of their
+    log-probability in the second copy minus in the first, where nothing predicts them (the same tokens, so how
+    common each is cancels). Zero when the model copies nothing from its context; what induction adds."""
+
+    length: int
+    """Tokens in each copy."""
+
+    @property
+    def name(self) -> str:
+        return f"repeat gain ({self.length} tokens)"
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        L = self.length
+        if input_ids.shape[1] != 2 * L + 1:
+            raise LorsaSurgeryError(f"RepeatGain({L}) scores rows of {2 * L + 1} tokens (a start token and two copies), "
+                                    f"not {input_ids.shape[1]}.")
+        logits = logits.float()
+        following = input_ids[:, 1:, None].to(logits.device)
+        logp = logits[:, :-1].gather(-1, following)[..., 0] - logits[:, :-1].logsumexp(-1)  # [B, T-1]: of token t+1 at t
+        # Columns 1..L-1 predict the first copy's tokens 2..L; columns L+1..2L-1 predict the same tokens again.
+        return (logp[:, L + 1 : 2 * L] - logp[:, 1:L]).mean(-1)
 
 
 @dataclass

@@ -184,6 +184,13 @@ class LorsaConfig:
         self.qk_ln_eps = check_number(self.qk_ln_eps, "qk_ln_eps", minimum=0)
 
     @property
+    def host_rotary(self) -> bool:
+        """Whether queries and keys are rotated by the host's cos and sin: rotary types the module cannot compute
+        itself. Hosts lay out what they pass in their own ways (GPT-J passes (sin, cos) per frequency pair), so the
+        module's own rotary is used wherever it is exact."""
+        return self.positional_embedding_type == "rotary" and self.rope_type not in OWN_ROPE_TYPES
+
+    @property
     def group_size(self) -> int:
         """OV heads per query-key head."""
         return self.n_ov_heads // self.n_qk_heads

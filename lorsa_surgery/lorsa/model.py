@@ -128,18 +128,12 @@ class Lorsa(nn.Module):
             cached = self._derived_cache[name] = (key, build())
         return cached[1]
 
-    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q, K and V projections fused into one [2*n_qk*d_qk + n_ov, d_model] matrix and its bias."""
-        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
-        return self._derived("qkv", params, self._build_qkv_weight)
-
-    def _build_qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _qk_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_Q and W_K as [n_qk * d_qk, d_model] matrices."""
         d = self.cfg.d_model
-        weight = torch.cat(
-            [self.W_Q.transpose(1, 2).reshape(-1, d), self.W_K.transpose(1, 2).reshape(-1, d), self.W_V]
+        return self._derived(
+            "qk", (self.W_Q, self.W_K), lambda: (self.W_Q.transpose(1, 2).reshape(-1, d), self.W_K.transpose(1, 2).reshape(-1, d))
         )
-        bias = torch.cat([self.b_Q.reshape(-1), self.b_K.reshape(-1), self.b_V])
-        return weight, bias
 
     def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype, rotary: Rotary | None) -> Rotary:
         """cos and sin [B, 1, T, rotary_dim] at absolute positions [B, T]: the host's `rotary` when given, else from
@@ -169,12 +163,15 @@ class Lorsa(nn.Module):
 
     def _apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rd = self.cfg.rotary_dim
-        x_rot, x_pass = x[..., :rd], x[..., rd:]
-        if self.cfg.rotary_adjacent_pairs:
-            flipped = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
-        else:
-            flipped = torch.cat([-x_rot[..., rd // 2 :], x_rot[..., : rd // 2]], dim=-1)
-        return torch.cat([x_rot * cos + flipped * sin, x_pass], dim=-1)
+        if rd < x.shape[-1]:  # partial rotary: the rest of each head passes unrotated
+            return torch.cat([self._apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
+        # The rotated copy (-x2, x1) as one flip of the halves (or of each pair) with the sign folded into the small
+        # sin: slicing x would zero-fill a full-size gradient per slice in the backward pass, and concatenating
+        # copies it again. Negating sin instead of x gives the same bits.
+        adjacent = self.cfg.rotary_adjacent_pairs
+        shape, sign = ((-1, 2), [-1.0, 1.0]) if adjacent else ((2, -1), [[-1.0], [1.0]])
+        flipped = x.unflatten(-1, shape).flip(-1 if adjacent else -2).flatten(-2)
+        return x * cos + flipped * (sin.unflatten(-1, shape) * sin.new_tensor(sign)).flatten(-2)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -189,11 +186,11 @@ class Lorsa(nn.Module):
         module's own) and values [B, n_qk, T, group]."""
         cfg = self.cfg
         B, T, _ = x.shape
-        weight, bias = self._qkv_weight()
-        qkv = F.linear(x.to(weight.dtype), weight, bias)
-        nq = cfg.n_qk_heads * cfg.d_qk_head
-        # One split, not three slices: the backward pass then concatenates once instead of zero-filling thrice.
-        q, k, v = qkv.split([nq, nq, cfg.n_ov_heads], dim=-1)
+        w_q, w_k = self._qk_weights()
+        x = x.to(self.W_V.dtype)
+        # Three products, not one over concatenated weights: training would concatenate the weights, and their
+        # gradients, at every step, which costs more than one larger product saves.
+        q, k, v = F.linear(x, w_q, self.b_Q.flatten()), F.linear(x, w_k, self.b_K.flatten()), F.linear(x, self.W_V, self.b_V)
         q = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
         k = k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
         v = v.reshape(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
@@ -245,17 +242,15 @@ class Lorsa(nn.Module):
             pattern = self._pattern(q, k, mask)
             z = (taps.pattern(pattern) if wants_pattern else pattern).to(v.dtype) @ v
             return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
-        # Fused attention kernels want values as wide as queries; a group wider than that goes in slices.
-        z = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
-                )
-                for part in v.split(q.shape[-1], dim=-1)
-            ],
-            dim=-1,
-        )
-        return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
+        # Fused attention kernels want values as wide as queries; a group wider than that goes in slices, joined
+        # already in [B, T, n_qk, group] order so that one copy both joins and transposes them.
+        parts = [
+            F.scaled_dot_product_attention(
+                q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
+            ).transpose(1, 2)
+            for part in v.split(q.shape[-1], dim=-1)
+        ]
+        return torch.cat(parts, dim=-1).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
 
     def decoder_norm(self) -> torch.Tensor:
         """Norm of each head's output direction, [n_ov]."""
@@ -263,7 +258,8 @@ class Lorsa(nn.Module):
 
     def _topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices [.., K] of the selected heads and their activations."""
-        score = z.relu() if self.cfg.topk_score == "relu" else z.abs()
+        # ReLU keeps the order of what it does not zero, so ranking z itself picks heads of the same values.
+        score = z if self.cfg.topk_score == "relu" else z.abs()
         if self.cfg.sparsity_include_decoder_norm:
             score = score * self.decoder_norm()
         idx = score.topk(self.cfg.top_k, dim=-1, sorted=False).indices
