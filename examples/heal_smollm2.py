@@ -2,8 +2,8 @@
 
 Layer 3 gets the shipped Lorsa module; layer 10 gets the exact copy of its attention made sparse (top-8 of its
 1152 rank-1 heads), which costs more LM loss. Healing trains both modules end to end and rank-8 LoRA adapters on
-every linear layer from layer 3 on, against the KL divergence from the original model, on the built-in offline
-corpus.
+every linear layer from layer 3 on, against the KL divergence from the original model, on text sampled from SmolLM2
+itself (healing's default).
 It prints the held-out KL and LM-loss gap before and after, checks that the heads are still top-K sparse and the
 catalogs unchanged, and writes the healed patched model to --out.
 
@@ -40,7 +40,9 @@ def main() -> None:
     modules = {3: ls.module_for(model, 3, "default"), 10: sparse_copy(model, 10, 8)}
     catalogs = {layer: copy.deepcopy(m.catalog) for layer, m in modules.items()}
     handle = ls.splice(model, modules)
-    config = ls.HealConfig(tokens=2048 if args.fast else args.tokens, eval_tokens=1024 if args.fast else 8192)
+    # The fast run heals on the built-in documentation: sampling text first would take longer than its few steps.
+    config = ls.HealConfig(tokens=2048 if args.fast else args.tokens, eval_tokens=1024 if args.fast else 8192,
+                           sample_tokens=0 if args.fast else None)
     report = ls.heal(handle, tokenizer, config)
 
     ids = tokenizer("The committee met on Tuesday to discuss the budget for the new library.", return_tensors="pt").input_ids

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     layers = LAYERS[:1] if args.fast else LAYERS
     if args.fast:
-        args.tokens, args.eval_tokens = 512, 256
+        args.tokens, args.eval_tokens = 256, 128
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = ls.load_model("smollm2")
@@ -62,7 +62,7 @@ def main() -> None:
     docs = corpus.python_documentation()
     random.Random(0).shuffle(docs)
     docs_held, docs = take(docs, tokenizer, args.eval_tokens)
-    sampled = corpus.sample_from_model(model, tokenizer, args.tokens + args.eval_tokens, seed=0)
+    sampled = corpus.sample_from_model(model, tokenizer, args.tokens + args.eval_tokens, seed=0, length=64 if args.fast else 256)
     sampled_held, sampled = take(sampled, tokenizer, args.eval_tokens)
     half_docs, half_sampled = take(docs, tokenizer, args.tokens // 2)[0], take(sampled, tokenizer, args.tokens // 2)[0]
     choices = {

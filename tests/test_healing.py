@@ -125,6 +125,12 @@ def test_healing_is_measured_on_other_domains_and_can_train_on_the_models_own_te
         ls.HealConfig(sample_tokens=-1)
 
 
+def test_healing_without_text_trains_on_as_much_sampled_text_as_it_reads(text):
+    model, handle, report = healed(text, texts=(), tokens=4 * 32 * 2, eval_tokens=64)
+    assert report["text"] == f"{4 * 32 * 2 + 64} tokens sampled from the base model"
+    assert ls.HealConfig(texts=("notes.txt",)).sampled_tokens == 0 and ls.HealConfig(sample_tokens=7).sampled_tokens == 7
+
+
 @pytest.mark.slow
 def test_healing_a_processed_space_module_saves_what_it_learned(text, tmp_path):
     model, handle, report = healed(text, space="processed", lora_rank=0)

@@ -235,8 +235,8 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
         raise LorsaSurgeryError("Nothing to train: give lora_rank > 0 or train_lorsa.")
     model = handle.model
     docs = corpus.load_texts(list(config.texts)) if config.texts else []
-    if config.sample_tokens:
-        docs += corpus.sample_from_model(model, tokenizer, config.sample_tokens, seed=config.seed)
+    if config.sampled_tokens:
+        docs += corpus.sample_from_model(model, tokenizer, config.sampled_tokens, seed=config.seed)
     ids, mask = token_sequences(docs or corpus.python_documentation(), tokenizer, config.context)
     held_out, train_rows = core.held_out_split(len(ids), config.eval_tokens, config.context, config.seed)
     other = token_sequences(corpus.load_texts(list(config.ood_texts)) if config.ood_texts else corpus.prose(), tokenizer,
@@ -292,8 +292,8 @@ def heal(handle: Splice, tokenizer, config: HealConfig, log: str | Path | None =
     model.requires_grad_(False)
     _sync_sources(handle)
     after, ood_after = evaluate(handle, ids[held_out], mask[held_out]), evaluate(handle, *other)
-    sources = [Path(t).name for t in config.texts] + ([f"{config.sample_tokens} tokens sampled from the base model"]
-                                                      if config.sample_tokens else [])
+    sources = [Path(t).name for t in config.texts] + ([f"{config.sampled_tokens} tokens sampled from the base model"]
+                                                      if config.sampled_tokens else [])
     return {
         "before": before, "after": after, "ood_before": ood_before, "ood_after": ood_after,
         "ood_text": ", ".join(Path(t).name for t in config.ood_texts) or corpus.PROSE,
