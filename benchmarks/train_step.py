@@ -145,7 +145,7 @@ def main() -> None:
         lorsa.b_D.normal_(0, 0.1)
     x = torch.randn(args.batch, args.context, args.d_model)
     y = torch.randn(args.batch, args.context, args.d_model)
-    optimizer = torch.optim.Adam(lorsa.parameters(), lr=1e-4, fused=True)  # as the trainer builds it
+    optimizer = torch.optim.Adam(lorsa.parameters(), lr=1e-4)  # as the trainer builds it
 
     def our_step():
         loss = (lorsa(x) - y).pow(2).sum(-1).mean()  # the trainer's loss: squared error summed over d, token mean

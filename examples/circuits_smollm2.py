@@ -34,7 +34,11 @@ LoRA adapters shape every run too) or a folder with a module per layer (L0/ ... 
    into the circuit's induction nodes (at most --targets), the share of each kind's weight that previous-token
    heads send (the mechanism predicts keys).
 
-Writes report.json, report.md and scatter plots (ioi_nodes.png, induction_nodes.png, ioi_edges_MLPS.png,
+4. What feeds IOI's name movers (the heads the catalogs label name movers, never picked by the attribution): their
+   share of the IOI attribution at the last position, and the Q/K/V edges into the --targets strongest of them there,
+   with the strongest sources of their queries.
+
+--parts runs some of these (patching: 1 and 2; circuit: 3; name-movers: 4). Writes report.json, report.md and scatter plots (ioi_nodes.png, induction_nodes.png, ioi_edges_MLPS.png,
 induction_edges_MLPS.png) to --out and prints report.md.
 
     python examples/circuits_smollm2.py --out runs/circuits                   # the full run (see --help)
@@ -58,6 +62,8 @@ from lorsa_surgery.publishing.patched import every_layer, is_patched_folder
 
 FAMILIES = {"previous_token": ("previous_token",), "induction": ("induction", "induction_attention")}
 """The catalog labels that count as each family of the induction mechanism."""
+NAME_MOVERS = {"name_mover": ("name_mover", "name_mover_attention")}
+PARTS = ("patching", "circuit", "name-movers")
 
 
 def load(spec: str):
@@ -114,20 +120,21 @@ def edges_against_path_patching(nodes: NodeAttribution, metric, n_edges: int, ta
 # ---- 3. the induction circuit ------------------------------------------------------------------------------------
 
 
-def family_heads(nodes: NodeAttribution, model, tokenizer, n_prompts: int) -> tuple[dict[str, set[str]], list[int]]:
+def family_heads(nodes: NodeAttribution, model, tokenizer, n_prompts: int,
+                 families: dict[str, tuple[str, ...]] = FAMILIES) -> tuple[dict[str, set[str]], list[int]]:
     """{family: nodes' heads labelled with it (`L3.H12`; on an exact copy the MHSA head of a labelled part, `L3.A0`)}
     from each layer's catalog, or from `detect` where a layer's catalog is empty; and the layers detected."""
     handle = nodes.run.handle
-    found: dict[str, set[str]] = {family: set() for family in FAMILIES}
+    found: dict[str, set[str]] = {family: set() for family in families}
     detected = []
     for layer in handle.layers:
         catalog = handle[layer].source.catalog
         if not catalog:
-            scores = detect(model, tokenizer, layer, handle[layer].lorsa, list(FAMILIES), n_prompts=n_prompts)
+            scores = detect(model, tokenizer, layer, handle[layer].lorsa, list(families), n_prompts=n_prompts)
             catalog = catalog_entries(scores)
             detected.append(layer)
         for head, entry in catalog.items():
-            for family, labels in FAMILIES.items():
+            for family, labels in families.items():
                 if entry.get("label") in labels:
                     found[family].add(nodes.names[layer][int(head) // nodes.widths[layer]])
     return found, detected
@@ -171,6 +178,32 @@ def induction_circuit(handle, model, tokenizer, nodes: NodeAttribution, metric, 
             "faithfulness": faithful.to_dict(), "necessity": needed.to_dict(), "labelled": {f: len(h) for f, h in families.items()},
             "detected_layers": detected, "overlap": chance, "previous_token_to_induction": composed,
             "top_nodes": [{k: node[k] for k in ("id", "token", "attribution", "label")} for node in graph.nodes[:15]]}
+
+
+def name_mover_inputs(nodes: NodeAttribution, model, tokenizer, args) -> dict:
+    """IOI's name movers, as catalogued (never picked by the attribution): their share of the attribution at the last
+    position, and what feeds the strongest of them there, by kind, with the strongest sources of their query edges."""
+    movers = family_heads(nodes, model, tokenizer, args.family_prompts, NAME_MOVERS)[0]["name_mover"]
+    last = nodes.input_ids.shape[1] - 1
+    at_last = [(key, value) for key, value in nodes.top() if key.endswith(f"@{last}")]
+    mine = [(key, value) for key, value in at_last if key.partition("@")[0] in movers]
+    targets = [key for key, _ in mine[: args.targets]]
+    into = attribute_edges(nodes, targets, mlps=args.mlps[0]).records() if targets else []
+    by_kind = {k: sum(abs(w) for _, _, kind, w in into if kind == k) for k in KINDS}
+    queries: dict[str, float] = {}
+    for source, _, kind, w in into:
+        if kind == "q":
+            queries[source] = queries.get(source, 0.0) + w
+    tokens = nodes.input_ids[0].tolist()
+    total = sum(abs(v) for _, v in at_last)
+    return {"catalogued": len(movers), "attributed_at_last": len(mine),
+            "share_at_last": sum(abs(v) for _, v in mine) / total if total else None,
+            "in_top_20_at_last": sum(key.partition("@")[0] in movers for key, _ in at_last[:20]),
+            "targets": [{"id": key, "attribution": value} for key, value in mine[: args.targets]], "mlps": args.mlps[0],
+            "kinds": {k: v / sum(by_kind.values()) if any(by_kind.values()) else None for k, v in by_kind.items()},
+            "query_sources": [{"id": key, "weight": w, "token": tokenizer.decode([tokens[int(key.partition("@")[2])]]),
+                               "name_mover": key.partition("@")[0] in movers}
+                              for key, w in sorted(queries.items(), key=lambda item: -abs(item[1]))[:8]]}
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
@@ -225,8 +258,15 @@ def interval(estimate: dict) -> str:
 def markdown(report: dict) -> str:
     lines = [f"Modules: {report['modules']} ({report['layers']} layers spliced). IOI: {report['sizes']['ioi_prompts']} "
              f"prompts; induction: {report['sizes']['induction_prompts']} prompts of {report['sizes']['length']} words "
-             "written twice.", "",
-             "| task | metric clean | corrupted | attribution total | heads patched | Spearman | signs agree | gap "
+             "written twice.", ""]
+    for part, write in (("patching", patching_lines), ("circuit", circuit_lines), ("name-movers", name_mover_lines)):
+        if part in report["parts"]:
+            lines += write(report) + [""]
+    return "\n".join(lines)
+
+
+def patching_lines(report: dict) -> list[str]:
+    lines = ["| task | metric clean | corrupted | attribution total | heads patched | Spearman | signs agree | gap "
              "| Spearman, firing frozen | gap, firing frozen |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task in ("ioi", "induction"):
         n = report[task]["nodes"]
@@ -247,9 +287,13 @@ def markdown(report: dict) -> str:
                 kinds = " | ".join(f"{fmt(e['by_kind' + key][k])} ({sum(r['kind'] == k for r in e['edges'])})" for k in KINDS)
                 lines.append(f"| {task} | {len(e['edges'])} of {e['edges_attributed']} | {e['mlps']} | {firing} | "
                              f"{fmt(e['spearman' + key])} | {kinds} |")
+    return lines
+
+
+def circuit_lines(report: dict) -> list[str]:
     c = report["circuit"]
     f, n = c["faithfulness"], c["necessity"]
-    lines += ["", f"Induction circuit: {c['nodes']} nodes (at most {c['max_nodes']}), {len(c['heads'])} heads; on "
+    lines = [f"Induction circuit: {c['nodes']} nodes (at most {c['max_nodes']}), {len(c['heads'])} heads; on "
                   f"{f['prompts']} fresh prompts (repeat gain {f['full']:.3f}, every head mean-ablated {f['empty']:.3f}):", "",
               f"- faithfulness: share kept {interval(f['share'])}, normalised {interval(f['normalised'])}",
               f"- necessity: lost {interval(n['lost'])}, firing-matched control {interval(n['control_lost'])}", "",
@@ -265,7 +309,19 @@ def markdown(report: dict) -> str:
                   "kind's weight that comes from previous-token heads, " + ", ".join(
                       f"{k} {fmt(composed['share'][k], '.0%')}" for k in KINDS)
               + f" (previous-token heads are {composed['firing_share']:.0%} of the heads that fire)."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def name_mover_lines(report: dict) -> list[str]:
+    m = report["name_movers"]
+    lines = [f"IOI name movers (catalogued: {m['catalogued']} heads): {m['attributed_at_last']} have attribution at the last "
+             f"position, {fmt(m['share_at_last'], '.0%')} of its |attribution|, {m['in_top_20_at_last']} of its 20 strongest "
+             f"nodes. Edges ({m['mlps']}) into the {len(m['targets'])} strongest ("
+             + ", ".join(f"{t['id']} {t['attribution']:+.3f}" for t in m["targets"]) + "): share of |weight| by kind, "
+             + ", ".join(f"{k} {fmt(m['kinds'][k], '.0%')}" for k in KINDS) + ". Strongest sources of their queries:", "",
+             "| source | token | query edge weight | name mover |", "|---|---|---|---|"]
+    lines += [f"| {q['id']} | {q['token']!r} | {q['weight']:+.4f} | {'yes' if q['name_mover'] else ''} |" for q in m["query_sources"]]
+    return lines
 
 
 def main() -> None:
@@ -288,6 +344,9 @@ def main() -> None:
     parser.add_argument("--family-prompts", type=int, default=16, help="Prompts per family for `detect` on uncatalogued layers.")
     parser.add_argument("--batch-size", type=int, default=32, help="Rows per forward pass when patching heads.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="What to run: patching (nodes and edges of both tasks against patching), circuit (the "
+                             "induction circuit) and name-movers (what feeds IOI's name movers).")
     parser.add_argument("--fast", action="store_true", help="Small sizes throughout (for tests).")
     args = parser.parse_args()
     if args.fast:
@@ -296,24 +355,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer, handle = load(args.modules)
-    report = {"modules": str(args.modules), "layers": len(handle.layers),
+    report = {"modules": str(args.modules), "layers": len(handle.layers), "parts": args.parts,
               "sizes": {k: getattr(args, k) for k in ("ioi_prompts", "induction_prompts", "length", "heads", "edges", "targets")}}
     clean, corrupt, ioi_metric = ioi_pairs(tokenizer, args.ioi_prompts, seed=0)
     tasks = {"ioi": (clean, corrupt, ioi_metric),
              "induction": (*induction_pairs(tokenizer, args.induction_prompts, args.length, seed=0), ls.RepeatGain(args.length))}
-    for task, (clean, corrupt, metric) in tasks.items():
-        nodes = attribute(handle, clean, metric, corrupt)
-        report[task] = {"nodes": nodes_against_patching(nodes, metric, args.heads, args.batch_size),
-                        "edges": [edges_against_path_patching(nodes, metric, args.edges, args.targets, mlps) for mlps in args.mlps]}
-        n = report[task]["nodes"]
-        print(f"{task}: node Spearman {fmt(n['spearman'])} (firing frozen {fmt(n['spearman_frozen'])}), edge Spearman "
-              + ", ".join(f"{e['mlps']} {fmt(e['spearman'])} ({fmt(e['spearman_frozen'])})" for e in report[task]["edges"]),
-              flush=True)
-    report["circuit"] = induction_circuit(handle, model, tokenizer, nodes, metric, args)  # the induction task's
+    attributed = {task: attribute(handle, clean, metric, corrupt) for task, (clean, corrupt, metric) in tasks.items()}
+    if "patching" in args.parts:
+        for task, (_, _, metric) in tasks.items():
+            nodes = attributed[task]
+            report[task] = {"nodes": nodes_against_patching(nodes, metric, args.heads, args.batch_size),
+                            "edges": [edges_against_path_patching(nodes, metric, args.edges, args.targets, mlps) for mlps in args.mlps]}
+            n = report[task]["nodes"]
+            print(f"{task}: node Spearman {fmt(n['spearman'])} (firing frozen {fmt(n['spearman_frozen'])}), edge Spearman "
+                  + ", ".join(f"{e['mlps']} {fmt(e['spearman'])} ({fmt(e['spearman_frozen'])})" for e in report[task]["edges"]),
+                  flush=True)
+    if "circuit" in args.parts:
+        report["circuit"] = induction_circuit(handle, model, tokenizer, attributed["induction"], tasks["induction"][2], args)
+    if "name-movers" in args.parts:
+        report["name_movers"] = name_mover_inputs(attributed["ioi"], model, tokenizer, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "report.md").write_text(markdown(report))
-    plots(report, args.out)
+    if "patching" in args.parts:
+        plots(report, args.out)
     print((args.out / "report.md").read_text())
 
 

@@ -126,6 +126,9 @@ def test_circuits_example_checks_attribution_against_patching_in_fast_mode(smoll
     assert circuit["heads"] and circuit["faithfulness"]["prompts"] == 6
     assert circuit["necessity"]["lost"]["low"] <= circuit["necessity"]["lost"]["mean"] <= circuit["necessity"]["lost"]["high"]
     assert circuit["overlap"]["either"]["firing"] > circuit["overlap"]["either"]["labelled_firing"] > 0
+    movers = report["name_movers"]  # the catalogued name movers at the last IOI position, and what feeds them
+    assert movers["catalogued"] > 0 and 0 < len(movers["targets"]) <= 3 and "IOI name movers" in out
+    assert sum(movers["kinds"].values()) == pytest.approx(1) and movers["query_sources"]
 
 
 @pytest.mark.slow
