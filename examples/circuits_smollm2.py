@@ -360,7 +360,9 @@ def main() -> None:
     clean, corrupt, ioi_metric = ioi_pairs(tokenizer, args.ioi_prompts, seed=0)
     tasks = {"ioi": (clean, corrupt, ioi_metric),
              "induction": (*induction_pairs(tokenizer, args.induction_prompts, args.length, seed=0), ls.RepeatGain(args.length))}
-    attributed = {task: attribute(handle, clean, metric, corrupt) for task, (clean, corrupt, metric) in tasks.items()}
+    needed = {"patching": ("ioi", "induction"), "circuit": ("induction",), "name-movers": ("ioi",)}
+    attributed = {task: attribute(handle, clean, metric, corrupt) for task, (clean, corrupt, metric) in tasks.items()
+                  if any(task in needed[part] for part in args.parts)}
     if "patching" in args.parts:
         for task, (_, _, metric) in tasks.items():
             nodes = attributed[task]

@@ -16,7 +16,7 @@ from torch import nn
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.io import files
 from lorsa_surgery.lorsa import formats
-from lorsa_surgery.lorsa.config import OWN_ROPE_TYPES, LorsaConfig, rotary_inverse_wavelengths
+from lorsa_surgery.lorsa.config import LorsaConfig, rotary_inverse_wavelengths
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 """The (cos, sin) a host computes for its attention, each [B, T, rotary_dim] (or [T, rotary_dim]), in the layout the
@@ -137,7 +137,7 @@ class Lorsa(nn.Module):
 
     def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype, rotary: Rotary | None) -> Rotary:
         """cos and sin [B, 1, T, rotary_dim] at absolute positions [B, T]: the host's `rotary` when given, else from
-        the module's own frequencies, which only the `OWN_ROPE_TYPES` have."""
+        the module's own frequencies, which only types that are not `host_rotary` have."""
         if rotary is not None:
             cos, sin = rotary
             if cos.shape[-1] != self.cfg.rotary_dim:
@@ -145,7 +145,7 @@ class Lorsa(nn.Module):
                     f"The host's rotary covers {cos.shape[-1]} dimensions but this module rotates {self.cfg.rotary_dim}."
                 )
             return cos.to(dtype).unsqueeze(-3), sin.to(dtype).unsqueeze(-3)
-        if self.cfg.rope_type not in OWN_ROPE_TYPES:
+        if self.cfg.host_rotary:
             raise LorsaSurgeryError(
                 f"This module's rotary of type {self.cfg.rope_type!r} is computed by the host; run it spliced into its "
                 "host, or pass rotary=(cos, sin)."
