@@ -31,7 +31,7 @@ def _planted(words: list[int], embed: torch.Tensor) -> Lorsa:
     with torch.no_grad():
         for p in (lorsa.W_Q, lorsa.W_K, lorsa.b_Q, lorsa.b_K):
             p.zero_()
-        phase = torch.zeros(1, 4, 1, ROT + CONTENT)
+        phase = torch.zeros(1, 1, 4, ROT + CONTENT)
         phase[0, 0, 0, :ROT] = 6.0
         lorsa.b_Q[0] = phase[0, 0, 0]
         lorsa.b_K[0] = lorsa._rotate(phase, torch.ones(1, 1, dtype=torch.long))[0, 0, 0]  # meets the query at offset 1

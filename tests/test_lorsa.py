@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lorsa_surgery import Lorsa, LorsaCache, LorsaConfig, LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.lorsa.model import build_mask
+from lorsa_surgery.lorsa.model import GroupAttention, Rotate, build_mask
 from conftest import FIXTURES
 
 REF = FIXTURES / "lorsa_reference"
@@ -423,3 +423,92 @@ def test_attention_logit_soft_cap(fixture_a):
         assert rel(z, (capped @ v).transpose(1, 2).reshape(1, 7, -1)) <= 1e-5
     with pytest.raises(LorsaSurgeryError, match="attn_logit_softcap must be positive"):
         LorsaConfig(d_model=8, n_qk_heads=1, d_qk_head=4, n_ov_heads=2, top_k=1, attn_logit_softcap=0.0)
+
+
+# ---- the training path: its own rotation and attention backward ------------------------------------------
+
+
+@pytest.mark.parametrize("adjacent,rotary_dim", [(False, 8), (True, 8), (False, 4), (True, 6)])
+def test_rotation_is_the_textbook_formula_to_the_bit_both_ways(adjacent, rotary_dim):
+    """Rotate writes x * cos + rotate_half(x) * sin half by half; forward and gradient keep its bits."""
+    x = torch.randn(2, 9, 3, 8, requires_grad=True)
+    angles = torch.randn(2, 9, 1, rotary_dim // 2)
+    angles = angles.repeat_interleave(2, -1) if adjacent else torch.cat([angles, angles], -1)
+    cos, sin = angles.cos(), angles.sin()
+
+    def textbook(x):
+        r, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+        if adjacent:
+            turned = torch.stack([-r[..., 1::2], r[..., 0::2]], -1).flatten(-2)
+        else:
+            turned = torch.cat([-r[..., rotary_dim // 2:], r[..., : rotary_dim // 2]], -1)
+        return torch.cat([r * cos + turned * sin, rest], -1)
+
+    grad = torch.randn(2, 9, 3, 8)
+    ours = Rotate.apply(x, cos, sin, adjacent)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    expected = textbook(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(ours, expected) and torch.equal(ours_grad, expected_grad)
+
+
+@pytest.mark.parametrize("T", [7, 150, 300])
+def test_group_attention_gradients_match_float64_attention(T, monkeypatch):
+    """The training backward (one pattern per group, in blocks of queries and heads) against autograd through
+    float64 attention over each slice: several blocks of queries, and heads that do not split evenly."""
+    monkeypatch.setattr(GroupAttention, "HEADS", 2)
+    B, H, D, G = 2, 5, 8, 24
+    q, k = torch.randn(B, H, T, D, dtype=torch.float64), torch.randn(B, H, T, D, dtype=torch.float64)
+    v = torch.randn(B, T, H, G, dtype=torch.float64).transpose(1, 2)  # laid out as the projection makes it
+    grad = torch.randn(B, T, H, G, dtype=torch.float64)
+    inputs32 = [t.float().requires_grad_() for t in (q, k, v)]
+    assert GroupAttention.applies(*inputs32)
+    z = GroupAttention.apply(*inputs32, 0.3)
+    z.backward(grad.float())
+    inputs64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*inputs64, is_causal=True, scale=0.3).transpose(1, 2)
+    expected.backward(grad)
+    assert rel(z.double(), expected) <= 1e-6
+    for ours, theirs in zip(inputs32, inputs64):
+        assert rel(ours.grad.double(), theirs.grad) <= 1e-6
+
+
+def test_a_training_step_takes_the_grouped_path_and_matches_the_plain_one(monkeypatch):
+    """A module whose groups are twice the query width trains through GroupAttention; the gradients equal, to float
+    rounding, those through the per-slice fused kernel's own backward."""
+    lorsa = Lorsa(LorsaConfig(d_model=32, n_qk_heads=3, d_qk_head=8, n_ov_heads=48, top_k=6, n_ctx=64))
+    x, y = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
+
+    def gradients():
+        lorsa.zero_grad()
+        (lorsa(x) - y).pow(2).sum().backward()
+        return [p.grad.clone() for p in lorsa.parameters()]
+
+    calls = []
+    backward = GroupAttention.backward
+    monkeypatch.setattr(GroupAttention, "backward", staticmethod(lambda ctx, dz: calls.append(1) or backward(ctx, dz)))
+    grouped = gradients()
+    assert calls
+    monkeypatch.setattr(GroupAttention, "applies", staticmethod(lambda *inputs: False))
+    plain = gradients()
+    assert len(calls) == 1
+    for a, b in zip(grouped, plain):
+        assert rel(a, b) <= 1e-5
+
+
+def test_ranking_in_blocks_selects_what_one_block_would(monkeypatch):
+    """Top-K scores go through a small buffer a block of tokens at a time; the selection is that of one pass."""
+    for topk_score in ("relu", "abs"):
+        lorsa = Lorsa(LorsaConfig(d_model=32, n_qk_heads=2, d_qk_head=8, n_ov_heads=64, top_k=5, n_ctx=64,
+                                  topk_score=topk_score))
+        x = torch.randn(3, 20, 32)
+        with torch.no_grad():
+            z = lorsa.hidden_pre(x)
+            score = (z if topk_score == "relu" else z.abs()) * lorsa.W_O.norm(dim=1)
+            expected = score.topk(5, dim=-1).indices.sort(-1).values
+            whole = lorsa._topk(z)
+            monkeypatch.setattr(Lorsa, "SCORE_BYTES", 7 * 64 * 4)  # 7 tokens a block, the last one shorter
+            blocked = lorsa._topk(z)
+            monkeypatch.undo()
+        assert torch.equal(blocked[0].sort(-1).values, expected) and torch.equal(whole[0].sort(-1).values, expected)
+        assert torch.equal(blocked[1], whole[1])

@@ -6,6 +6,7 @@ heads of which only a few fire at each token. OV head i shares query-key head i 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -60,6 +61,126 @@ class Taps(Protocol):
     def pattern(self, pattern: torch.Tensor) -> torch.Tensor:
         """The attention of every QK head [B, n_qk, T, S]."""
         ...
+
+
+class Rotate(torch.autograd.Function):
+    """Rotary embedding of x [..., d] by cos and sin [..., rotary_dim] (halves, or adjacent pairs); dimensions past
+    rotary_dim pass unrotated.
+
+    Written half by half into one new tensor, forward and backward: the textbook x * cos + rotate_half(x) * sin makes
+    four tensors as large as x each way, and allocating them costs more than the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.adjacent = adjacent
+        return Rotate.into(torch.empty_like(x), x, cos, sin, adjacent, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        return Rotate.into(torch.empty_like(grad), grad, cos, sin, ctx.adjacent, inverse=True), None, None, None
+
+    @staticmethod
+    def into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
+        """out = R x, or its transpose R^T x (the backward): (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)."""
+        rd = cos.shape[-1]
+        out[..., rd:] = x[..., rd:]
+        rotated = torch.mul(x[..., :rd], cos, out=out[..., :rd])
+        halves = (lambda t: t.unflatten(-1, (-1, 2)).unbind(-1)) if adjacent else (lambda t: t.unflatten(-1, (2, -1)).unbind(-2))
+        (x1, x2), (o1, o2), (s1, s2) = halves(x[..., :rd]), halves(rotated), halves(sin)
+        sign = 1.0 if inverse else -1.0
+        if inverse:  # R^T: (x1 c1 + x2 s2, x2 c2 - x1 s1)
+            s1, s2 = s2, s1
+        # Products rounded before the sum, as x * cos + rotate_half(x) * sin rounds them: the same bits.
+        o1.add_(x2 * s1, alpha=sign)
+        o2.add_(x1 * s2, alpha=-sign)
+        return out
+
+
+class GroupAttention(torch.autograd.Function):
+    """Causal attention of each QK head over values several times as wide as its queries, for training on CPU:
+    q, k [B, n_qk, T, d_qk] and v [B, n_qk, T, group] give z [B, T, n_qk, group].
+
+    The fused CPU kernel wants values as wide as queries, so it runs once per slice of a group, computing the pattern,
+    and in the backward its gradient, once per slice: 40% of a training step at SmolLM2's size. Here the pattern is
+    computed once per group and kept for the backward, a block of queries and a few heads at a time so that each
+    block stays in cache, skipping the keys a block of queries cannot see.
+    """
+
+    HEADS = 18
+    """Most heads per block, split evenly: with 128 queries over 256 keys, a pattern block of 2.4 MB."""
+    QUERIES = 128
+    PATTERN_BYTES = 1 << 30
+    """The most memory the kept patterns may take; longer sequences use the fused kernel instead."""
+
+    @staticmethod
+    def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether this is the training of a float32 CPU module over whole sequences with groups wider than queries
+        (a multiple of them) and patterns that fit in PATTERN_BYTES; a GPU's kernels are left to do their own."""
+        (B, H, T, d), group = q.shape, v.shape[-1]
+        return (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and q.device.type == "cpu"
+            and q.dtype == torch.float32 and 1 < T == k.shape[2] and group > d and group % d == 0
+            and B * H * T * T * q.element_size() <= GroupAttention.PATTERN_BYTES
+        )
+
+    @staticmethod
+    def blocks(B: int, H: int, T: int, device: torch.device):
+        """(b, heads, blocks) per group of heads of one sequence, with blocks its (start, end, future) of queries: the
+        queries' span and the mask of keys after each query, the last block, which sees every key, first."""
+        per_block = math.ceil(H / math.ceil(H / GroupAttention.HEADS))
+        starts = list(reversed(range(0, T, GroupAttention.QUERIES)))
+        ends = [min(start + GroupAttention.QUERIES, T) for start in starts]
+        futures = [torch.ones(e - s, e, dtype=torch.bool, device=device).triu_(s + 1) for s, e in zip(starts, ends)]
+        for b in range(B):
+            for h in range(0, H, per_block):
+                yield b, slice(h, h + per_block), list(zip(starts, ends, futures))
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, T, _ = q.shape
+        z = q.new_empty(B, T, H, v.shape[-1])
+        patterns = []
+        # Values and outputs interleave heads in memory; each group's are copied to and from contiguous blocks, on
+        # which the products run faster than the copies cost.
+        for b, heads, blocks in GroupAttention.blocks(B, H, T, q.device):
+            values, out = v[b, heads].contiguous(), z[b, :, heads].transpose(0, 1)
+            for start, end, future in blocks:
+                p = torch.bmm(q[b, heads, start:end], k[b, heads, :end].transpose(1, 2)).mul_(scale)
+                p.masked_fill_(future, float("-inf"))
+                p.sub_(p.amax(-1, keepdim=True)).exp_()
+                p.div_(p.sum(-1, keepdim=True))
+                out[:, start:end] = torch.bmm(p, values[:, :end])
+                patterns.append(p)
+        ctx.save_for_backward(q, k, v, z, *patterns)
+        ctx.scale = scale
+        return z
+
+    @staticmethod
+    def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, z, *patterns = ctx.saved_tensors
+        B, H, T, _ = q.shape
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dv = torch.empty_like(v.transpose(1, 2))  # laid out as the projection made v: no copy later
+        patterns = iter(patterns)
+        for b, heads, blocks in GroupAttention.blocks(B, H, T, q.device):
+            values, grads = v[b, heads].contiguous(), dz[b, :, heads].transpose(0, 1).contiguous()
+            # The softmax's backward needs rowsum(dZ * Z) per query.
+            delta = torch.linalg.vecdot(grads, z[b, :, heads].transpose(0, 1)).unsqueeze(-1)
+            dvalues = torch.empty_like(values)
+            for start, end, _ in blocks:
+                p = next(patterns)
+                beta = float(end < T)  # the first block sees every key: its products write dk and dv, the rest add
+                dvalues[:, :end].baddbmm_(p.transpose(1, 2), grads[:, start:end], beta=beta)
+                # dS = P * (dZ V^T - rowsum(dZ * Z)), scaled as the scores were.
+                ds = torch.bmm(grads[:, start:end], values[:, :end].transpose(1, 2))
+                ds.sub_(delta[:, start:end]).mul_(p).mul_(ctx.scale)
+                torch.bmm(ds, k[b, heads, :end], out=dq[b, heads, start:end])
+                dk[b, heads, :end].baddbmm_(ds.transpose(1, 2), q[b, heads, start:end], beta=beta)
+            dv[b, :, heads] = dvalues.transpose(0, 1)
+        return dq, dk, dv.transpose(1, 2), None
 
 
 class Lorsa(nn.Module):
@@ -117,7 +238,8 @@ class Lorsa(nn.Module):
 
     def _derived(self, name: str, params: tuple[nn.Parameter, ...], build):
         """A tensor derived from parameters, rebuilt only when one of them changed (or gradients are needed),
-        so decode steps reuse it instead of recomputing it per token."""
+        so decode steps reuse it instead of recomputing it per token. A change is seen through the parameters'
+        version counters, which writes through `.data` and fused optimizers leave alone."""
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()
         # Tensors built under inference mode cannot enter a later autograd graph (e.g. a frozen module in a
@@ -136,7 +258,7 @@ class Lorsa(nn.Module):
         )
 
     def _cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype, rotary: Rotary | None) -> Rotary:
-        """cos and sin [B, 1, T, rotary_dim] at absolute positions [B, T]: the host's `rotary` when given, else from
+        """cos and sin [B, T, 1, rotary_dim] at absolute positions [B, T]: the host's `rotary` when given, else from
         the module's own frequencies, which only types that are not `host_rotary` have."""
         if rotary is not None:
             cos, sin = rotary
@@ -144,13 +266,13 @@ class Lorsa(nn.Module):
                 raise LorsaSurgeryError(
                     f"The host's rotary covers {cos.shape[-1]} dimensions but this module rotates {self.cfg.rotary_dim}."
                 )
-            return cos.to(dtype).unsqueeze(-3), sin.to(dtype).unsqueeze(-3)
+            return cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)
         if self.cfg.host_rotary:
             raise LorsaSurgeryError(
                 f"This module's rotary of type {self.cfg.rope_type!r} is computed by the host; run it spliced into its "
                 "host, or pass rotary=(cos, sin)."
             )
-        angles = position_ids.to(torch.float32)[:, None, :, None] * self.rotary_inv_freq.float()
+        angles = position_ids.to(torch.float32)[:, :, None, None] * self.rotary_inv_freq.float()
         if self.cfg.rotary_adjacent_pairs:
             angles = angles.repeat_interleave(2, dim=-1)
         else:
@@ -158,26 +280,17 @@ class Lorsa(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor, rotary: Rotary | None = None) -> torch.Tensor:
-        """Rotary embedding of x [B, n_qk, T, d_qk] at absolute positions [B, T] (see `_cos_sin`)."""
+        """Rotary embedding of x [B, T, n_qk, d_qk] at absolute positions [B, T] (see `_cos_sin`)."""
         return self._apply_rotary(x, *self._cos_sin(position_ids, x.dtype, rotary))
 
     def _apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rd = self.cfg.rotary_dim
-        if rd < x.shape[-1]:  # partial rotary: the rest of each head passes unrotated
-            return torch.cat([self._apply_rotary(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
-        # The rotated copy (-x2, x1) as one flip of the halves (or of each pair) with the sign folded into the small
-        # sin: slicing x would zero-fill a full-size gradient per slice in the backward pass, and concatenating
-        # copies it again. Negating sin instead of x gives the same bits.
-        adjacent = self.cfg.rotary_adjacent_pairs
-        shape, sign = ((-1, 2), [-1.0, 1.0]) if adjacent else ((2, -1), [[-1.0], [1.0]])
-        flipped = x.unflatten(-1, shape).flip(-1 if adjacent else -2).flatten(-2)
-        return x * cos + flipped * (sin.unflatten(-1, shape) * sin.new_tensor(sign)).flatten(-2)
+        return Rotate.apply(x, cos, sin, self.cfg.rotary_adjacent_pairs)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        over = (1, -1) if self.cfg.qk_ln_full_width else (-1,)  # x is [B, n_qk, T, d_qk]
+        over = (-2, -1) if self.cfg.qk_ln_full_width else (-1,)  # x is [B, T, n_qk, d_qk]
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(over, keepdim=True) + self.cfg.qk_ln_eps)
-        return (x32 * weight[:, None, :].float()).to(x.dtype)
+        return (x32 * weight.float()).to(x.dtype)
 
     def project(
         self, x: torch.Tensor, position_ids: torch.Tensor, rotary: Rotary | None = None
@@ -191,15 +304,15 @@ class Lorsa(nn.Module):
         # Three products, not one over concatenated weights: training would concatenate the weights, and their
         # gradients, at every step, which costs more than one larger product saves.
         q, k, v = F.linear(x, w_q, self.b_Q.flatten()), F.linear(x, w_k, self.b_K.flatten()), F.linear(x, self.W_V, self.b_V)
-        q = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
-        k = k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head).transpose(1, 2)
-        v = v.reshape(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
+        # Normed and rotated as the products lay them out, [B, T, n_qk, d_qk]: elementwise work on the transposed
+        # view runs several times slower.
+        q, k = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head), k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head)
         if cfg.use_post_qk_ln:
             q, k = self._rms(q, self.q_norm), self._rms(k, self.k_norm)
         if cfg.positional_embedding_type == "rotary":
             cos, sin = self._cos_sin(position_ids, q.dtype, rotary)
             q, k = self._apply_rotary(q, cos, sin), self._apply_rotary(k, cos, sin)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v.reshape(B, T, cfg.n_qk_heads, cfg.group_size).transpose(1, 2)
 
     def _attend_inputs(
         self,
@@ -242,29 +355,50 @@ class Lorsa(nn.Module):
             pattern = self._pattern(q, k, mask)
             z = (taps.pattern(pattern) if wants_pattern else pattern).to(v.dtype) @ v
             return z.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
-        # Fused attention kernels want values as wide as queries; a group wider than that goes in slices, joined
-        # already in [B, T, n_qk, group] order so that one copy both joins and transposes them.
-        parts = [
-            F.scaled_dot_product_attention(
-                q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=1.0 / self.cfg.attn_scale
-            ).transpose(1, 2)
-            for part in v.split(q.shape[-1], dim=-1)
-        ]
-        return torch.cat(parts, dim=-1).reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
+        scale = 1.0 / self.cfg.attn_scale
+        if mask is None and GroupAttention.applies(q, k, v):
+            z = GroupAttention.apply(q, k, v, scale)
+        else:
+            # Fused attention kernels want values as wide as queries; a group wider than that goes in slices, joined
+            # already in [B, T, n_qk, group] order so that one copy both joins and transposes them.
+            z = torch.cat([
+                F.scaled_dot_product_attention(
+                    q, k, part, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=scale
+                ).transpose(1, 2)
+                for part in v.split(q.shape[-1], dim=-1)
+            ], dim=-1)
+        return z.reshape(x.shape[0], x.shape[1], self.cfg.n_ov_heads)
 
     def decoder_norm(self) -> torch.Tensor:
         """Norm of each head's output direction, [n_ov]."""
         return self._derived("decoder_norm", (self.W_O,), lambda: self.W_O.norm(dim=1))
 
+    SCORE_BYTES = 1 << 23
+    """Scores are ranked a block of tokens at a time through one buffer of about this size: a score as large as z would
+    be a fresh allocation at every training step, whose first touch costs as much as the product."""
+
     def _topk(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices [.., K] of the selected heads and their activations."""
         # ReLU keeps the order of what it does not zero, so ranking z itself picks heads of the same values.
-        score = z if self.cfg.topk_score == "relu" else z.abs()
-        if self.cfg.sparsity_include_decoder_norm:
-            score = score * self.decoder_norm()
-        idx = score.topk(self.cfg.top_k, dim=-1, sorted=False).indices
+        relu, k = self.cfg.topk_score == "relu", self.cfg.top_k
+        if relu and not self.cfg.sparsity_include_decoder_norm:
+            idx = z.topk(k, dim=-1, sorted=False).indices
+        else:
+            norm = self.decoder_norm() if self.cfg.sparsity_include_decoder_norm else None
+            with torch.no_grad():
+                flat = z.reshape(-1, z.shape[-1])
+                rows = max(1, self.SCORE_BYTES // (flat.shape[-1] * flat.element_size()))
+                score = flat.new_empty(min(rows, len(flat)), flat.shape[-1])
+                blocks = []
+                for block in flat.split(rows):
+                    ranked = score[: len(block)]
+                    source = block if relu else torch.abs(block, out=ranked)
+                    if norm is not None:
+                        torch.mul(source, norm, out=ranked)
+                    blocks.append(ranked.topk(k, dim=-1, sorted=False).indices)
+                idx = torch.cat(blocks).view(*z.shape[:-1], k)
         vals = z.gather(-1, idx)
-        return idx, vals.relu() if self.cfg.topk_score == "relu" else vals
+        return idx, vals.relu() if relu else vals
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
         """Sparse head activations [B, T, n_ov] from pre-activations (zero where a head did not fire)."""
