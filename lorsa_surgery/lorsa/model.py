@@ -148,10 +148,8 @@ class GroupAttention(torch.autograd.Function):
         for b, heads, blocks in GroupAttention.blocks(B, H, T, q.device):
             values, out = v[b, heads].contiguous(), z[b, :, heads].transpose(0, 1)
             for start, end, future in blocks:
-                p = torch.bmm(q[b, heads, start:end], k[b, heads, :end].transpose(1, 2)).mul_(scale)
-                p.masked_fill_(future, float("-inf"))
-                p.sub_(p.amax(-1, keepdim=True)).exp_()
-                p.div_(p.sum(-1, keepdim=True))
+                p = torch.bmm(q[b, heads, start:end], k[b, heads, :end].transpose(1, 2))
+                p = torch.softmax(p.mul_(scale).masked_fill_(future, float("-inf")), dim=-1)
                 out[:, start:end] = torch.bmm(p, values[:, :end])
                 patterns.append(p)
         ctx.save_for_backward(q, k, v, z, *patterns)
