@@ -75,17 +75,18 @@ class Rotate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.adjacent = adjacent
-        return Rotate.into(torch.empty_like(x), x, cos, sin, adjacent, inverse=False)
+        return Rotate.turn(x, cos, sin, adjacent, inverse=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         cos, sin = ctx.saved_tensors
-        return Rotate.into(torch.empty_like(grad), grad, cos, sin, ctx.adjacent, inverse=True), None, None, None
+        return Rotate.turn(grad, cos, sin, ctx.adjacent, inverse=True), None, None, None
 
     @staticmethod
-    def into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
-        """out = R x, or its transpose R^T x (the backward): (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)."""
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
+        """R x, or its transpose R^T x (the backward): (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)."""
         rd = cos.shape[-1]
+        out = torch.empty_like(x)
         out[..., rd:] = x[..., rd:]
         rotated = torch.mul(x[..., :rd], cos, out=out[..., :rd])
         halves = (lambda t: t.unflatten(-1, (-1, 2)).unbind(-1)) if adjacent else (lambda t: t.unflatten(-1, (2, -1)).unbind(-2))
