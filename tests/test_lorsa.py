@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lorsa_surgery import Lorsa, LorsaCache, LorsaConfig, LorsaSurgeryError
 from lorsa_surgery.cli import main
-from lorsa_surgery.lorsa.model import GroupAttention, Rotate, build_mask
+from lorsa_surgery.lorsa.model import GroupAttention, Linear, Pick, Rotate, Scratch, build_mask
 from conftest import FIXTURES
 
 REF = FIXTURES / "lorsa_reference"
@@ -512,3 +512,59 @@ def test_ranking_in_blocks_selects_what_one_block_would(monkeypatch):
             monkeypatch.undo()
         assert torch.equal(blocked[0].sort(-1).values, expected) and torch.equal(whole[0].sort(-1).values, expected)
         assert torch.equal(blocked[1], whole[1])
+
+
+def test_scratch_hands_out_memory_again_only_when_nothing_holds_it(monkeypatch):
+    """A buffer comes back once its tensor, and every view and saved copy of it, is gone; never while one is held.
+    Free buffers of another shape make room under the limit, and other devices get fresh tensors."""
+    scratch, like = Scratch(), torch.empty(0)
+    a = scratch.empty((4, 6), like)
+    held = a[1:]
+    address = a.data_ptr()
+    del a
+    b = scratch.empty((4, 6), like)
+    assert b.data_ptr() != address  # a view of the first is still held
+    del held
+    c = scratch.empty((6, 4), like)  # as many elements, another shape: the first buffer again
+    assert c.data_ptr() == address and c.shape == (6, 4)
+    saved = torch.randn(6, 4, requires_grad=True)
+    out = c.copy_(torch.ones(6, 4)) * saved  # c is saved for the backward
+    del c
+    assert scratch.empty((6, 4), like).data_ptr() != address
+    out.sum().backward()
+    assert scratch.empty((6, 4), like).data_ptr() == address
+    assert len(scratch.kept) == 3
+    del b
+    monkeypatch.setattr(Scratch, "LIMIT", 3 * 24 * 4)
+    scratch.empty((5,), like)  # another shape, over the limit: one free buffer of the old shape makes room
+    assert sorted(t.numel() for t in scratch.kept) == [5, 24, 24]
+    big = scratch.empty((100,), like)  # more than the limit: not kept, and nothing goes for it
+    assert big.shape == (100,) and sorted(t.numel() for t in scratch.kept) == [5, 24, 24]
+    assert scratch.empty((3,), torch.empty(0, device="meta")).device.type == "meta" and len(scratch.kept) == 3
+
+
+def test_values_and_pick_match_linear_and_gather():
+    """The two operations that write into scratch memory give the values and gradients of F.linear and gather, and
+    a second call does not overwrite a result still held."""
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 5, 4), (7, 4), (7,)))
+    assert torch.autograd.gradcheck(Linear.apply, (x, w, b))
+    assert torch.equal(Linear.apply(x, w, b), torch.nn.functional.linear(x, w, b))
+    z = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    idx = torch.randn(2, 5, 7).topk(3, dim=-1).indices
+    assert torch.autograd.gradcheck(lambda z: Pick.apply(z, idx), (z,))
+    first = Linear.apply(x, w, b)
+    kept = first.detach().clone()
+    Linear.apply(x * 2, w, b).sum().backward()
+    assert torch.equal(first, kept)
+
+
+def test_training_steps_leave_a_kept_pre_activation_alone():
+    """Pre-activations a caller keeps from one training step are not overwritten by the next, which reuses the
+    memory of everything the caller let go."""
+    lorsa = Lorsa(LorsaConfig(d_model=32, n_qk_heads=3, d_qk_head=8, n_ov_heads=48, top_k=6, n_ctx=64))
+    x = torch.randn(2, 40, 32)
+    z = lorsa.hidden_pre(x)
+    kept = z.detach().clone()
+    for _ in range(2):
+        lorsa(torch.randn(2, 40, 32)).pow(2).sum().backward()
+    assert torch.equal(z, kept)

@@ -7,6 +7,7 @@ heads of which only a few fire at each token. OV head i shares query-key head i 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -75,18 +76,19 @@ class Rotate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         ctx.adjacent = adjacent
-        return Rotate.turn(x, cos, sin, adjacent, inverse=False)
+        return Rotate.turn(x, cos, sin, adjacent, inverse=False, training=ctx.needs_input_grad[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         cos, sin = ctx.saved_tensors
-        return Rotate.turn(grad, cos, sin, ctx.adjacent, inverse=True), None, None, None
+        return Rotate.turn(grad, cos, sin, ctx.adjacent, inverse=True, training=True), None, None, None
 
     @staticmethod
-    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool) -> torch.Tensor:
-        """R x, or its transpose R^T x (the backward): (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2)."""
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, adjacent: bool, inverse: bool, training: bool) -> torch.Tensor:
+        """R x, or its transpose R^T x (the backward): (x1, x2) -> (x1 c1 - x2 s1, x2 c2 + x1 s2); in scratch memory
+        when `training`."""
         rd = cos.shape[-1]
-        out = torch.empty_like(x)
+        out = SCRATCH.empty(x.shape, x) if training else torch.empty_like(x)
         out[..., rd:] = x[..., rd:]
         rotated = torch.mul(x[..., :rd], cos, out=out[..., :rd])
         halves = (lambda t: t.unflatten(-1, (-1, 2)).unbind(-1)) if adjacent else (lambda t: t.unflatten(-1, (2, -1)).unbind(-2))
@@ -98,6 +100,92 @@ class Rotate(torch.autograd.Function):
         o1.add_(x2 * s1, alpha=sign)
         o2.add_(x1 * s2, alpha=-sign)
         return out
+
+
+class Scratch:
+    """Memory for the large tensors of a CPU training step (projections, rotated queries and keys, z, and their
+    gradients), handed out again once nothing else holds it.
+
+    A fresh tensor of tens of MB comes from the system as untouched pages, and faulting them in costs about as much as
+    the product that fills it. A buffer is handed out again only while the scratch is its storage's sole holder, so
+    nothing kept by a caller or by a graph awaiting its backward is ever overwritten. Other devices' allocators keep
+    freed memory themselves and get fresh tensors.
+    """
+
+    LIMIT = 1 << 29
+    """The most memory kept; free buffers of other shapes make room for new ones, and past it new ones are not kept."""
+
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _unheld(t: torch.Tensor) -> bool:
+        # The count includes the storage object asked for here; torch has no public way to ask it.
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with like's dtype and device; always a view of what is kept, so that
+        holding it counts as holding the buffer."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        numel = math.prod(shape)
+        with self.lock:
+            free = [t for t in self.kept if self._unheld(t)]
+            for t in free:
+                if t.numel() == numel and t.dtype == like.dtype:
+                    return t.view(shape)
+            t = like.new_empty(numel)
+            if t.nbytes <= self.LIMIT:
+                room = self.LIMIT - t.nbytes - sum(k.nbytes for k in self.kept)
+                for old in free:
+                    if room >= 0:
+                        break
+                    self.kept = [k for k in self.kept if k is not old]
+                    room += old.nbytes
+                if room >= 0:
+                    self.kept.append(t)
+            return t.view(shape)
+
+
+SCRATCH = Scratch()
+
+
+class Linear(torch.autograd.Function):
+    """F.linear(x, weight, bias) for training on CPU, written into scratch memory (see `Scratch`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = SCRATCH.empty((*x.shape[:-1], weight.shape[0]), x)
+        torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        wants_x, wants_weight, wants_bias = ctx.needs_input_grad
+        return (
+            (grad @ weight).view(x.shape) if wants_x else None,
+            grad.t() @ x.reshape(-1, x.shape[-1]) if wants_weight else None,
+            grad.sum(0) if wants_bias else None,
+        )
+
+
+class Pick(torch.autograd.Function):
+    """z.gather(-1, idx) for training on CPU, its gradient (zero but at idx) written into scratch memory."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.shape = z.shape
+        return z.gather(-1, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        return SCRATCH.empty(ctx.shape, grad).zero_().scatter_add_(-1, idx, grad), None
 
 
 class GroupAttention(torch.autograd.Function):
@@ -142,7 +230,7 @@ class GroupAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         B, H, T, _ = q.shape
-        z = q.new_empty(B, T, H, v.shape[-1])
+        z = SCRATCH.empty((B, T, H, v.shape[-1]), q)
         patterns = []
         # Values and outputs interleave heads in memory; each group's are copied to and from contiguous blocks, on
         # which the products run faster than the copies cost.
@@ -161,8 +249,8 @@ class GroupAttention(torch.autograd.Function):
     def backward(ctx, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, z, *patterns = ctx.saved_tensors
         B, H, T, _ = q.shape
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        dv = torch.empty_like(v.transpose(1, 2))  # laid out as the projection made v: no copy later
+        dq, dk = SCRATCH.empty(q.shape, q), SCRATCH.empty(k.shape, k)
+        dv = SCRATCH.empty(v.transpose(1, 2).shape, v)  # laid out as the projection made v: no copy later
         patterns = iter(patterns)
         for b, heads, blocks in GroupAttention.blocks(B, H, T, q.device):
             values, grads = v[b, heads].contiguous(), dz[b, :, heads].transpose(0, 1).contiguous()
@@ -302,7 +390,8 @@ class Lorsa(nn.Module):
         x = x.to(self.W_V.dtype)
         # Three products, not one over concatenated weights: training would concatenate the weights, and their
         # gradients, at every step, which costs more than one larger product saves.
-        q, k, v = F.linear(x, w_q, self.b_Q.flatten()), F.linear(x, w_k, self.b_K.flatten()), F.linear(x, self.W_V, self.b_V)
+        linear = Linear.apply if torch.is_grad_enabled() and x.device.type == "cpu" else F.linear
+        q, k, v = linear(x, w_q, self.b_Q.flatten()), linear(x, w_k, self.b_K.flatten()), linear(x, self.W_V, self.b_V)
         # Normed and rotated as the products lay them out, [B, T, n_qk, d_qk]: elementwise work on the transposed
         # view runs several times slower.
         q, k = q.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head), k.reshape(B, T, cfg.n_qk_heads, cfg.d_qk_head)
@@ -396,7 +485,7 @@ class Lorsa(nn.Module):
                         torch.mul(source, norm, out=ranked)
                     blocks.append(ranked.topk(k, dim=-1, sorted=False).indices)
                 idx = torch.cat(blocks).view(*z.shape[:-1], k)
-        vals = z.gather(-1, idx)
+        vals = Pick.apply(z, idx) if z.requires_grad and z.device.type == "cpu" else z.gather(-1, idx)
         return idx, vals.relu() if relu else vals
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
