@@ -568,3 +568,16 @@ def test_training_steps_leave_a_kept_pre_activation_alone():
     for _ in range(2):
         lorsa(torch.randn(2, 40, 32)).pow(2).sum().backward()
     assert torch.equal(z, kept)
+
+
+def test_training_under_cpu_autocast_takes_the_plain_path(monkeypatch):
+    """Under CPU autocast the projections are left to autocast (bfloat16, as F.linear gives them), so the training
+    step takes the fused kernels rather than the float32-only grouped attention, and its backward runs."""
+    lorsa = Lorsa(LorsaConfig(d_model=32, n_qk_heads=3, d_qk_head=8, n_ov_heads=48, top_k=6, n_ctx=64))
+    x = torch.randn(2, 40, 32)
+    monkeypatch.setattr(GroupAttention, "forward", staticmethod(lambda *args: pytest.fail("grouped path under autocast")))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = lorsa.hidden_pre(x)
+        out = lorsa(x)
+    out.float().pow(2).sum().backward()
+    assert z.dtype == torch.bfloat16 and lorsa.W_V.grad.abs().sum() > 0

@@ -102,6 +102,12 @@ class Rotate(torch.autograd.Function):
         return out
 
 
+def training_on_cpu(x: torch.Tensor) -> bool:
+    """Whether x is computed on CPU for a backward, without autocast: where this module's own training operations
+    apply (autocast would change their products' dtypes under them)."""
+    return torch.is_grad_enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
 class Scratch:
     """Memory for the large tensors of a CPU training step (projections, rotated queries and keys, z, and their
     gradients), handed out again once nothing else holds it.
@@ -206,12 +212,13 @@ class GroupAttention(torch.autograd.Function):
 
     @staticmethod
     def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether this is the training of a float32 CPU module over whole sequences with groups wider than queries
-        (a multiple of them) and patterns that fit in PATTERN_BYTES; a GPU's kernels are left to do their own."""
+        """Whether this is the training of a float32 CPU module (without autocast) over whole sequences with groups
+        wider than queries (a multiple of them) and patterns that fit in PATTERN_BYTES; a GPU's kernels are left to do
+        their own."""
         (B, H, T, d), group = q.shape, v.shape[-1]
         return (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and q.device.type == "cpu"
-            and q.dtype == torch.float32 and 1 < T == k.shape[2] and group > d and group % d == 0
+            training_on_cpu(q) and any(t.requires_grad for t in (q, k, v)) and q.dtype == torch.float32
+            and 1 < T == k.shape[2] and group > d and group % d == 0
             and B * H * T * T * q.element_size() <= GroupAttention.PATTERN_BYTES
         )
 
@@ -390,7 +397,7 @@ class Lorsa(nn.Module):
         x = x.to(self.W_V.dtype)
         # Three products, not one over concatenated weights: training would concatenate the weights, and their
         # gradients, at every step, which costs more than one larger product saves.
-        linear = Linear.apply if torch.is_grad_enabled() and x.device.type == "cpu" else F.linear
+        linear = Linear.apply if training_on_cpu(x) else F.linear
         q, k, v = linear(x, w_q, self.b_Q.flatten()), linear(x, w_k, self.b_K.flatten()), linear(x, self.W_V, self.b_V)
         # Normed and rotated as the products lay them out, [B, T, n_qk, d_qk]: elementwise work on the transposed
         # view runs several times slower.
