@@ -141,3 +141,26 @@ def test_publish_with_hf_hub_offline_pushes_to_the_demos_own_loopback_server(hub
         assert push["where"].startswith("a local Hub server started by the demo") and push["all_pushed"]
         assert "README.md" in push["files"]
     assert f"HF_HUB_OFFLINE=1 rules out the configured Hub ({hub.url})" in configured["where"] and not hub.requests
+
+
+def test_a_step_cached_by_another_version_of_the_demo_is_computed_again(tmp_path, monkeypatch):
+    """A cached step is read back only when this version of the demo wrote it: one written by another version (whose
+    results may lack fields the report now reads) is computed again, and `fresh` always computes."""
+    from lorsa_surgery.demo import report
+
+    calls = []
+
+    def work(where: Path) -> dict:
+        (where / "plot.png").write_bytes(b"new")
+        calls.append(where)
+        return {"value": len(calls)}
+
+    first, read_back = report._step_cache(tmp_path, "step", work, fresh=False)
+    assert (first["value"], read_back) == (1, False)
+    again, read_back = report._step_cache(tmp_path, "step", work, fresh=False)
+    assert (again["value"], read_back) == (1, True) and len(calls) == 1
+    monkeypatch.setattr(report, "CODE", "another version")
+    newer, read_back = report._step_cache(tmp_path, "step", work, fresh=False)
+    assert (newer["value"], newer["code"], read_back) == (2, "another version", False)
+    fresh, read_back = report._step_cache(tmp_path, "step", work, fresh=True)
+    assert (fresh["value"], read_back) == (3, False)

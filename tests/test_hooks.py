@@ -8,7 +8,8 @@ import lorsa_surgery as ls
 from lorsa_surgery import Lorsa, LorsaSurgeryError
 from lorsa_surgery.host.arch import exact_copy
 from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HookPoint, points, watch_attention
-from lorsa_surgery.host.splicing import HeadContext, splice
+from lorsa_surgery.host.hooks import HeadContext
+from lorsa_surgery.host.splicing import splice
 from lorsa_surgery.interventions.edits import Ablate, InterventionSet, Recorder, Steer
 from test_splice import tiny
 

@@ -15,7 +15,7 @@
    else a local Hub server that the demo starts on 127.0.0.1 and stops.
 
 Each step's results and plots are cached under the user cache directory (`models.cache_dir()`), so a second run
-only rebuilds the report and pushes again; `fresh=True` redoes everything. The report is one HTML file with its
+with the same version of the demo only rebuilds the report and pushes again; `fresh=True` redoes everything. The report is one HTML file with its
 plots and the head dashboard inside it (it opens from disk with no server and no network), beside a Markdown summary.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import shutil
 import time
@@ -92,20 +93,29 @@ def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _step_cache(folder: Path, name: str, work: Callable[[Path], dict], fresh: bool) -> dict:
-    """A step's results: read from folder/name/result.json, or computed by work(that folder) and written there."""
+CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+"""Which version of this file computed a cached step: what a step records changes with it, so a result cached by
+another version is computed again rather than read into a report that expects other fields."""
+
+
+def _step_cache(folder: Path, name: str, work: Callable[[Path], dict], fresh: bool) -> tuple[dict, bool]:
+    """A step's results and whether they were read back: from folder/name/result.json when this version of the demo
+    wrote it (and not `fresh`), else computed by work(that folder) and written there."""
     where = folder / name
-    if fresh and where.exists():
-        shutil.rmtree(where)
     done = where / "result.json"
-    if done.is_file():
-        return files.read_json(done)
-    where.mkdir(parents=True, exist_ok=True)
+    if not fresh and done.is_file():
+        cached = files.read_json(done)
+        if cached.get("code") == CODE:
+            return cached, True
+    if where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True)
     start = time.perf_counter()
     result = work(where)
     result["seconds"] = time.perf_counter() - start
+    result["code"] = CODE
     files.write_json(done, result)
-    return files.read_json(done)  # the same shape (string keys) whether computed now or read back
+    return files.read_json(done), False  # the same shape (string keys) whether computed now or read back
 
 
 def _greedy(model, tokenizer, new_tokens: int) -> str:
@@ -359,9 +369,9 @@ def run_demo(out: str | Path = "lorsa-demo", fast: bool = False, fresh: bool = F
 
     def step(name: str, work: Callable[[Path], dict]) -> dict:
         steps.set_postfix_str(name)
-        if not fresh and (cache / name / "result.json").is_file():
+        result, read_back = _step_cache(cache, name, work, fresh)
+        if read_back:
             reused.append(name)
-        result = _step_cache(cache, name, work, fresh)
         steps.update()
         return result
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -49,13 +49,45 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.arch import arch_for
 from lorsa_surgery.host.placement import input_device
 
-if TYPE_CHECKING:
-    from lorsa_surgery.host.splicing import HeadContext, Splice
-
 HOOK_NAMES = ("hook_in", "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_acts", "hook_out")
 """The hook points of every spliced layer, in the order a forward pass reaches them."""
 EXACT_HOOK_NAMES = ("hook_original", "hook_error")
 """The hook points only an exact-mode layer has."""
+
+
+@dataclass
+class HeadContext:
+    """What a head hook knows about the step it is called in."""
+
+    layer: int
+    """Index of the spliced layer."""
+    position_ids: torch.Tensor
+    """Absolute positions [B, T] of the tokens in this call (right under left padding and the KV cache)."""
+    past_length: int
+    """Tokens already in the cache before this call; 0 for a prefill or an uncached pass."""
+    attention_mask: torch.Tensor | None
+    """The mask the host passed, in its attention implementation's format."""
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.past_length == 0
+
+
+HeadHook = Callable[[torch.Tensor, HeadContext], "torch.Tensor | None"]
+"""fn(acts [B, T, n_heads], ctx) -> new acts, or None to leave them as they are."""
+
+
+class Spliced(Protocol):
+    """What the API over hook points needs of a splice (`Splice`): its model and its spliced layers by index."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def sites(self) -> Mapping[int, nn.Module]: ...
+
+
+S = TypeVar("S", bound=Spliced)
 
 Hook = Callable[..., "torch.Tensor | None"]
 """fn(tensor, ctx) or fn(tensor) -> a replacement tensor, or None to leave it as it is (ctx: a HeadContext)."""
@@ -66,11 +98,11 @@ class HookPoint(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.hooks: list[Callable[[torch.Tensor, "HeadContext"], "torch.Tensor | None"]] = []
+        self.hooks: list[HeadHook] = []
         """This toolkit's hooks (`hooks`, `run_with_cache`, interventions), called in order inside forward: torch
         forward hooks and nnsight see their result as the output."""
 
-    def forward(self, x: torch.Tensor, ctx: "HeadContext | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: HeadContext | None = None) -> torch.Tensor:
         for hook in self.hooks:
             new = hook(x, ctx)
             x = x if new is None else new
@@ -88,7 +120,7 @@ class HookPoint(nn.Module):
 # ---- by name ------------------------------------------------------------------------------------------------------
 
 
-def points(handle: "Splice", names: Iterable[str] | None = None) -> dict[str, HookPoint]:
+def points(handle: Spliced, names: Iterable[str] | None = None) -> dict[str, HookPoint]:
     """The hook points `names` pick, by full name (`L3.hook_acts`), in layer order: a bare name (`hook_acts`) picks
     it in every spliced layer that has it; None picks every point of every spliced layer."""
     every = {f"L{layer}.{name}": getattr(site, name) for layer, site in sorted(handle.sites.items())
@@ -102,13 +134,13 @@ def points(handle: "Splice", names: Iterable[str] | None = None) -> dict[str, Ho
         found = {key for key in every if key == name or key.partition(".")[2] == name}
         if not found:
             exact = " (an exact-mode splice has it)" if name.rpartition(".")[2] in EXACT_HOOK_NAMES else ""
-            raise LorsaSurgeryError(f"No hook point {name!r}{exact}: each spliced layer ({handle.layers}) has "
+            raise LorsaSurgeryError(f"No hook point {name!r}{exact}: each spliced layer ({sorted(handle.sites)}) has "
                                     f"{', '.join(HOOK_NAMES + EXACT_HOOK_NAMES)}, named as L3.hook_acts (or bare, for all).")
         chosen |= found
     return {key: point for key, point in every.items() if key in chosen}
 
 
-def _with_context(fn: Hook) -> Callable[[torch.Tensor, "HeadContext"], "torch.Tensor | None"]:
+def _with_context(fn: Hook) -> HeadHook:
     """fn as a two-argument hook: one whose signature takes a single positional argument gets the tensor alone, and so
     does a builtin with no signature to read (torch.zeros_like), which cannot know what a context is."""
     try:
@@ -121,7 +153,7 @@ def _with_context(fn: Hook) -> Callable[[torch.Tensor, "HeadContext"], "torch.Te
     return fn if takes_context else (lambda x, ctx: fn(x))
 
 
-def add_hooks(handle: "Splice", fns: Mapping[str, Hook]) -> Callable[[], None]:
+def add_hooks(handle: Spliced, fns: Mapping[str, Hook]) -> Callable[[], None]:
     """Install each fn at the points its name picks (see `points`), after those already there; returns the
     function that takes them all out again."""
     installed = [(point, _with_context(fn)) for name, fn in fns.items() for point in points(handle, [name]).values()]
@@ -137,7 +169,7 @@ def add_hooks(handle: "Splice", fns: Mapping[str, Hook]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def hooks(handle: "Splice", fns: Mapping[str, Hook]) -> Iterator["Splice"]:
+def hooks(handle: S, fns: Mapping[str, Hook]) -> Iterator[S]:
     """Within it, each fn(tensor, ctx) sees what passes its hook points and may return a replacement:
 
         with ls.hooks(handle, {"L3.hook_acts": lambda acts, ctx: acts * 2}):
@@ -200,7 +232,7 @@ def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def run_with_cache(
-    handle: "Splice", input_ids: torch.Tensor, names: Iterable[str] | None = None, grad: bool = False, *,
+    handle: Spliced, input_ids: torch.Tensor, names: Iterable[str] | None = None, grad: bool = False, *,
     attention_mask: torch.Tensor | None = None, stop: bool = False,
 ) -> Cache:
     """Run the model once (uncached) and keep what passes the hook points `names` pick (default: all; see `points`).

@@ -14,14 +14,13 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from lorsa_surgery.host.arch import Arch, arch_for
-from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HookPoint
+from lorsa_surgery.host.hooks import EXACT_HOOK_NAMES, HOOK_NAMES, HeadContext, HeadHook, HookPoint
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host import state as host_state
 from lorsa_surgery.host.placement import execution_device
@@ -41,28 +40,6 @@ def cache_keyword(attention: nn.Module) -> str | None:
     """
     parameters = inspect.signature(attention.forward).parameters
     return next((name for name in CACHE_KEYWORDS if name in parameters), None)
-
-
-@dataclass
-class HeadContext:
-    """What a head hook knows about the step it is called in."""
-
-    layer: int
-    """Index of the spliced layer."""
-    position_ids: torch.Tensor
-    """Absolute positions [B, T] of the tokens in this call (right under left padding and the KV cache)."""
-    past_length: int
-    """Tokens already in the cache before this call; 0 for a prefill or an uncached pass."""
-    attention_mask: torch.Tensor | None
-    """The mask the host passed, in its attention implementation's format."""
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.past_length == 0
-
-
-HeadHook = Callable[[torch.Tensor, HeadContext], "torch.Tensor | None"]
-"""fn(acts [B, T, n_heads], ctx) -> new acts, or None to leave them as they are."""
 
 
 class _HostSlot:

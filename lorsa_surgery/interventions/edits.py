@@ -31,10 +31,10 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.interventions.heads import HeadRef, HeadSpec, by_layer, mhsa_named, parse_heads, resolve_heads, split_heads
 from lorsa_surgery.interventions.mhsa import edit_heads
 from lorsa_surgery.lorsa.config import MAX_INDEX, check_number
-from lorsa_surgery.host.hooks import add_hooks
+from lorsa_surgery.host.hooks import HeadContext, add_hooks
 from lorsa_surgery.host import state as host_state
 from lorsa_surgery.host.arch import arch_for
-from lorsa_surgery.host.splicing import HeadContext, Splice, spliced
+from lorsa_surgery.host.splicing import Splice, spliced
 
 FORMAT = "lorsa-surgery.interventions"
 FORMAT_VERSION = 1

@@ -17,7 +17,8 @@ from torch import nn
 
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.host.arch import Arch, _head_counts
-from lorsa_surgery.host.splicing import CACHE_KEYWORDS, HeadContext, HeadHook, cache_keyword
+from lorsa_surgery.host.hooks import HeadContext, HeadHook
+from lorsa_surgery.host.splicing import CACHE_KEYWORDS, cache_keyword
 
 OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense")
 """Where the attention modules of the families in `lorsa_surgery.host.arch` keep their output projection, whose

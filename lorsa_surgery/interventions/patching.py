@@ -20,8 +20,8 @@ from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.interventions.heads import HeadSpec, head_name, resolve_heads
 from lorsa_surgery.interventions.edits import HeadCache, InterventionSet, Recorder, full_context, splice_of
 from lorsa_surgery.host.metrics import next_token_loss, token_windows
-from lorsa_surgery.host.hooks import model_inputs
-from lorsa_surgery.host.splicing import HeadContext, Splice
+from lorsa_surgery.host.hooks import HeadContext, model_inputs
+from lorsa_surgery.host.splicing import Splice
 
 # ---- running ------------------------------------------------------------------------------------------------
 

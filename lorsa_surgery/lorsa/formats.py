@@ -1,6 +1,9 @@
 """Reading and writing Lorsa checkpoints: our native format, the reference (llamascopium / lm-saes) format,
 and the paper-era format. Every reader is strict: a missing or unexpected tensor, or a shape that contradicts
-the config, is an error, never a silent partial load."""
+the config, is an error, never a silent partial load.
+
+The modules read and written here are `lorsa.model.Lorsa`s, annotated by their base class nn.Module: lorsa.model
+imports this module, not the other way round."""
 
 from __future__ import annotations
 
@@ -10,18 +13,16 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from lorsa_surgery.io import files
 from lorsa_surgery.errors import LorsaSurgeryError
 from lorsa_surgery.lorsa.config import MAX_INDEX, OWN_ROPE_TYPES, LorsaConfig, check_number, rotary_inverse_wavelengths
 
-if TYPE_CHECKING:
-    from lorsa_surgery.lorsa.model import Lorsa
-
-Empty = Callable[[LorsaConfig], "Lorsa"]
+Empty = Callable[[LorsaConfig], nn.Module]
 """Builds a module of a config with no weights behind it (`Lorsa._without_weights`): the loaders fill it."""
 
 NATIVE_FORMAT = "lorsa-surgery.lorsa"
@@ -68,7 +69,7 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
 def load(
     path: str | Path, empty: Empty, *, allow_pickle: bool = False, revision: str | None = None,
     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-) -> Lorsa:
+) -> nn.Module:
     folder = resolve(path, revision)
     kind = detect(folder)
     if kind == "native":
@@ -82,7 +83,7 @@ def load(
     return lorsa.to(device=device or "cpu", dtype=dtype)
 
 
-def describe(lorsa: Lorsa) -> dict[str, Any]:
+def describe(lorsa: nn.Module) -> dict[str, Any]:
     """What `lorsa-surgery inspect` shows: format, dims, sparsity, rotary, norms, input space, host."""
     c = lorsa.cfg
     rotary = None
@@ -127,12 +128,12 @@ def describe(lorsa: Lorsa) -> dict[str, Any]:
 # ---- native -------------------------------------------------------------------------------------
 
 
-def save_catalog(lorsa: Lorsa, path: str | Path) -> None:
+def save_catalog(lorsa: nn.Module, path: str | Path) -> None:
     """Write only the head catalog of a native folder: relabelling leaves the weights (and their dtype) alone."""
     files.write_json(Path(path) / NATIVE_CATALOG, {"heads": {str(k): v for k, v in sorted(lorsa.catalog.items())}})
 
 
-def save_native(lorsa: Lorsa, path: str | Path) -> Path:
+def save_native(lorsa: nn.Module, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v for k, v in lorsa.state_dict().items()}
@@ -147,7 +148,7 @@ def save_native(lorsa: Lorsa, path: str | Path) -> Path:
     return folder
 
 
-def _load_native(folder: Path, empty: Empty) -> Lorsa:
+def _load_native(folder: Path, empty: Empty) -> nn.Module:
     path = folder / NATIVE_CONFIG
     raw = files.read_json(path, expect=dict)
     if raw.get("format") != NATIVE_FORMAT or "config" not in raw:
@@ -243,7 +244,7 @@ def _reference_config(raw: dict[str, Any]) -> tuple[LorsaConfig, str]:
     return cfg, raw.get("norm_activation", "inference")
 
 
-def _load_reference(folder: Path, empty: Empty) -> Lorsa:
+def _load_reference(folder: Path, empty: Empty) -> nn.Module:
     raw = files.read_json(folder / "config.json", expect=dict)
     with _about(folder / "config.json"):
         cfg, norm_activation = _reference_config(raw)
@@ -280,7 +281,7 @@ def _load_reference(folder: Path, empty: Empty) -> Lorsa:
 
 
 @torch.no_grad()
-def fold_dataset_norms(lorsa: Lorsa, norm_in: float, norm_out: float) -> None:
+def fold_dataset_norms(lorsa: nn.Module, norm_in: float, norm_out: float) -> None:
     """Fold dataset-wise input/output scaling into the weights; head activations stay identical."""
     d = lorsa.cfg.d_model
     f_in, f_out = math.sqrt(d) / norm_in, math.sqrt(d) / norm_out
@@ -299,7 +300,7 @@ def fold_dataset_norms(lorsa: Lorsa, norm_in: float, norm_out: float) -> None:
 # ---- paper era (config.json + final.pth) --------------------------------------------------------
 
 
-def _load_paper(folder: Path, empty: Empty, allow_pickle: bool) -> Lorsa:
+def _load_paper(folder: Path, empty: Empty, allow_pickle: bool) -> nn.Module:
     if not allow_pickle:
         raise LorsaSurgeryError(
             f"{folder}/final.pth is a pickle; pass allow_pickle=True (CLI: --allow-pickle) only if you trust its source."
@@ -367,7 +368,7 @@ def _about(path: Path) -> Iterator[None]:
         raise LorsaSurgeryError(f"{path}: {e}") from None
 
 
-def _assign(lorsa: Lorsa, tensors: dict[str, torch.Tensor], origin: Path) -> None:
+def _assign(lorsa: nn.Module, tensors: dict[str, torch.Tensor], origin: Path) -> None:
     """Copy tensors read from the file `origin` into the module, refusing missing, unexpected, misshapen or non-finite
     ones (a NaN weight would turn every output it touches into NaN)."""
     expected = lorsa.state_dict()

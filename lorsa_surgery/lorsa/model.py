@@ -492,7 +492,7 @@ class Lorsa(nn.Module):
                         torch.mul(source, norm, out=ranked)
                     blocks.append(ranked.topk(k, dim=-1, sorted=False).indices)
                 idx = torch.cat(blocks).view(*z.shape[:-1], k)
-        vals = Pick.apply(z, idx) if z.requires_grad and z.device.type == "cpu" else z.gather(-1, idx)
+        vals = Pick.apply(z, idx) if z.requires_grad and training_on_cpu(z) else z.gather(-1, idx)
         return idx, vals.relu() if relu else vals
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
